@@ -1,0 +1,1 @@
+"""Parallel CPU backend (Numba ``prange``)."""

@@ -1,0 +1,50 @@
+"""Numba ``njit`` with an on-disk cache that can never break ``import fastbn``.
+
+Numba looks for a cache directory in this order: ``NUMBA_CACHE_DIR`` (always
+honoured), the package's ``__pycache__``, then the user's cache directory.  When
+none of them is writable (a read-only install under a read-only home), Numba
+refuses to decorate the function; we then fall back to a per-user directory in
+the system temporary directory, and as a last resort compile without a cache.
+"""
+
+import os
+import tempfile
+import warnings
+
+import numba
+
+_NO_LOCATOR = "no locator available"
+
+
+def fallback_cache_dir():
+    """Directory used when neither the package nor the user cache is writable."""
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return os.path.join(tempfile.gettempdir(), f"fastbn-numba-cache-{uid}")
+
+
+def kernel(**options):
+    """``numba.njit(cache=True, nogil=True, **options)`` that degrades instead of failing."""
+    options = {"cache": True, "nogil": True, **options}
+
+    def decorate(func):
+        try:
+            return numba.njit(**options)(func)
+        except RuntimeError as exc:
+            if _NO_LOCATOR not in str(exc):
+                raise
+        if not numba.config.CACHE_DIR:
+            numba.config.CACHE_DIR = fallback_cache_dir()
+            try:
+                return numba.njit(**options)(func)
+            except RuntimeError as exc:
+                if _NO_LOCATOR not in str(exc):
+                    raise
+        warnings.warn(
+            f"fastbn: no writable Numba cache directory for {func.__qualname__}; "
+            "kernels will be recompiled in every process (set NUMBA_CACHE_DIR)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return numba.njit(**{**options, "cache": False})(func)
+
+    return decorate

@@ -1,0 +1,122 @@
+"""Argument checks shared by the public API.  Every check runs before anything is written."""
+
+import numbers
+import operator
+
+import numpy as np
+
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_input(x, name):
+    """``np.asarray(x)`` for a real numeric array with at least one dimension."""
+    if hasattr(x, "__cuda_array_interface__"):
+        raise TypeError(f"{name} is a CUDA device array; this call computes on the host")
+    a = np.asarray(x)
+    if a.dtype.kind in "biu":
+        pass
+    elif a.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has unsupported dtype {a.dtype}: expected float16, float32, float64, "
+            "an integer or bool dtype"
+        )
+    if a.ndim == 0:
+        raise ValueError(f"{name} must have at least 1 dimension, got a 0-d array")
+    return a
+
+
+def output_dtype(dtype):
+    """Floats keep their dtype; integers and bool are promoted to float64 (as ``np.mean``)."""
+    return np.dtype(dtype) if np.dtype(dtype) in _FLOAT_DTYPES else np.dtype(np.float64)
+
+
+def stats_dtype(dtype):
+    """float64 for float64 (and promoted) input, float32 otherwise."""
+    return np.dtype(np.float64) if output_dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def channel_axis(axis, ndim, name="axis"):
+    try:
+        ax = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {axis!r}") from None
+    if not -ndim <= ax < ndim:
+        raise np.exceptions.AxisError(ax, ndim, msg_prefix=name)
+    return ax % ndim
+
+
+def channel_count(shape, axis):
+    """Values per channel: the product of every extent but the channel axis."""
+    return int(np.prod([s for d, s in enumerate(shape) if d != axis], dtype=np.int64))
+
+
+def require_training_batch(shape, axis):
+    n = channel_count(shape, axis)
+    if n == 0:
+        raise ValueError(
+            f"x is an empty batch: shape {tuple(shape)} has no values to reduce over "
+            f"(channel axis {axis})"
+        )
+    if n < 2:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(shape)}"
+        )
+    return n
+
+
+def real_scalar(value, name, *, low=None, high=None):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.generic)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if not np.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+        bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be finite and {bounds}, got {value!r}")
+    return v
+
+
+def per_channel(value, name, channels):
+    """A float64 copy of an optional per-channel vector (weight, bias, mean, ...)."""
+    if value is None:
+        return None
+    if hasattr(value, "__cuda_array_interface__"):
+        raise TypeError(f"{name} is a CUDA device array, but x is a host array")
+    a = np.asarray(value)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a real array, got dtype {a.dtype}")
+    if a.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), got {a.shape}")
+    return np.array(a, dtype=np.float64, order="C")
+
+
+def running_stat(value, name, channels):
+    """A running statistic updated in place: a writable float32/float64 array of shape (C,)."""
+    if value is None:
+        return None
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray updated in place, got {type(value).__name__}")
+    if value.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{name} must have dtype float32 or float64, got {value.dtype}")
+    if value.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), got {value.shape}")
+    if not value.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return value
+
+
+def out_array(out, shape, dtype, name="out"):
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
+    if out.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out
+
+
+def same_shape(a, b, name_a, name_b):
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {a.shape} and {b.shape}")

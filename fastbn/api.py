@@ -1,0 +1,245 @@
+"""The public functional API (CONTRACT sections 1 and 2).
+
+Each function validates every argument first, so that a bad call raises before
+anything visible changes, then hands plain arrays to the backend that
+``fastbn._dispatch`` picks for them.
+"""
+
+import warnings
+
+import numpy as np
+
+from . import _moments
+from . import _validate as v
+from ._dispatch import backend_for
+
+__all__ = [
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "batch_norm_inference",
+    "batch_norm",
+    "batch_stats",
+]
+
+
+def _ones_or(a, channels):
+    return np.ones(channels) if a is None else a
+
+
+def _zeros_or(a, channels):
+    return np.zeros(channels) if a is None else a
+
+
+def _empty_result(out, shape, dtype):
+    return out if out is not None else np.empty(shape, dtype=dtype)
+
+
+def update_running_stats(running_mean, running_var, mean, var, n, momentum):
+    """PyTorch's update: ``rm = (1 - m) rm + m mean``, ``rv = (1 - m) rv + m var n / (n - 1)``."""
+    if running_mean is not None:
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+    if running_var is not None:
+        running_var[...] = (1.0 - momentum) * running_var + momentum * (var * (n / (n - 1)))
+
+
+def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mean=None,
+                       running_var=None, momentum=0.1, out=None):
+    """Training-mode batch normalization: batch statistics and normalized output in one pass.
+
+    Parameters
+    ----------
+    x : array_like
+        Input of any shape with at least one dimension.  float16, float32 and
+        float64 keep their dtype; integer and bool input is promoted to float64.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale (gamma, default 1) and shift (beta, default 0).
+    axis : int, default 1
+        The channel axis, which is kept; statistics reduce over all others.
+    eps : float, default 1e-5
+        Added to the variance before the square root; must be >= 0.
+    running_mean, running_var : ndarray of shape (C,), optional
+        float32 or float64 running statistics, updated in place with
+        ``momentum`` (the variance update uses the unbiased batch variance).
+    momentum : float, default 0.1
+        Weight of the batch statistics in the running update, in [0, 1].
+    out : ndarray, optional
+        Where to write ``y``: the shape of ``x`` and its output dtype; may be
+        ``x`` itself.
+
+    Returns
+    -------
+    y : ndarray
+        ``weight * (x - mean) * invstd + bias``.
+    mean, invstd : ndarray of shape (C,)
+        Batch mean and ``1 / sqrt(var + eps)`` (biased variance; 0 where
+        ``var + eps == 0``), float64 for float64 input, float32 otherwise.
+
+    Raises
+    ------
+    ValueError
+        On a bad shape, axis, eps, momentum or ``out``, on an empty batch, or
+        with one value per channel.  Nothing is written when it raises.
+    TypeError
+        On an unsupported dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.random.default_rng(0).normal(5.0, 2.0, (8, 3, 4, 4)).astype(np.float32)
+    >>> y, mean, invstd = fastbn.batch_norm_forward(x)
+    >>> bool(abs(y.mean()) < 1e-5)
+    True
+    """
+    backend = backend_for(x=x, weight=weight, bias=bias, running_mean=running_mean,
+                          running_var=running_var, out=out)
+    xa = v.as_input(x, "x")
+    ax = v.channel_axis(axis, xa.ndim)
+    channels = xa.shape[ax]
+    out_dtype, stats_dtype = v.output_dtype(xa.dtype), v.stats_dtype(xa.dtype)
+    w = v.per_channel(weight, "weight", channels)
+    b = v.per_channel(bias, "bias", channels)
+    eps = v.real_scalar(eps, "eps", low=0.0)
+    momentum = v.real_scalar(momentum, "momentum", low=0.0, high=1.0)
+    rm = v.running_stat(running_mean, "running_mean", channels)
+    rv = v.running_stat(running_var, "running_var", channels)
+    out = v.out_array(out, xa.shape, out_dtype)
+    n = v.require_training_batch(xa.shape, ax)
+
+    y, mean, var, invstd = backend.forward_train(
+        xa, ax, _ones_or(w, channels), _zeros_or(b, channels), eps, out, out_dtype)
+    update_running_stats(rm, rv, mean, var, n, momentum)
+    return y, mean.astype(stats_dtype), invstd.astype(stats_dtype)
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
+    """Gradients of the training-mode forward.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the loss with respect to ``y``, the shape of ``x``.
+    x : array_like
+        The forward's input.
+    mean, invstd : array_like of shape (C,)
+        The statistics returned by :func:`batch_norm_forward`.
+    weight : array_like of shape (C,), optional
+        The forward's weight (default 1).
+    axis : int, default 1
+        The channel axis.
+    out : ndarray, optional
+        Where to write ``dx`` (may be ``dy`` or ``x``).
+
+    Returns
+    -------
+    dx : ndarray
+        ``weight * invstd * (dy - dbias / n - (x - mean) * invstd * dweight / n)``.
+    dweight, dbias : ndarray of shape (C,)
+        ``sum(dy * (x - mean) * invstd)`` and ``sum(dy)`` over each channel.
+    """
+    backend = backend_for(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight, out=out)
+    xa = v.as_input(x, "x")
+    dya = v.as_input(dy, "dy")
+    v.same_shape(dya, xa, "dy", "x")
+    ax = v.channel_axis(axis, xa.ndim)
+    channels = xa.shape[ax]
+    out_dtype = np.result_type(v.output_dtype(dya.dtype), v.output_dtype(xa.dtype))
+    stats_dtype = v.stats_dtype(out_dtype)
+    if mean is None or invstd is None:
+        raise ValueError("mean and invstd are required: pass the ones batch_norm_forward returned")
+    mu = v.per_channel(mean, "mean", channels)
+    inv = v.per_channel(invstd, "invstd", channels)
+    w = v.per_channel(weight, "weight", channels)
+    out = v.out_array(out, xa.shape, out_dtype)
+    v.require_training_batch(xa.shape, ax)
+
+    dx, sum_dy, sum_dy_xmu = backend.backward_train(
+        dya, xa, ax, mu, inv, _ones_or(w, channels), out, out_dtype)
+    return dx, (sum_dy_xmu * inv).astype(stats_dtype), sum_dy.astype(stats_dtype)
+
+
+def batch_norm_inference(x, running_mean, running_var, weight=None, bias=None, *, axis=1,
+                         eps=1e-5, out=None):
+    """Inference-mode batch normalization with given (running) statistics.
+
+    ``y = weight * (x - running_mean) / sqrt(running_var + eps) + bias``, one
+    fused pass.  Parameters are those of :func:`batch_norm_forward`; the
+    statistics are only read.  An empty ``x`` gives an empty output.
+    """
+    backend = backend_for(x=x, running_mean=running_mean, running_var=running_var,
+                          weight=weight, bias=bias, out=out)
+    xa = v.as_input(x, "x")
+    ax = v.channel_axis(axis, xa.ndim)
+    channels = xa.shape[ax]
+    out_dtype = v.output_dtype(xa.dtype)
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required in inference")
+    rm = v.per_channel(running_mean, "running_mean", channels)
+    rv = v.per_channel(running_var, "running_var", channels)
+    w = v.per_channel(weight, "weight", channels)
+    b = v.per_channel(bias, "bias", channels)
+    eps = v.real_scalar(eps, "eps", low=0.0)
+    out = v.out_array(out, xa.shape, out_dtype)
+    if xa.size == 0:
+        return _empty_result(out, xa.shape, out_dtype)
+
+    scale = _moments.invstd(rv, eps) * _ones_or(w, channels)
+    return backend.affine(xa, ax, rm, scale, _zeros_or(b, channels), out, out_dtype)
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, out=None):
+    """Mirror of ``torch.nn.functional.batch_norm``.
+
+    With ``training=True``, normalizes with batch statistics and updates the
+    running statistics when given (see :func:`batch_norm_forward`); otherwise
+    normalizes with the running statistics (see :func:`batch_norm_inference`).
+    Returns ``y``.
+    """
+    if training:
+        y, _, _ = batch_norm_forward(x, weight, bias, axis=axis, eps=eps,
+                                     running_mean=running_mean, running_var=running_var,
+                                     momentum=momentum, out=out)
+        return y
+    return batch_norm_inference(x, running_mean, running_var, weight, bias, axis=axis,
+                                eps=eps, out=out)
+
+
+def batch_stats(x, *, axis=1, ddof=0):
+    """Per-channel count, mean and variance in one pass.
+
+    Parameters
+    ----------
+    x : array_like
+    axis : int, default 1
+        The channel axis, which is kept.
+    ddof : int, default 0
+        The variance divides by ``count - ddof``, as in ``np.var``.
+
+    Returns
+    -------
+    count : int
+        Values per channel.
+    mean, var : ndarray of shape (C,)
+        float64 for float64 input, float32 otherwise.  As with ``np.var``, an
+        empty batch or ``ddof >= count`` gives NaN or inf with a RuntimeWarning.
+    """
+    backend = backend_for(x=x)
+    xa = v.as_input(x, "x")
+    ax = v.channel_axis(axis, xa.ndim)
+    if isinstance(ddof, (bool, np.bool_)) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
+        raise ValueError(f"ddof must be a non-negative integer, got {ddof!r}")
+    channels = xa.shape[ax]
+    stats_dtype = v.stats_dtype(xa.dtype)
+    n = v.channel_count(xa.shape, ax)
+    if n == 0:
+        warnings.warn("batch_stats of an empty batch", RuntimeWarning, stacklevel=2)
+        nan = np.full(channels, np.nan, dtype=stats_dtype)
+        return 0, nan, nan.copy()
+    if channels == 0:
+        empty = np.empty(0, dtype=stats_dtype)
+        return n, empty, empty.copy()
+    _, mean, m2 = backend.moments(xa, ax, v.output_dtype(xa.dtype))
+    dof = max(n - int(ddof), 0)
+    with np.errstate(divide="warn", invalid="warn"):
+        var = m2 / np.float64(dof)
+    return n, mean.astype(stats_dtype), var.astype(stats_dtype)

@@ -1,0 +1,189 @@
+"""``BatchNorm``: a stateful layer with the semantics of ``torch.nn.BatchNorm{1,2,3}d``."""
+
+import numpy as np
+
+from . import _moments
+from . import _validate as v
+from ._dispatch import backend_for
+from .api import batch_norm_backward, batch_norm_forward, batch_norm_inference
+
+_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+class BatchNorm:
+    """Batch normalization layer with learnable affine parameters and running statistics.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    axis : int, default 1
+        The channel axis of the inputs.
+    eps : float, default 1e-5
+    momentum : float or None, default 0.1
+        Running-average factor; None gives the cumulative moving average
+        (factor ``1 / num_batches_tracked``), as in PyTorch.
+    affine : bool, default True
+        Learn ``weight`` (ones) and ``bias`` (zeros); otherwise both are None.
+    track_running_stats : bool, default True
+        Keep ``running_mean`` / ``running_var``; otherwise batch statistics are
+        used in eval mode too and the running attributes are None.
+    dtype : dtype, default float32
+        dtype of the parameters and running statistics.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> bn = fastbn.BatchNorm(3)
+    >>> x = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    >>> y = bn(x)                       # training mode: batch stats, running stats updated
+    >>> dx = bn.backward(np.ones_like(y))
+    >>> bn.eval(); y_eval = bn(x)       # inference with the running statistics
+    """
+
+    def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32):
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
+                or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        if momentum is not None:
+            v.real_scalar(momentum, "momentum", low=0.0, high=1.0)
+        self.num_features = int(num_features)
+        self.axis = axis
+        self.eps = v.real_scalar(eps, "eps", low=0.0)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = dtype
+        self.weight = np.ones(num_features, dtype) if affine else None
+        self.bias = np.zeros(num_features, dtype) if affine else None
+        self.grad_weight = None
+        self.grad_bias = None
+        if track_running_stats:
+            self.running_mean = np.zeros(num_features, dtype)
+            self.running_var = np.ones(num_features, dtype)
+            self.num_batches_tracked = np.array(0, dtype=np.int64)
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.training = True
+        self._saved = None
+
+    # ---------------------------------------------------------------- modes
+    def train(self, mode=True):
+        """Switch to training mode (``mode=False``: eval).  Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Switch to eval (inference) mode.  Returns self."""
+        return self.train(False)
+
+    def _uses_batch_stats(self):
+        return self.training or not self.track_running_stats
+
+    # ---------------------------------------------------------------- passes
+    def forward(self, x):
+        """Normalize ``x``; in training mode also update the running statistics."""
+        if self._uses_batch_stats():
+            update = self.training and self.track_running_stats
+            factor = 0.0
+            if update:
+                tracked = int(self.num_batches_tracked) + 1
+                factor = 1.0 / tracked if self.momentum is None else self.momentum
+            y, mean, invstd = batch_norm_forward(
+                x, self.weight, self.bias, axis=self.axis, eps=self.eps,
+                running_mean=self.running_mean if update else None,
+                running_var=self.running_var if update else None, momentum=factor)
+            if update:
+                self.num_batches_tracked[...] = tracked
+            self._saved = ("batch", x, mean, invstd)
+        else:
+            y = batch_norm_inference(x, self.running_mean, self.running_var, self.weight,
+                                     self.bias, axis=self.axis, eps=self.eps)
+            self._saved = ("running", x, self.running_mean.copy(),
+                           _moments.invstd(self.running_var, self.eps))
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Gradient with respect to the last forward's input; sets ``grad_weight``/``grad_bias``.
+
+        After a training-mode forward this is the full batch-norm gradient; in
+        eval mode the statistics are constants and ``dx = dy * weight * invstd``.
+        """
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward() first")
+        mode, x, mean, invstd = self._saved
+        if mode == "batch":
+            dx, dweight, dbias = batch_norm_backward(dy, x, mean, invstd, self.weight,
+                                                     axis=self.axis)
+        else:
+            dx, dweight, dbias = _eval_backward(dy, x, mean, invstd, self.weight, self.axis)
+        if self.affine:
+            self.grad_weight = dweight.astype(self.dtype)
+            self.grad_bias = dbias.astype(self.dtype)
+        return dx
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self):
+        """PyTorch's keys, NumPy copies (``weight``/``bias`` only when affine)."""
+        state = {}
+        for key in _STATE_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                state[key] = np.array(value, copy=True)
+        return state
+
+    def load_state_dict(self, state):
+        """Load a ``state_dict`` (from fastbn or a PyTorch BatchNorm: tensors are accepted).
+
+        Every entry is checked before any is assigned.
+        """
+        wanted = [k for k in _STATE_KEYS if getattr(self, k) is not None]
+        missing = [k for k in wanted if k not in state]
+        unexpected = [k for k in state if k not in wanted]
+        if missing or unexpected:
+            raise KeyError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
+        values = {}
+        for key in wanted:
+            value = state[key]
+            if hasattr(value, "detach"):  # a torch tensor
+                value = value.detach().cpu().numpy()
+            value = np.asarray(value)
+            target = getattr(self, key)
+            if value.shape != target.shape:
+                raise ValueError(f"{key} must have shape {target.shape}, got {value.shape}")
+            values[key] = value
+        for key, value in values.items():
+            getattr(self, key)[...] = value
+        return self
+
+    def __repr__(self):
+        return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats})")
+
+
+def _eval_backward(dy, x, mean, invstd, weight, axis):
+    """Backward of inference-mode batch norm: the statistics are constants."""
+    backend = backend_for(dy=dy, x=x)
+    xa = v.as_input(x, "x")
+    dya = v.as_input(dy, "dy")
+    v.same_shape(dya, xa, "dy", "x")
+    ax = v.channel_axis(axis, xa.ndim)
+    out_dtype = np.result_type(v.output_dtype(dya.dtype), v.output_dtype(xa.dtype))
+    stats_dtype = v.stats_dtype(out_dtype)
+    mean = np.asarray(mean, dtype=np.float64)
+    invstd = np.asarray(invstd, dtype=np.float64)
+    w = np.ones_like(invstd) if weight is None else np.asarray(weight, dtype=np.float64)
+    if xa.size == 0:
+        zeros = np.zeros(xa.shape[ax], stats_dtype)
+        return np.empty(xa.shape, out_dtype), zeros, zeros.copy()
+    sum_dy, sum_dy_xmu = backend.grad_sums(dya, xa, ax, mean, out_dtype)
+    dx = backend.affine(dya, ax, np.zeros_like(mean), w * invstd, np.zeros_like(mean), None,
+                        out_dtype)
+    return dx, (sum_dy_xmu * invstd).astype(stats_dtype), sum_dy.astype(stats_dtype)
