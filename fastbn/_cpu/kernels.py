@@ -57,19 +57,22 @@ def _invstd(var, eps):
     return 1.0 / np.sqrt(v)
 
 
+# Run helpers take 1-D contiguous slices and loop from 0: with a variable start
+# LLVM cannot prove the index non-negative, keeps Numba's wraparound check and
+# falls back to gathers.
 @kernel(fastmath=REDUCE_MATH)
-def _run_sum(x, o, c, i0, i1, shift):
+def _run_sum(run, shift):
     s = 0.0
-    for i in range(i0, i1):
-        s += np.float64(x[o, c, i]) - shift
+    for i in range(run.shape[0]):
+        s += np.float64(run[i]) - shift
     return s
 
 
 @kernel(fastmath=REDUCE_MATH)
-def _run_sqdev(x, o, c, i0, i1, center):
+def _run_sqdev(run, center):
     q = 0.0
-    for i in range(i0, i1):
-        d = np.float64(x[o, c, i]) - center
+    for i in range(run.shape[0]):
+        d = np.float64(run[i]) - center
         q += d * d
     return q
 
@@ -84,7 +87,7 @@ def _segment_sum(x, c, e0, e1, shift):
         o = p // inner
         i0 = p - o * inner
         i1 = min(inner, i0 + (e1 - p))
-        s += _run_sum(x, o, c, i0, i1, shift)
+        s += _run_sum(x[o, c, i0:i1], shift)
         p += i1 - i0
     return s
 
@@ -98,7 +101,7 @@ def _segment_sqdev(x, c, e0, e1, center):
         o = p // inner
         i0 = p - o * inner
         i1 = min(inner, i0 + (e1 - p))
-        q += _run_sqdev(x, o, c, i0, i1, center)
+        q += _run_sqdev(x[o, c, i0:i1], center)
         p += i1 - i0
     return q
 
@@ -125,9 +128,9 @@ def _segment_moments(x, c, e0, e1, shift):
 
 
 @kernel()
-def _affine_run(x, o, c, hi, lo, scale, shift, y):
-    for i in range(x.shape[2]):
-        y[o, c, i] = ((x[o, c, i] - hi) - lo) * scale + shift
+def _affine_run(run, hi, lo, scale, shift, out):
+    for i in range(run.shape[0]):
+        out[i] = ((run[i] - hi) - lo) * scale + shift
 
 
 @kernel(parallel=True)
@@ -156,7 +159,8 @@ def channel_forward(x, shift, nparts, fuse, weight, bias, eps, y, count, mean_re
             params[c, 2] = _invstd(q / cnt, eps) * weight[c]
             params[c, 3] = bias[c]
             for o in range(outer):
-                _affine_run(x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
+                _affine_run(x[o, c], params[c, 0], params[c, 1], params[c, 2], params[c, 3],
+                            y[o, c])
 
 
 @kernel(parallel=True)
@@ -166,7 +170,7 @@ def affine_channels(x, params, y):
     for t in prange(outer * channels):
         o = t // channels
         c = t - o * channels
-        _affine_run(x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
+        _affine_run(x[o, c], params[c, 0], params[c, 1], params[c, 2], params[c, 3], y[o, c])
 
 
 @kernel(parallel=True)
@@ -227,20 +231,20 @@ def affine_columns(x, params, y):
 
 
 @kernel(fastmath=REDUCE_MATH)
-def _run_grad_sums(dy, x, o, c, mean):
+def _run_grad_sums(dy, x, mean):
     s = 0.0
     sx = 0.0
-    for i in range(x.shape[2]):
-        g = np.float64(dy[o, c, i])
+    for i in range(x.shape[0]):
+        g = np.float64(dy[i])
         s += g
-        sx += g * (np.float64(x[o, c, i]) - mean)
+        sx += g * (np.float64(x[i]) - mean)
     return s, sx
 
 
 @kernel()
-def _dx_run(dy, x, o, c, hi, lo, a, b, k, dx):
-    for i in range(x.shape[2]):
-        dx[o, c, i] = ((dy[o, c, i] - b) - ((x[o, c, i] - hi) - lo) * k) * a
+def _dx_run(dy, x, hi, lo, a, b, k, dx):
+    for i in range(x.shape[0]):
+        dx[i] = ((dy[i] - b) - ((x[i] - hi) - lo) * k) * a
 
 
 @kernel(parallel=True)
@@ -261,7 +265,7 @@ def channel_backward(dy, x, nparts, fuse, mean, invstd, weight, dx, sum_dy, sum_
         s = 0.0
         sx = 0.0
         for o in range(o0, o1):
-            a, b = _run_grad_sums(dy, x, o, c, mean[c])
+            a, b = _run_grad_sums(dy[o, c], x[o, c], mean[c])
             s += a
             sx += b
         sum_dy[c, part] = s
@@ -273,8 +277,8 @@ def channel_backward(dy, x, nparts, fuse, mean, invstd, weight, dx, sum_dy, sum_
             params[c, 3] = s / n
             params[c, 4] = invstd[c] * invstd[c] * sx / n
             for o in range(outer):
-                _dx_run(dy, x, o, c, params[c, 0], params[c, 1], params[c, 2],
-                        params[c, 3], params[c, 4], dx)
+                _dx_run(dy[o, c], x[o, c], params[c, 0], params[c, 1], params[c, 2],
+                        params[c, 3], params[c, 4], dx[o, c])
 
 
 @kernel(parallel=True)
@@ -284,8 +288,8 @@ def dx_channels(dy, x, params, dx):
     for t in prange(outer * channels):
         o = t // channels
         c = t - o * channels
-        _dx_run(dy, x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3],
-                params[c, 4], dx)
+        _dx_run(dy[o, c], x[o, c], params[c, 0], params[c, 1], params[c, 2], params[c, 3],
+                params[c, 4], dx[o, c])
 
 
 @kernel(parallel=True)
@@ -325,5 +329,6 @@ def parallel_copy(src, dst, nblocks):
     """Copy flat ``src`` into ``dst`` in ``nblocks`` parallel blocks (the memory floor)."""
     n = src.shape[0]
     for blk in prange(nblocks):
-        for i in range(blk * n // nblocks, (blk + 1) * n // nblocks):
-            dst[i] = src[i]
+        lo = blk * n // nblocks
+        hi = (blk + 1) * n // nblocks
+        dst[lo:hi] = src[lo:hi]
