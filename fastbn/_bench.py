@@ -165,19 +165,18 @@ def run_case(shape=DEFAULT_SHAPE, dtype=np.float32, axis=1, repeats=11, naive=Tr
         backward.update(tb)
     medians, _ = time_interleaved({**floor, **forward, **backward}, repeats=repeats)
     floor_s = medians["memory floor: parallel copy"]
+    baseline = {**{name: "fastbn forward (out=)" for name in forward},
+                **{name: "fastbn backward (out=)" for name in backward}}
     rows = []
     for name, sec in medians.items():
-        arrays_touched = 3 if "backward" in name else 2  # read x (and dy), write the output
-        peer = {"forward": "fastbn forward (out=)", "inference": "fastbn forward (out=)",
-                "backward": "fastbn backward (out=)", "floor": None}
-        kind = next((k for k in ("backward", "inference", "forward") if k in name), "floor")
+        arrays_touched = 3 if name in backward else 2  # read x (and dy), write the output
         rows.append({
             "case": f"{shape} {dtype.name} axis={axis}",
             "contender": name,
             "median_ms": sec * 1e3,
             "GB/s": arrays_touched * x.nbytes / sec / 1e9,
             "x floor": sec / floor_s,
-            "x fastbn": sec / medians[peer[kind]] if peer[kind] else float("nan"),
+            "x fastbn": sec / medians[baseline[name]] if name in baseline else float("nan"),
         })
     return rows
 

@@ -1,0 +1,77 @@
+"""Parity with PyTorch's batch norm where torch is installed (never required)."""
+
+import numpy as np
+import pytest
+
+import fastbn
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (6, 4, 10), (4, 5, 6, 7), (2, 3, 4, 5, 6)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_backward_and_running_stats_match_torch(rng, shape, dtype):
+    x = rng.normal(2.0, 3.0, shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    c = shape[1]
+    w = rng.uniform(0.5, 2, c).astype(dtype)
+    b = rng.normal(size=c).astype(dtype)
+    rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+    trm, trv = torch.zeros(c, dtype=torch.from_numpy(x).dtype), torch.ones(c, dtype=torch.from_numpy(x).dtype)
+
+    tx = torch.from_numpy(x.copy()).requires_grad_()
+    tw = torch.from_numpy(w.copy()).requires_grad_()
+    tb = torch.from_numpy(b.copy()).requires_grad_()
+    ty = torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, training=True, momentum=0.3, eps=1e-4)
+    ty.backward(torch.from_numpy(dy))
+
+    y, mean, invstd = fastbn.batch_norm_forward(x, w, b, eps=1e-4, running_mean=rm,
+                                                running_var=rv, momentum=0.3)
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, ty.detach().numpy(), **tol)
+    np.testing.assert_allclose(rm, trm.numpy(), **tol)
+    np.testing.assert_allclose(rv, trv.numpy(), **tol)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), **tol)
+    np.testing.assert_allclose(dw, tw.grad.numpy(), **tol)
+    np.testing.assert_allclose(db, tb.grad.numpy(), **tol)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
+def test_module_matches_torch_batchnorm2d(rng, momentum, affine, track):
+    tbn = torch.nn.BatchNorm2d(3, momentum=momentum, affine=affine, track_running_stats=track)
+    bn = fastbn.BatchNorm(3, momentum=momentum, affine=affine, track_running_stats=track)
+    bn.load_state_dict(tbn.state_dict())  # torch tensors load directly
+    for k in range(3):
+        x = rng.normal(k, 1 + k, (4, 3, 5, 5)).astype(np.float32)
+        ty = tbn(torch.from_numpy(x))
+        np.testing.assert_allclose(bn(x), ty.detach().numpy(), rtol=1e-5, atol=1e-5)
+    tbn.eval()
+    bn.eval()
+    x = rng.normal(size=(2, 3, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(bn(x), tbn(torch.from_numpy(x)).detach().numpy(), rtol=1e-5,
+                               atol=1e-5)
+    theirs = {k: v.numpy() for k, v in tbn.state_dict().items()}
+    ours = bn.state_dict()
+    assert set(ours) == set(theirs)
+    for key in ours:
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_backward_matches_torch(rng):
+    tbn = torch.nn.BatchNorm2d(3)
+    tbn.running_mean.uniform_(-1, 1)
+    tbn.running_var.uniform_(0.5, 2)
+    tbn.weight.data.uniform_(0.5, 2)
+    tbn.eval()
+    bn = fastbn.BatchNorm(3).load_state_dict(tbn.state_dict()).eval()
+    x = rng.normal(size=(4, 3, 5, 5)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    tx = torch.from_numpy(x.copy()).requires_grad_()
+    tbn(tx).backward(torch.from_numpy(dy))
+    bn(x)
+    dx = bn.backward(dy)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.grad_weight, tbn.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bn.grad_bias, tbn.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
