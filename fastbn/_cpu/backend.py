@@ -20,8 +20,12 @@ from . import kernels
 MIN_RUN = 64
 # Column path: rows per chunk so that a chunk stays in L1/L2.
 CHUNK_VALUES = 16384
-# Channel path: below this many channels per thread, channels are split in parts.
-CHANNELS_PER_THREAD = 4
+# Channel path: a group of neighbouring channels is read as one long stream, then
+# re-read from cache to normalize; keep a group within this many bytes of input.
+GROUP_BYTES = 8 << 20
+MAX_GROUP = 16
+# Below this many values, a part of a channel is not worth its own task.
+MIN_PART_VALUES = 16384
 
 _serial = threading.Lock()
 _threading_layer = None
@@ -52,12 +56,21 @@ def work_dtype(dtype):
     return np.dtype(np.float32) if dtype in (np.float16, np.float32) else np.dtype(np.float64)
 
 
-def _channel_parts(shape3, nthreads):
+def channel_plan(shape3, bytes_per_value, nthreads):
+    """``(group, nparts)`` for the channel path: channels per task, parts per channel.
+
+    Fused (``nparts == 1``) when there are enough groups to keep every thread
+    busy; otherwise channels are also split along ``outer`` and normalized in a
+    second pass.
+    """
     outer, channels, inner = shape3
-    if channels >= CHANNELS_PER_THREAD * nthreads or nthreads == 1:
-        return 1
-    wanted = -(-CHANNELS_PER_THREAD * nthreads // channels)
-    return int(max(1, min(wanted, outer * inner // kernels.CHUNK)))
+    channel_bytes = max(1, outer * inner * bytes_per_value)
+    group = max(1, min(MAX_GROUP, channels // (2 * nthreads), GROUP_BYTES // channel_bytes))
+    ngroups = -(-channels // group)
+    if ngroups >= 2 * nthreads or nthreads == 1:
+        return group, 1
+    nparts = min(-(-2 * nthreads // ngroups), outer, max(1, outer * inner // MIN_PART_VALUES))
+    return group, int(max(1, nparts))
 
 
 def _column_blocks(rows, nthreads):
@@ -73,18 +86,12 @@ def _shift(x3):
     return x3[0, :, 0].astype(np.float64)
 
 
-def _finish_moments(shift, n, mean_rel, m2):
-    hi, lo = _moments.two_sum(shift, mean_rel)
-    return n, hi, lo, m2
-
-
 class CPUBackend:
     name = "cpu"
 
     # ----------------------------------------------------------------- statistics
-    def _moments3(self, x3, fuse=None):
-        """Count, mean (hi, lo) and M2 per channel; with ``fuse=(weight, bias, eps, y3)``
-        the channel path also normalizes.  Returns ``(n, hi, lo, m2, fused)``."""
+    def _moments3(self, x3):
+        """Count, mean (hi + lo, float64) and M2 per channel."""
         outer, channels, inner = x3.shape
         nthreads = numba.get_num_threads()
         shift = _shift(x3)
@@ -100,38 +107,49 @@ class CPUBackend:
             n, mu, q = _moments.merge_moments(count[:, None], mean_rel, m2, axis=0)
             n, mu, q = _moments.merge_moments(n.reshape(channels, inner), mu.reshape(channels, inner),
                                               q.reshape(channels, inner), axis=1)
-            return (*_finish_moments(shift, n, mu, q), False)
-        nparts = _channel_parts(x3.shape, nthreads)
-        fused = fuse is not None and nparts == 1
-        weight, bias, eps, y3 = fuse if fused else (shift, shift, 0.0, x3)
-        count = np.empty((channels, nparts))
-        mean_rel = np.empty((channels, nparts))
-        m2 = np.empty((channels, nparts))
-        with _kernel_guard():
-            kernels.channel_forward(x3, shift, nparts, fused, weight, bias, float(eps), y3,
-                                    count, mean_rel, m2)
-        n, mu, q = _moments.merge_moments(count, mean_rel, m2, axis=1)
-        return (*_finish_moments(shift, n, mu, q), fused)
+        else:
+            group, nparts = channel_plan(x3.shape, x3.itemsize, nthreads)
+            count = np.empty((channels, nparts))
+            mean_rel = np.empty((channels, nparts))
+            m2 = np.empty((channels, nparts))
+            with _kernel_guard():
+                kernels.channel_moments(x3, shift, group, nparts, count, mean_rel, m2)
+            n, mu, q = _moments.merge_moments(count, mean_rel, m2, axis=1)
+        hi, lo = _moments.two_sum(shift, mu)
+        return n, hi, lo, q
 
     def moments(self, x, axis, dtype):
         """``(count, mean, m2)`` per channel of a non-empty ``x`` computed in ``dtype`` (float64)."""
         layout = Layout.of(x, axis)
         x3 = layout.work3(x, work_dtype(dtype))
-        n, hi, lo, m2, _ = self._moments3(x3)
+        n, hi, lo, m2 = self._moments3(x3)
         return n, hi + lo, m2
 
     # ----------------------------------------------------------------- forward
     def forward_train(self, x, axis, weight, bias, eps, out, out_dtype):
-        """Batch statistics and ``y`` in one fused call.  Returns ``(y, mean, var, invstd)``."""
+        """Batch statistics and ``y``, fused in one call where the plan allows.
+
+        Returns ``(y, mean, var, invstd)``, statistics in float64.
+        """
         layout = Layout.of(x, axis)
         wd = work_dtype(out_dtype)
         x3 = layout.work3(x, wd)
         dest = Output(layout, out, out_dtype, wd, [x3])
-        n, hi, lo, m2, fused = self._moments3(x3, fuse=(weight, bias, eps, dest.y3))
+        outer, channels, inner = x3.shape
+        if inner >= MIN_RUN:
+            group, nparts = channel_plan(x3.shape, x3.itemsize, numba.get_num_threads())
+            if nparts == 1:
+                mean = np.empty(channels)
+                var = np.empty(channels)
+                inv = np.empty(channels)
+                with _kernel_guard():
+                    kernels.channel_forward(x3, _shift(x3), group, weight, bias, float(eps),
+                                            dest.y3, mean, var, inv)
+                return dest.finish(), mean, var, inv
+        n, hi, lo, m2 = self._moments3(x3)
         var = m2 / n
         inv = _moments.invstd(var, eps)
-        if not fused:
-            self._affine3(x3, hi, lo, inv * weight, bias, dest.y3)
+        self._affine3(x3, hi, lo, inv * weight, bias, dest.y3)
         return dest.finish(), hi + lo, var, inv
 
     def affine(self, x, axis, mean, scale, shift, out, out_dtype):
@@ -155,7 +173,7 @@ class CPUBackend:
                 kernels.affine_channels(x3, np.ascontiguousarray(params.T), y3)
 
     # ----------------------------------------------------------------- backward
-    def _grad_sums3(self, dy3, x3, mean, fuse=None):
+    def _grad_sums3(self, dy3, x3, mean):
         outer, channels, inner = x3.shape
         nthreads = numba.get_num_threads()
         if inner < MIN_RUN:
@@ -166,44 +184,73 @@ class CPUBackend:
                 kernels.column_grad_sums(dy3.reshape(outer, -1), x3.reshape(outer, -1),
                                          np.repeat(mean, inner), nblocks, s, sx)
             return (s.reshape(nblocks, channels, inner).sum(axis=(0, 2)),
-                    sx.reshape(nblocks, channels, inner).sum(axis=(0, 2)), False)
-        nparts = min(_channel_parts(x3.shape, nthreads), outer)
-        fused = fuse is not None and nparts == 1
-        invstd, weight, dx3 = fuse if fused else (mean, mean, x3)
+                    sx.reshape(nblocks, channels, inner).sum(axis=(0, 2)))
+        group, nparts = channel_plan(x3.shape, 2 * x3.itemsize, nthreads)
         s = np.empty((channels, nparts))
         sx = np.empty_like(s)
         with _kernel_guard():
-            kernels.channel_backward(dy3, x3, nparts, fused, mean, invstd, weight, dx3, s, sx)
-        return s.sum(axis=1), sx.sum(axis=1), fused
+            kernels.channel_grad_sums(dy3, x3, mean, group, nparts, s, sx)
+        return s.sum(axis=1), sx.sum(axis=1)
 
     def grad_sums(self, dy, x, axis, mean, dtype):
         """``(sum(dy), sum(dy * (x - mean)))`` per channel, computed in ``dtype``."""
         layout = Layout.of(x, axis)
         wd = work_dtype(dtype)
-        s, sx, _ = self._grad_sums3(layout.work3(dy, wd), layout.work3(x, wd), mean)
-        return s, sx
+        return self._grad_sums3(layout.work3(dy, wd), layout.work3(x, wd), mean)
 
     def backward_train(self, dy, x, axis, mean, invstd, weight, out, out_dtype):
-        """Training-mode ``dx`` and ``(sum(dy), sum(dy * (x - mean)))`` in one fused call."""
+        """Training-mode ``dx`` and ``(sum(dy), sum(dy * (x - mean)))``, fused where possible."""
         layout = Layout.of(x, axis)
         wd = work_dtype(out_dtype)
         x3 = layout.work3(x, wd)
         dy3 = layout.work3(dy, wd)
         dest = Output(layout, out, out_dtype, wd, [x3, dy3])
-        s, sx, fused = self._grad_sums3(dy3, x3, mean, fuse=(invstd, weight, dest.y3))
-        if not fused:
-            outer, channels, inner = x3.shape
-            n = float(outer * inner)
-            hi, lo = _moments.split_hi_lo(mean, np.zeros_like(mean), wd)
-            params = np.stack([hi, lo, (weight * invstd).astype(wd), (s / n).astype(wd),
-                               (invstd * invstd * sx / n).astype(wd)])
-            with _kernel_guard():
-                if inner < MIN_RUN:
-                    kernels.dx_columns(dy3.reshape(outer, -1), x3.reshape(outer, -1),
-                                       np.repeat(params, inner, axis=1), dest.y3.reshape(outer, -1))
-                else:
-                    kernels.dx_channels(dy3, x3, np.ascontiguousarray(params.T), dest.y3)
+        outer, channels, inner = x3.shape
+        if inner >= MIN_RUN:
+            group, nparts = channel_plan(x3.shape, 2 * x3.itemsize, numba.get_num_threads())
+            if nparts == 1:
+                s = np.empty(channels)
+                sx = np.empty(channels)
+                with _kernel_guard():
+                    kernels.channel_backward(dy3, x3, mean, invstd, weight, group, dest.y3, s, sx)
+                return dest.finish(), s, sx
+        s, sx = self._grad_sums3(dy3, x3, mean)
+        n = float(outer * inner)
+        hi, lo = _moments.split_hi_lo(mean, np.zeros_like(mean), wd)
+        params = np.stack([hi, lo, (weight * invstd).astype(wd), (s / n).astype(wd),
+                           (invstd * invstd * sx / n).astype(wd)])
+        with _kernel_guard():
+            if inner < MIN_RUN:
+                kernels.dx_columns(dy3.reshape(outer, -1), x3.reshape(outer, -1),
+                                   np.repeat(params, inner, axis=1), dest.y3.reshape(outer, -1))
+            else:
+                kernels.dx_channels(dy3, x3, np.ascontiguousarray(params.T), dest.y3)
         return dest.finish(), s, sx
+
+    # ----------------------------------------------------------------- compilation
+    def compile_kernels(self, dtype):
+        """Run every kernel once on tiny ``dtype`` arrays, with the argument types of real calls."""
+        wd = work_dtype(dtype)
+        x3 = np.linspace(-1.0, 1.0, 2 * 3 * 4).astype(wd).reshape(2, 3, 4)
+        y3 = np.empty_like(x3)
+        x2, y2 = x3.reshape(2, -1), y3.reshape(2, -1)
+        c, w = x3.shape[1], x2.shape[1]
+        shift, ones, zeros = _shift(x3), np.ones(3), np.zeros(3)
+        per_part = [np.empty((c, 2)) for _ in range(3)]
+        per_block = [np.empty((2, w)) for _ in range(2)]
+        per_channel = [np.empty(c) for _ in range(3)]
+        with _kernel_guard():
+            kernels.channel_moments(x3, shift, 1, 2, *per_part)
+            kernels.channel_forward(x3, shift, 1, ones, zeros, 1e-5, y3, *per_channel)
+            kernels.affine_channels(x3, np.zeros((c, 4), wd), y3)
+            kernels.column_moments(x2, np.zeros(w), 2, 4, np.empty(2), *per_block)
+            kernels.affine_columns(x2, np.zeros((4, w), wd), y2)
+            kernels.channel_grad_sums(x3, x3, zeros, 1, 2, *per_part[:2])
+            kernels.channel_backward(x3, x3, zeros, ones, ones, 1, y3, *per_channel[:2])
+            kernels.dx_channels(x3, x3, np.zeros((c, 5), wd), y3)
+            kernels.column_grad_sums(x2, x2, np.zeros(w), 2, *per_block)
+            kernels.dx_columns(x2, x2, np.zeros((5, w), wd), y2)
+            kernels.parallel_copy(x2.reshape(-1), y2.reshape(-1), 2)
 
     # ----------------------------------------------------------------- memory floor
     def copy(self, src, dst, nthreads=None):

@@ -4,17 +4,19 @@ Every kernel works on C-contiguous arrays of one float dtype (float32 or
 float64) in a canonical layout and knows nothing about axes:
 
 * "channel" kernels take ``x`` of shape (outer, C, inner); a channel is
-  ``x[:, c, :]``, a set of ``outer`` contiguous runs of ``inner`` values.  They
-  run one task per (channel, part) and, when a channel is one task, normalize it
-  right after computing its statistics, while its data is still in cache.
+  ``x[:, c, :]``, a set of ``outer`` contiguous runs of ``inner`` values.  A
+  task owns a group of neighbouring channels, whose runs are adjacent in memory
+  (long streams for the prefetchers), and normalizes the group right after
+  reducing it, while its data is still in cache.
 * "column" kernels take ``x`` of shape (rows, W) and reduce over rows, with
   every column its own accumulator.  This is the fast path when ``inner`` is
   short (channels-last, (N, C)): the loop over W is contiguous and vectorizes.
 
 Numerics (CONTRACT section 5).  Statistics are accumulated in float64 relative
-to a per-channel shift (the channel's first value), in chunks that fit in L1:
-each chunk gets an exact two-pass mean and sum of squared deviations, and chunks
-are combined with Chan's merge.  There is no ``E[x^2] - E[x]^2`` anywhere.
+to a per-channel shift (the channel's first value) in L1-sized pieces: the
+first piece of a channel is exact two-pass, later pieces take deviations about
+the channel's running mean (see ``_accumulate_run``), and pieces are combined
+with Chan's merge.  There is no ``E[x^2] - E[x]^2`` anywhere.
 The normalization subtracts the mean as an unevaluated sum ``hi + lo`` of two
 numbers of the working dtype, ``(x - hi) - lo``: with ``x`` near the mean,
 ``x - hi`` is exact (Sterbenz), so float32 data far from zero keep their full
@@ -35,7 +37,7 @@ from .._jit import kernel
 # accumulators).  No 'nnan'/'ninf': NaN and inf must propagate to their channel.
 REDUCE_MATH = {"reassoc", "contract", "nsz"}
 
-# Values per chunk of a channel: two passes over a chunk stay in L1.
+# Values per piece of a run: a two-pass piece stays in L1.
 CHUNK = 4096
 
 
@@ -77,54 +79,47 @@ def _run_sqdev(run, center):
     return q
 
 
-@kernel()
-def _segment_sum(x, c, e0, e1, shift):
-    """Sum of ``x - shift`` over the flat elements [e0, e1) of channel ``c``."""
-    inner = x.shape[2]
-    s = 0.0
-    p = e0
-    while p < e1:
-        o = p // inner
-        i0 = p - o * inner
-        i1 = min(inner, i0 + (e1 - p))
-        s += _run_sum(x[o, c, i0:i1], shift)
-        p += i1 - i0
-    return s
+@kernel(fastmath=REDUCE_MATH)
+def _run_dev_sums(run, center):
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(run.shape[0]):
+        d = np.float64(run[i]) - center
+        s1 += d
+        s2 += d * d
+    return s1, s2
 
 
 @kernel()
-def _segment_sqdev(x, c, e0, e1, center):
-    inner = x.shape[2]
-    q = 0.0
-    p = e0
-    while p < e1:
-        o = p // inner
-        i0 = p - o * inner
-        i1 = min(inner, i0 + (e1 - p))
-        q += _run_sqdev(x[o, c, i0:i1], center)
-        p += i1 - i0
-    return q
+def _accumulate_run(run, shift, j, n, mean_rel, m2):
+    """Merge the moments of ``run`` into accumulator ``j`` (means relative to ``shift``).
 
-
-@kernel()
-def _segment_moments(x, c, e0, e1, shift):
-    """Count, mean relative to ``shift`` and M2 of channel ``c``'s elements [e0, e1)."""
-    n = 0.0
-    mean = 0.0
-    m2 = 0.0
-    a = e0
-    while a < e1:
-        b = min(a + CHUNK, e1)
-        nk = float(b - a)
-        mk = _segment_sum(x, c, a, b, shift) / nk
-        qk = _segment_sqdev(x, c, a, b, shift + mk)
-        n_new = n + nk
-        delta = mk - mean
-        mean += delta * (nk / n_new)
-        m2 += qk + delta * delta * (n * nk / n_new)
-        n = n_new
-        a = b
-    return n, mean, m2
+    A channel's first piece is exact two-pass.  Every later piece takes its
+    deviations about the channel's running mean ``center`` in one pass:
+    ``s1 = sum(x - center)``, ``s2 = sum((x - center)^2)``, piece mean
+    ``center + s1/m`` and piece M2 ``s2 - s1^2/m``.  This is the corrected
+    two-pass algorithm with the first pass replaced by the running mean, not
+    ``E[x^2] - E[x]^2``: ``s1^2/m <= s2``, and the rounding error of ``s2`` is
+    eps times ``M2_piece + m (piece mean - center)^2``, both of which the
+    channel's total M2 contains (Chan's merge adds the second), so the error
+    relative to the final variance stays O(eps) whatever the offset.
+    """
+    length = run.shape[0]
+    for p0 in range(0, length, CHUNK):
+        piece = run[p0:min(p0 + CHUNK, length)]
+        m = float(piece.shape[0])
+        if n[j] == 0.0:
+            mk = _run_sum(piece, shift) / m
+            qk = _run_sqdev(piece, shift + mk)
+        else:
+            s1, s2 = _run_dev_sums(piece, shift + mean_rel[j])
+            mk = mean_rel[j] + s1 / m
+            qk = s2 - s1 * (s1 / m)
+        n_new = n[j] + m
+        delta = mk - mean_rel[j]
+        mean_rel[j] += delta * (m / n_new)
+        m2[j] += qk + delta * delta * (n[j] * m / n_new)
+        n[j] = n_new
 
 
 @kernel()
@@ -134,31 +129,63 @@ def _affine_run(run, hi, lo, scale, shift, out):
 
 
 @kernel(parallel=True)
-def channel_forward(x, shift, nparts, fuse, weight, bias, eps, y, count, mean_rel, m2):
-    """Per-(channel, part) moments; with ``fuse``, also normalize each channel into ``y``.
+def channel_moments(x, shift, group, nparts, count, mean_rel, m2):
+    """Per-(channel, part) count, mean relative to ``shift[c]`` and M2, arrays (C, nparts).
 
-    ``count``, ``mean_rel``, ``m2`` have shape (C, nparts); means are relative
-    to ``shift[c]``.  ``fuse`` requires ``nparts == 1``.
+    One task per (group of channels, part of the ``outer`` axis): within a
+    task, the runs of ``group`` neighbouring channels are contiguous in memory,
+    so the hardware prefetchers see long streams instead of short hops.
     """
     outer, channels, inner = x.shape
-    n = outer * inner
+    ngroups = -(-channels // group)
+    for t in prange(ngroups * nparts):
+        g = t // nparts
+        part = t - g * nparts
+        c0 = g * group
+        c1 = min(c0 + group, channels)
+        n = np.zeros(c1 - c0)
+        mu = np.zeros(c1 - c0)
+        q = np.zeros(c1 - c0)
+        for o in range(part * outer // nparts, (part + 1) * outer // nparts):
+            for c in range(c0, c1):
+                _accumulate_run(x[o, c], shift[c], c - c0, n, mu, q)
+        for c in range(c0, c1):
+            count[c, part] = n[c - c0]
+            mean_rel[c, part] = mu[c - c0]
+            m2[c, part] = q[c - c0]
+
+
+@kernel(parallel=True)
+def channel_forward(x, shift, group, weight, bias, eps, y, mean, var, invstd):
+    """Training forward, fused: each group of channels is reduced, then normalized from cache.
+
+    Writes ``y`` and the float64 ``mean``, biased ``var`` and ``invstd`` per channel.
+    """
+    outer, channels, inner = x.shape
+    ngroups = -(-channels // group)
     params = np.empty((channels, 4), x.dtype)
-    for t in prange(channels * nparts):
-        c = t // nparts
-        part = t - c * nparts
-        e0 = part * n // nparts
-        e1 = (part + 1) * n // nparts
-        cnt, mu, q = _segment_moments(x, c, e0, e1, shift[c])
-        count[c, part] = cnt
-        mean_rel[c, part] = mu
-        m2[c, part] = q
-        if fuse:
-            hi, lo = _two_sum(shift[c], mu)
+    for g in prange(ngroups):
+        c0 = g * group
+        c1 = min(c0 + group, channels)
+        n = np.zeros(c1 - c0)
+        mu = np.zeros(c1 - c0)
+        q = np.zeros(c1 - c0)
+        for o in range(outer):
+            for c in range(c0, c1):
+                _accumulate_run(x[o, c], shift[c], c - c0, n, mu, q)
+        for c in range(c0, c1):
+            v = q[c - c0] / n[c - c0]
+            inv = _invstd(v, eps)
+            hi, lo = _two_sum(shift[c], mu[c - c0])
+            mean[c] = hi
+            var[c] = v
+            invstd[c] = inv
             params[c, 0] = hi
             params[c, 1] = (hi - np.float64(params[c, 0])) + lo
-            params[c, 2] = _invstd(q / cnt, eps) * weight[c]
+            params[c, 2] = inv * weight[c]
             params[c, 3] = bias[c]
-            for o in range(outer):
+        for o in range(outer):
+            for c in range(c0, c1):
                 _affine_run(x[o, c], params[c, 0], params[c, 1], params[c, 2], params[c, 3],
                             y[o, c])
 
@@ -248,35 +275,55 @@ def _dx_run(dy, x, hi, lo, a, b, k, dx):
 
 
 @kernel(parallel=True)
-def channel_backward(dy, x, nparts, fuse, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
-    """Per-(channel, part) ``sum(dy)`` and ``sum(dy * (x - mean))``, outputs (C, nparts).
+def channel_grad_sums(dy, x, mean, group, nparts, sum_dy, sum_dy_xmu):
+    """Per-(channel, part) ``sum(dy)`` and ``sum(dy * (x - mean))``, arrays (C, nparts).
 
-    With ``fuse`` (``nparts == 1``) also writes the training-mode ``dx``.
     ``mean`` is float64 and exact: the caller's mean, converted.
     """
     outer, channels, inner = x.shape
+    ngroups = -(-channels // group)
+    for t in prange(ngroups * nparts):
+        g = t // nparts
+        part = t - g * nparts
+        for c in range(g * group, min(g * group + group, channels)):
+            sum_dy[c, part] = 0.0
+            sum_dy_xmu[c, part] = 0.0
+        for o in range(part * outer // nparts, (part + 1) * outer // nparts):
+            for c in range(g * group, min(g * group + group, channels)):
+                a, b = _run_grad_sums(dy[o, c], x[o, c], mean[c])
+                sum_dy[c, part] += a
+                sum_dy_xmu[c, part] += b
+
+
+@kernel(parallel=True)
+def channel_backward(dy, x, mean, invstd, weight, group, dx, sum_dy, sum_dy_xmu):
+    """Training backward, fused: each group's sums, then its ``dx`` from cache.
+
+    Writes ``dx`` and the float64 ``sum(dy)``, ``sum(dy * (x - mean))`` per channel.
+    """
+    outer, channels, inner = x.shape
     n = float(outer * inner)
+    ngroups = -(-channels // group)
     params = np.empty((channels, 5), x.dtype)
-    for t in prange(channels * nparts):
-        c = t // nparts
-        part = t - c * nparts
-        o0 = part * outer // nparts
-        o1 = (part + 1) * outer // nparts
-        s = 0.0
-        sx = 0.0
-        for o in range(o0, o1):
-            a, b = _run_grad_sums(dy[o, c], x[o, c], mean[c])
-            s += a
-            sx += b
-        sum_dy[c, part] = s
-        sum_dy_xmu[c, part] = sx
-        if fuse:
+    for g in prange(ngroups):
+        c0 = g * group
+        c1 = min(c0 + group, channels)
+        for c in range(c0, c1):
+            sum_dy[c] = 0.0
+            sum_dy_xmu[c] = 0.0
+        for o in range(outer):
+            for c in range(c0, c1):
+                a, b = _run_grad_sums(dy[o, c], x[o, c], mean[c])
+                sum_dy[c] += a
+                sum_dy_xmu[c] += b
+        for c in range(c0, c1):
             params[c, 0] = mean[c]
             params[c, 1] = mean[c] - np.float64(params[c, 0])
             params[c, 2] = weight[c] * invstd[c]
-            params[c, 3] = s / n
-            params[c, 4] = invstd[c] * invstd[c] * sx / n
-            for o in range(outer):
+            params[c, 3] = sum_dy[c] / n
+            params[c, 4] = invstd[c] * invstd[c] * sum_dy_xmu[c] / n
+        for o in range(outer):
+            for c in range(c0, c1):
                 _dx_run(dy[o, c], x[o, c], params[c, 0], params[c, 1], params[c, 2],
                         params[c, 3], params[c, 4], dx[o, c])
 
