@@ -20,3 +20,14 @@ settings.load_profile("ci" if os.environ.get("CI") else "default")
 def rng(request):
     # A fixed seed per test, so a failure reproduces.
     return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
+
+
+@pytest.fixture(params=["default-plan", "no-small-array-shortcut"])
+def kernel_plan(request, monkeypatch):
+    """Run a test with the backend's default plan, and again with the small-array
+    shortcut to the column path disabled, so the channel path sees small shapes too."""
+    if request.param == "no-small-array-shortcut":
+        from fastbn._cpu import backend
+
+        monkeypatch.setattr(backend, "SMALL_BYTES", 0)
+    return request.param

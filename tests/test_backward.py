@@ -31,7 +31,7 @@ def check_backward(dy, x, weight=None, axis=1, **kwargs):
     ((16, 32, 80), 1), ((4, 2, 64, 72), 1), ((3000, 24), 1), ((10, 3, 4097), 1),
 ])
 @pytest.mark.parametrize("dtype", (np.float16, np.float32, np.float64))
-def test_backward_matches_reference(rng, shape, axis, dtype):
+def test_backward_matches_reference(rng, shape, axis, dtype, kernel_plan):
     x = make(rng, shape, dtype, offset=2.0)
     dy = make(rng, shape, dtype, offset=0.3)
     check_backward(dy, x, rng.uniform(0.5, 2, shape[axis]), axis=axis)
@@ -53,7 +53,7 @@ def test_backward_without_weight_and_out(rng):
 
 
 @pytest.mark.parametrize("target", ["dy", "x"])
-def test_backward_in_place(rng, target):
+def test_backward_in_place(rng, target, kernel_plan):
     x = make(rng, (8, 4, 100), np.float32)
     dy = make(rng, (8, 4, 100), np.float32)
     _, mean, invstd = fastbn.batch_norm_forward(x)

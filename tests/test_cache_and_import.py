@@ -24,8 +24,10 @@ x = np.random.default_rng(0).normal(3.0, 2.0, (6, 4, 70)).astype(np.float32)
 y, mean, invstd = fastbn.batch_norm_forward(x)
 ref = (x - x.mean(axis=(0, 2), keepdims=True, dtype=np.float64)) / x.std(axis=(0, 2), keepdims=True, dtype=np.float64)
 assert abs(y - ref).max() < 1e-4, abs(y - ref).max()
-stats = kernels.channel_forward.stats
-print("hits", sum(stats.cache_hits.values()), "misses", sum(stats.cache_misses.values()))
+dispatchers = [f for f in vars(kernels).values() if hasattr(f, "stats")]
+hits = sum(sum(f.stats.cache_hits.values()) for f in dispatchers)
+misses = sum(sum(f.stats.cache_misses.values()) for f in dispatchers)
+print("hits", hits, "misses", misses)
 print("file", fastbn.__file__)
 print("cuda_imported", "numba.cuda" in sys.modules, "cffi_imported", sys.modules.get("cffi") is not None)
 """
@@ -43,6 +45,11 @@ def run_probe(env_updates, code=PROBE, pythonpath=None, cwd=None):
     return proc.stdout, proc.stderr
 
 
+def counts(out):
+    words = out.split()
+    return int(words[words.index("hits") + 1]), int(words[words.index("misses") + 1])
+
+
 def cache_files(directory):
     return [p for p in pathlib.Path(directory).rglob("*") if p.suffix in (".nbi", ".nbc")]
 
@@ -50,10 +57,11 @@ def cache_files(directory):
 def test_numba_cache_dir_is_honoured_and_reused(tmp_path):
     cache = tmp_path / "numba-cache"
     out1, _ = run_probe({"NUMBA_CACHE_DIR": str(cache)})
-    assert "misses 1" in out1  # compiled once ...
-    assert any(p.name.startswith("kernels.channel_forward") for p in cache_files(cache))
+    assert counts(out1)[1] >= 1  # compiled ...
+    assert any(p.name.startswith("kernels.") for p in cache_files(cache))
     out2, _ = run_probe({"NUMBA_CACHE_DIR": str(cache)})
-    assert "hits 1 misses 0" in out2  # ... and loaded from disk by the next process
+    hits, misses = counts(out2)
+    assert hits >= 1 and misses == 0  # ... and loaded from disk by the next process
 
 
 def test_read_only_install_falls_back_to_a_temporary_cache(tmp_path):
@@ -73,11 +81,12 @@ def test_read_only_install_falls_back_to_a_temporary_cache(tmp_path):
            "TMPDIR": str(tmpdir), "PYTHONDONTWRITEBYTECODE": "1"}
     try:
         out, _ = run_probe(env, pythonpath=site, cwd=tmpdir)
-        assert "misses 1" in out
+        assert counts(out)[1] >= 1
         assert str(site) in out
         assert cache_files(tmpdir / f"fastbn-numba-cache-{os.getuid()}"), "no fallback cache"
         out2, _ = run_probe(env, pythonpath=site, cwd=tmpdir)
-        assert "hits 1 misses 0" in out2
+        hits, misses = counts(out2)
+        assert hits >= 1 and misses == 0
     finally:
         for p in site.rglob("*"):
             p.chmod(0o755 if p.is_dir() else 0o644)

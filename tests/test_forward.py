@@ -15,7 +15,7 @@ DTYPES = (np.float16, np.float32, np.float64, np.int32)
 @pytest.mark.parametrize("axis", [1, -1, "middle"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_forward_matches_reference(rng, ndim, axis, dtype, layout):
+def test_forward_matches_reference(rng, ndim, axis, dtype, layout, kernel_plan):
     shape = SHAPES[ndim]
     if axis == "middle":
         axis = ndim // 2
@@ -46,7 +46,7 @@ def test_forward_optional_affine(rng, dtype, with_weight, with_bias):
     ((10, 3, 4097), 1),     # runs just over a chunk
 ])
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))
-def test_forward_every_kernel_path(rng, shape, axis, dtype):
+def test_forward_every_kernel_path(rng, shape, axis, dtype, kernel_plan):
     x = make(rng, shape, dtype, offset=-2.0, scale=0.5)
     channels = shape[axis]
     check_forward(x, rng.uniform(0.5, 2, channels), rng.normal(size=channels), axis=axis)
@@ -77,7 +77,7 @@ def test_out_argument_is_filled_and_returned(rng, dtype, layout):
 
 @pytest.mark.parametrize("dtype", (np.float16, np.float32, np.float64))
 @pytest.mark.parametrize("shape,axis", [((6, 4, 9, 9), 1), ((40, 5), -1), ((2, 3, 100), 1)])
-def test_in_place(rng, dtype, shape, axis):
+def test_in_place(rng, dtype, shape, axis, kernel_plan):
     x = make(rng, shape, dtype, offset=1.0)
     expected = ref.forward(x, axis=axis)[0]
     y, _, _ = fastbn.batch_norm_forward(x, axis=axis, out=x)
@@ -121,7 +121,7 @@ def test_array_like_input():
     np.testing.assert_allclose(y, ref.forward(np.array(x))[0], atol=1e-12)
 
 
-def test_batch_stats_matches_numpy(rng):
+def test_batch_stats_matches_numpy(rng, kernel_plan):
     for dtype in (np.float32, np.float64, np.int16):
         x = make(rng, (7, 5, 11), dtype)
         for ddof in (0, 1):

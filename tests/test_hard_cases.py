@@ -14,7 +14,7 @@ PATH_SHAPES = [((16, 8, 70), 1), ((4, 2, 64, 72), 1), ((2000, 6), 1), ((30, 5, 5
 @pytest.mark.parametrize("shape,axis", PATH_SHAPES)
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))
 @pytest.mark.parametrize("sign", (1.0, -1.0))
-def test_offset_of_1e4_standard_deviations(rng, shape, axis, dtype, sign):
+def test_offset_of_1e4_standard_deviations(rng, shape, axis, dtype, sign, kernel_plan):
     std = 0.37
     x = make(rng, shape, dtype, offset=sign * 1e4 * std, scale=std)
     y, mean, invstd = check_forward(x, axis=axis, eps=0.0)
@@ -29,7 +29,7 @@ def test_offset_of_1e4_standard_deviations(rng, shape, axis, dtype, sign):
 
 
 @pytest.mark.parametrize("shape,axis", PATH_SHAPES)
-def test_float64_offset_reaches_1e12(rng, shape, axis):
+def test_float64_offset_reaches_1e12(rng, shape, axis, kernel_plan):
     x = make(rng, shape, np.float64, offset=1e4, scale=1.0)
     y, _, _ = fastbn.batch_norm_forward(x, axis=axis, eps=0.0)
     np.testing.assert_allclose(y, ref.forward(x, axis=axis, eps=0.0)[0], rtol=0, atol=1e-12)
@@ -37,7 +37,7 @@ def test_float64_offset_reaches_1e12(rng, shape, axis):
 
 @pytest.mark.parametrize("shape,axis", PATH_SHAPES)
 @pytest.mark.parametrize("dtype", (np.float16, np.float32, np.float64))
-def test_constant_channel_with_eps_zero(rng, shape, axis, dtype):
+def test_constant_channel_with_eps_zero(rng, shape, axis, dtype, kernel_plan):
     x = make(rng, shape, dtype)
     idx = [slice(None)] * len(shape)
     idx[axis] = 1
@@ -57,7 +57,7 @@ def test_constant_channel_with_eps_zero(rng, shape, axis, dtype):
 
 @pytest.mark.parametrize("shape,axis", PATH_SHAPES)
 @pytest.mark.parametrize("bad", (np.nan, np.inf))
-def test_nan_and_inf_stay_in_their_channel(rng, shape, axis, bad):
+def test_nan_and_inf_stay_in_their_channel(rng, shape, axis, bad, kernel_plan):
     x = make(rng, shape, np.float32)
     idx = [0] * len(shape)
     idx[axis] = 1
@@ -144,7 +144,7 @@ def test_huge_and_tiny_magnitudes(rng):
     check_forward(x, eps=0.0)
 
 
-def test_sorted_channel_far_first_value(rng):
+def test_sorted_channel_far_first_value(rng, kernel_plan):
     """The shift is the channel's first value: an outlier there must not hurt."""
     x = np.sort(make(rng, (8000, 2), np.float32, offset=0.0), axis=0)
     x[0] = -3e3

@@ -11,7 +11,7 @@ from helpers import LAYOUTS, assert_output, make, with_layout
 @pytest.mark.parametrize("dtype", (np.float16, np.float32, np.float64, np.int64))
 @pytest.mark.parametrize("shape,axis", [((5, 3, 9, 8), 1), ((37, 5), -1), ((2, 3, 100), 1),
                                         ((4, 5, 6), 0)])
-def test_inference_matches_reference(rng, dtype, shape, axis):
+def test_inference_matches_reference(rng, dtype, shape, axis, kernel_plan):
     x = make(rng, shape, dtype, offset=4.0)
     c = shape[axis]
     rm, rv = rng.normal(4.0, 1.0, c), rng.uniform(0.5, 2.0, c)
@@ -93,7 +93,7 @@ def test_module_running_statistics_over_batches(rng, momentum):
     np.testing.assert_allclose(bn.running_var, rv, atol=1e-12)
 
 
-def test_module_eval_uses_running_stats_and_never_updates(rng):
+def test_module_eval_uses_running_stats_and_never_updates(rng, kernel_plan):
     bn = fastbn.BatchNorm(3, axis=-1)
     bn(make(rng, (20, 3), np.float32, offset=3.0))
     bn.eval()

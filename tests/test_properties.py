@@ -1,5 +1,8 @@
 """Hypothesis sweeps over shapes, axes, dtypes and strides against the reference."""
 
+import contextlib
+from unittest import mock
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
@@ -7,6 +10,15 @@ from hypothesis import strategies as st
 import fastbn
 import reference as ref
 from helpers import OUTPUT_ATOL, assert_output, assert_stats, out_dtype
+
+
+def plan(force_channel_path):
+    """Optionally disable the small-array shortcut so small inputs take the channel path."""
+    if not force_channel_path:
+        return contextlib.nullcontext()
+    from fastbn._cpu import backend
+
+    return mock.patch.object(backend, "SMALL_BYTES", 0)
 
 
 @st.composite
@@ -31,8 +43,13 @@ def arrays(draw, min_values_per_channel=1):
     return x, axis
 
 
-@given(arrays())
-def test_forward_or_error_matches_reference(case):
+@given(arrays(), st.booleans())
+def test_forward_or_error_matches_reference(case, force_channel_path):
+    with plan(force_channel_path):
+        check_forward_or_error(case)
+
+
+def check_forward_or_error(case):
     x, axis = case
     n = x.size // x.shape[axis]
     if n < 2:
@@ -50,8 +67,13 @@ def test_forward_or_error_matches_reference(case):
     assert_stats(invstd, inv_ref, x.dtype, 0.0)
 
 
-@given(arrays(), st.floats(0.0, 1.0))
-def test_inference_and_stats_match_reference(case, momentum):
+@given(arrays(), st.booleans())
+def test_inference_and_stats_match_reference(case, force_channel_path):
+    with plan(force_channel_path):
+        check_inference_and_stats(case)
+
+
+def check_inference_and_stats(case):
     x, axis = case
     c = x.shape[axis]
     rng = np.random.default_rng(c)
@@ -65,8 +87,13 @@ def test_inference_and_stats_match_reference(case, momentum):
     assert_stats(var, var_ref, x.dtype, 0.0)
 
 
-@given(arrays())
-def test_backward_matches_reference(case):
+@given(arrays(), st.booleans())
+def test_backward_matches_reference(case, force_channel_path):
+    with plan(force_channel_path):
+        check_backward(case)
+
+
+def check_backward(case):
     x, axis = case
     if x.size // x.shape[axis] < 2:
         return

@@ -24,6 +24,9 @@ CHUNK_VALUES = 16384
 # re-read from cache to normalize; keep a group within this many bytes of input.
 GROUP_BYTES = 8 << 20
 MAX_GROUP = 16
+# Arrays up to this size sit in cache anyway: the column path's single fused
+# call, with no per-run overhead, is then the faster one.
+SMALL_BYTES = 1 << 20
 # Below this many values, a part of a channel is not worth its own task.
 MIN_PART_VALUES = 16384
 
@@ -95,26 +98,21 @@ class CPUBackend:
         outer, channels, inner = x3.shape
         nthreads = numba.get_num_threads()
         shift = _shift(x3)
-        if inner < MIN_RUN:
-            x2 = x3.reshape(outer, channels * inner)
-            nblocks = _column_blocks(outer, nthreads)
-            count = np.empty(nblocks)
-            mean_rel = np.empty((nblocks, channels * inner))
-            m2 = np.empty_like(mean_rel)
+        if self._column_path(x3):
+            mean, var = np.empty(channels), np.empty(channels)
             with _kernel_guard():
-                kernels.column_moments(x2, np.repeat(shift, inner), nblocks,
-                                       _chunk_rows(channels * inner), count, mean_rel, m2)
-            n, mu, q = _moments.merge_moments(count[:, None], mean_rel, m2, axis=0)
-            n, mu, q = _moments.merge_moments(n.reshape(channels, inner), mu.reshape(channels, inner),
-                                              q.reshape(channels, inner), axis=1)
-        else:
-            group, nparts = channel_plan(x3.shape, x3.itemsize, nthreads)
-            count = np.empty((channels, nparts))
-            mean_rel = np.empty((channels, nparts))
-            m2 = np.empty((channels, nparts))
-            with _kernel_guard():
-                kernels.channel_moments(x3, shift, group, nparts, count, mean_rel, m2)
-            n, mu, q = _moments.merge_moments(count, mean_rel, m2, axis=1)
+                kernels.column_forward(x3.reshape(outer, -1), shift, inner,
+                                       _column_blocks(outer, nthreads), _chunk_rows(channels * inner),
+                                       False, shift, shift, 0.0, x3.reshape(outer, -1), mean, var,
+                                       np.empty(channels))
+            return float(outer * inner), mean, np.zeros(channels), var * (outer * inner)
+        group, nparts = channel_plan(x3.shape, x3.itemsize, nthreads)
+        count = np.empty((channels, nparts))
+        mean_rel = np.empty((channels, nparts))
+        m2 = np.empty((channels, nparts))
+        with _kernel_guard():
+            kernels.channel_moments(x3, shift, group, nparts, count, mean_rel, m2)
+        n, mu, q = _moments.merge_moments(count, mean_rel, m2, axis=1)
         hi, lo = _moments.two_sum(shift, mu)
         return n, hi, lo, q
 
@@ -136,16 +134,21 @@ class CPUBackend:
         x3 = layout.work3(x, wd)
         dest = Output(layout, out, out_dtype, wd, [x3])
         outer, channels, inner = x3.shape
-        if inner >= MIN_RUN:
-            group, nparts = channel_plan(x3.shape, x3.itemsize, numba.get_num_threads())
-            if nparts == 1:
-                mean = np.empty(channels)
-                var = np.empty(channels)
-                inv = np.empty(channels)
-                with _kernel_guard():
-                    kernels.channel_forward(x3, _shift(x3), group, weight, bias, float(eps),
-                                            dest.y3, mean, var, inv)
-                return dest.finish(), mean, var, inv
+        nthreads = numba.get_num_threads()
+        mean, var, inv = np.empty(channels), np.empty(channels), np.empty(channels)
+        if self._column_path(x3):
+            with _kernel_guard():
+                kernels.column_forward(x3.reshape(outer, -1), _shift(x3), inner,
+                                       _column_blocks(outer, nthreads), _chunk_rows(channels * inner),
+                                       True, weight, bias, float(eps), dest.y3.reshape(outer, -1),
+                                       mean, var, inv)
+            return dest.finish(), mean, var, inv
+        group, nparts = channel_plan(x3.shape, x3.itemsize, nthreads)
+        if nparts == 1:
+            with _kernel_guard():
+                kernels.channel_forward(x3, _shift(x3), group, weight, bias, float(eps),
+                                        dest.y3, mean, var, inv)
+            return dest.finish(), mean, var, inv
         n, hi, lo, m2 = self._moments3(x3)
         var = m2 / n
         inv = _moments.invstd(var, eps)
@@ -164,27 +167,31 @@ class CPUBackend:
     def _affine3(self, x3, hi64, lo64, scale, shift, y3):
         outer, channels, inner = x3.shape
         hi, lo = _moments.split_hi_lo(hi64, lo64, x3.dtype)
-        params = np.stack([hi, lo, scale.astype(x3.dtype), shift.astype(x3.dtype)])
+        params = np.ascontiguousarray(
+            np.stack([hi, lo, scale.astype(x3.dtype), shift.astype(x3.dtype)], axis=1))
         with _kernel_guard():
-            if inner < MIN_RUN:
-                kernels.affine_columns(x3.reshape(outer, -1), np.repeat(params, inner, axis=1),
-                                       y3.reshape(outer, -1))
+            if self._column_path(x3):
+                kernels.affine_columns(x3.reshape(outer, -1), params, inner, y3.reshape(outer, -1))
             else:
-                kernels.affine_channels(x3, np.ascontiguousarray(params.T), y3)
+                kernels.affine_channels(x3, params, y3)
+
+    @staticmethod
+    def _column_path(x3):
+        """Reduce over rows of (outer, C * inner) when runs are short or the array is small."""
+        return x3.shape[2] < MIN_RUN or x3.nbytes <= SMALL_BYTES
 
     # ----------------------------------------------------------------- backward
     def _grad_sums3(self, dy3, x3, mean):
         outer, channels, inner = x3.shape
         nthreads = numba.get_num_threads()
-        if inner < MIN_RUN:
-            nblocks = _column_blocks(outer, nthreads)
-            s = np.empty((nblocks, channels * inner))
-            sx = np.empty_like(s)
+        if self._column_path(x3):
+            s, sx = np.empty(channels), np.empty(channels)
+            ones = np.ones(channels)
             with _kernel_guard():
-                kernels.column_grad_sums(dy3.reshape(outer, -1), x3.reshape(outer, -1),
-                                         np.repeat(mean, inner), nblocks, s, sx)
-            return (s.reshape(nblocks, channels, inner).sum(axis=(0, 2)),
-                    sx.reshape(nblocks, channels, inner).sum(axis=(0, 2)))
+                kernels.column_backward(dy3.reshape(outer, -1), x3.reshape(outer, -1), mean, ones,
+                                        ones, inner, _column_blocks(outer, nthreads), False,
+                                        x3.reshape(outer, -1), s, sx)
+            return s, sx
         group, nparts = channel_plan(x3.shape, 2 * x3.itemsize, nthreads)
         s = np.empty((channels, nparts))
         sx = np.empty_like(s)
@@ -206,25 +213,27 @@ class CPUBackend:
         dy3 = layout.work3(dy, wd)
         dest = Output(layout, out, out_dtype, wd, [x3, dy3])
         outer, channels, inner = x3.shape
-        if inner >= MIN_RUN:
-            group, nparts = channel_plan(x3.shape, 2 * x3.itemsize, numba.get_num_threads())
-            if nparts == 1:
-                s = np.empty(channels)
-                sx = np.empty(channels)
-                with _kernel_guard():
-                    kernels.channel_backward(dy3, x3, mean, invstd, weight, group, dest.y3, s, sx)
-                return dest.finish(), s, sx
+        nthreads = numba.get_num_threads()
+        s, sx = np.empty(channels), np.empty(channels)
+        if self._column_path(x3):
+            with _kernel_guard():
+                kernels.column_backward(dy3.reshape(outer, -1), x3.reshape(outer, -1), mean, invstd,
+                                        weight, inner, _column_blocks(outer, nthreads), True,
+                                        dest.y3.reshape(outer, -1), s, sx)
+            return dest.finish(), s, sx
+        group, nparts = channel_plan(x3.shape, 2 * x3.itemsize, nthreads)
+        if nparts == 1:
+            with _kernel_guard():
+                kernels.channel_backward(dy3, x3, mean, invstd, weight, group, dest.y3, s, sx)
+            return dest.finish(), s, sx
         s, sx = self._grad_sums3(dy3, x3, mean)
         n = float(outer * inner)
         hi, lo = _moments.split_hi_lo(mean, np.zeros_like(mean), wd)
-        params = np.stack([hi, lo, (weight * invstd).astype(wd), (s / n).astype(wd),
-                           (invstd * invstd * sx / n).astype(wd)])
+        params = np.ascontiguousarray(np.stack(
+            [hi, lo, (weight * invstd).astype(wd), (s / n).astype(wd),
+             (invstd * invstd * sx / n).astype(wd)], axis=1))
         with _kernel_guard():
-            if inner < MIN_RUN:
-                kernels.dx_columns(dy3.reshape(outer, -1), x3.reshape(outer, -1),
-                                   np.repeat(params, inner, axis=1), dest.y3.reshape(outer, -1))
-            else:
-                kernels.dx_channels(dy3, x3, np.ascontiguousarray(params.T), dest.y3)
+            kernels.dx_channels(dy3, x3, params, dest.y3)
         return dest.finish(), s, sx
 
     # ----------------------------------------------------------------- compilation
@@ -234,22 +243,20 @@ class CPUBackend:
         x3 = np.linspace(-1.0, 1.0, 2 * 3 * 4).astype(wd).reshape(2, 3, 4)
         y3 = np.empty_like(x3)
         x2, y2 = x3.reshape(2, -1), y3.reshape(2, -1)
-        c, w = x3.shape[1], x2.shape[1]
+        c = x3.shape[1]
         shift, ones, zeros = _shift(x3), np.ones(3), np.zeros(3)
         per_part = [np.empty((c, 2)) for _ in range(3)]
-        per_block = [np.empty((2, w)) for _ in range(2)]
         per_channel = [np.empty(c) for _ in range(3)]
         with _kernel_guard():
             kernels.channel_moments(x3, shift, 1, 2, *per_part)
             kernels.channel_forward(x3, shift, 1, ones, zeros, 1e-5, y3, *per_channel)
             kernels.affine_channels(x3, np.zeros((c, 4), wd), y3)
-            kernels.column_moments(x2, np.zeros(w), 2, 4, np.empty(2), *per_block)
-            kernels.affine_columns(x2, np.zeros((4, w), wd), y2)
+            kernels.column_forward(x2, shift, 4, 2, 4, True, ones, zeros, 1e-5, y2, *per_channel)
+            kernels.affine_columns(x2, np.zeros((c, 4), wd), 4, y2)
             kernels.channel_grad_sums(x3, x3, zeros, 1, 2, *per_part[:2])
             kernels.channel_backward(x3, x3, zeros, ones, ones, 1, y3, *per_channel[:2])
             kernels.dx_channels(x3, x3, np.zeros((c, 5), wd), y3)
-            kernels.column_grad_sums(x2, x2, np.zeros(w), 2, *per_block)
-            kernels.dx_columns(x2, x2, np.zeros((5, w), wd), y2)
+            kernels.column_backward(x2, x2, zeros, ones, ones, 4, 2, True, y2, *per_channel[:2])
             kernels.parallel_copy(x2.reshape(-1), y2.reshape(-1), 2)
 
     # ----------------------------------------------------------------- memory floor

@@ -15,7 +15,7 @@ float64) in a canonical layout and knows nothing about axes:
 Numerics (CONTRACT section 5).  Statistics are accumulated in float64 relative
 to a per-channel shift (the channel's first value) in L1-sized pieces: the
 first piece of a channel is exact two-pass, later pieces take deviations about
-the channel's running mean (see ``_accumulate_run``), and pieces are combined
+the channel's running mean (see ``_accumulate``), and pieces are combined
 with Chan's merge.  There is no ``E[x^2] - E[x]^2`` anywhere.
 The normalization subtracts the mean as an unevaluated sum ``hi + lo`` of two
 numbers of the working dtype, ``(x - hi) - lo``: with ``x`` near the mean,
@@ -91,35 +91,65 @@ def _run_dev_sums(run, center):
 
 
 @kernel()
-def _accumulate_run(run, shift, j, n, mean_rel, m2):
-    """Merge the moments of ``run`` into accumulator ``j`` (means relative to ``shift``).
+def _accumulate(x, o0, o1, i0, i1, c, shift, j, n, mean_rel, m2):
+    """Merge the moments of ``x[o0:o1, c, i0:i1]`` (one piece) into accumulator ``j``.
 
-    A channel's first piece is exact two-pass.  Every later piece takes its
-    deviations about the channel's running mean ``center`` in one pass:
-    ``s1 = sum(x - center)``, ``s2 = sum((x - center)^2)``, piece mean
-    ``center + s1/m`` and piece M2 ``s2 - s1^2/m``.  This is the corrected
-    two-pass algorithm with the first pass replaced by the running mean, not
-    ``E[x^2] - E[x]^2``: ``s1^2/m <= s2``, and the rounding error of ``s2`` is
-    eps times ``M2_piece + m (piece mean - center)^2``, both of which the
-    channel's total M2 contains (Chan's merge adds the second), so the error
-    relative to the final variance stays O(eps) whatever the offset.
+    Means are relative to ``shift``.  A channel's first piece is exact two-pass.
+    Every later piece takes its deviations about the channel's running mean
+    ``center`` in one pass: ``s1 = sum(x - center)``, ``s2 = sum((x - center)^2)``,
+    piece mean ``center + s1/m`` and piece M2 ``s2 - s1^2/m``.  This is the
+    corrected two-pass algorithm with the first pass replaced by the running
+    mean, not ``E[x^2] - E[x]^2``: ``s1^2/m <= s2``, and the rounding error of
+    ``s2`` is eps times ``M2_piece + m (piece mean - center)^2``, both of which
+    the channel's total M2 contains (Chan's merge adds the second), so the
+    error relative to the final variance stays O(eps) whatever the offset.
     """
-    length = run.shape[0]
-    for p0 in range(0, length, CHUNK):
-        piece = run[p0:min(p0 + CHUNK, length)]
-        m = float(piece.shape[0])
-        if n[j] == 0.0:
-            mk = _run_sum(piece, shift) / m
-            qk = _run_sqdev(piece, shift + mk)
-        else:
-            s1, s2 = _run_dev_sums(piece, shift + mean_rel[j])
-            mk = mean_rel[j] + s1 / m
-            qk = s2 - s1 * (s1 / m)
-        n_new = n[j] + m
-        delta = mk - mean_rel[j]
-        mean_rel[j] += delta * (m / n_new)
-        m2[j] += qk + delta * delta * (n[j] * m / n_new)
-        n[j] = n_new
+    m = float((o1 - o0) * (i1 - i0))
+    if n[j] == 0.0:
+        s = 0.0
+        for o in range(o0, o1):
+            s += _run_sum(x[o, c, i0:i1], shift)
+        mk = s / m
+        qk = 0.0
+        for o in range(o0, o1):
+            qk += _run_sqdev(x[o, c, i0:i1], shift + mk)
+    else:
+        center = shift + mean_rel[j]
+        s1 = 0.0
+        s2 = 0.0
+        for o in range(o0, o1):
+            a, b = _run_dev_sums(x[o, c, i0:i1], center)
+            s1 += a
+            s2 += b
+        mk = mean_rel[j] + s1 / m
+        qk = s2 - s1 * (s1 / m)
+    n_new = n[j] + m
+    delta = mk - mean_rel[j]
+    mean_rel[j] += delta * (m / n_new)
+    m2[j] += qk + delta * delta * (n[j] * m / n_new)
+    n[j] = n_new
+
+
+@kernel()
+def _accumulate_rows(x, o0, o1, c0, c1, shift, n, mean_rel, m2):
+    """Moments of channels [c0, c1) over rows [o0, o1), in L1-sized pieces.
+
+    Long runs are cut into pieces of at most CHUNK values; short runs are
+    batched, several rows to a piece, so that merges stay rare.
+    """
+    inner = x.shape[2]
+    if inner >= CHUNK:
+        for o in range(o0, o1):
+            for c in range(c0, c1):
+                for i0 in range(0, inner, CHUNK):
+                    _accumulate(x, o, o + 1, i0, min(i0 + CHUNK, inner), c, shift[c], c - c0,
+                                n, mean_rel, m2)
+    else:
+        rows = max(1, CHUNK // inner)
+        for b0 in range(o0, o1, rows):
+            b1 = min(b0 + rows, o1)
+            for c in range(c0, c1):
+                _accumulate(x, b0, b1, 0, inner, c, shift[c], c - c0, n, mean_rel, m2)
 
 
 @kernel()
@@ -146,9 +176,8 @@ def channel_moments(x, shift, group, nparts, count, mean_rel, m2):
         n = np.zeros(c1 - c0)
         mu = np.zeros(c1 - c0)
         q = np.zeros(c1 - c0)
-        for o in range(part * outer // nparts, (part + 1) * outer // nparts):
-            for c in range(c0, c1):
-                _accumulate_run(x[o, c], shift[c], c - c0, n, mu, q)
+        _accumulate_rows(x, part * outer // nparts, (part + 1) * outer // nparts, c0, c1,
+                         shift, n, mu, q)
         for c in range(c0, c1):
             count[c, part] = n[c - c0]
             mean_rel[c, part] = mu[c - c0]
@@ -170,9 +199,7 @@ def channel_forward(x, shift, group, weight, bias, eps, y, mean, var, invstd):
         n = np.zeros(c1 - c0)
         mu = np.zeros(c1 - c0)
         q = np.zeros(c1 - c0)
-        for o in range(outer):
-            for c in range(c0, c1):
-                _accumulate_run(x[o, c], shift[c], c - c0, n, mu, q)
+        _accumulate_rows(x, 0, outer, c0, c1, shift, n, mu, q)
         for c in range(c0, c1):
             v = q[c - c0] / n[c - c0]
             inv = _invstd(v, eps)
@@ -200,61 +227,178 @@ def affine_channels(x, params, y):
         _affine_run(x[o, c], params[c, 0], params[c, 1], params[c, 2], params[c, 3], y[o, c])
 
 
-@kernel(parallel=True)
-def column_moments(x, shift, nblocks, chunk_rows, count, mean_rel, m2):
-    """Per-(block of rows, column) moments of ``x`` (rows, W), means relative to ``shift``.
+# Row helpers: element-wise over one row, arguments as 1-D arrays so that LLVM
+# vectorizes them (inlined loops over views of local arrays stay scalar).
+@kernel()
+def _row_add_dev(row, shift, s1):
+    for j in range(row.shape[0]):
+        s1[j] += np.float64(row[j]) - shift[j]
 
-    ``count`` has shape (nblocks,); ``mean_rel`` and ``m2`` (nblocks, W).
+
+@kernel()
+def _row_add_sqdev(row, shift, mu, q):
+    for j in range(row.shape[0]):
+        d = (np.float64(row[j]) - shift[j]) - mu[j]
+        q[j] += d * d
+
+
+@kernel()
+def _row_add_dev_sums(row, shift, mu, s1, s2):
+    for j in range(row.shape[0]):
+        d = (np.float64(row[j]) - shift[j]) - mu[j]
+        s1[j] += d
+        s2[j] += d * d
+
+
+@kernel()
+def _merge_chunk(s1, s2, m, n, mu, q):
+    """Merge a chunk of ``m`` rows (deviation sums about ``mu``) into ``n`` rows' ``mu``, ``q``."""
+    wk = m / (n + m)
+    wm = n * m / (n + m)
+    inv_m = 1.0 / m
+    for j in range(s1.shape[0]):
+        delta = s1[j] * inv_m
+        q[j] += (s2[j] - s1[j] * delta) + delta * delta * wm
+        mu[j] += delta * wk
+
+
+@kernel()
+def _column_partials(x, r0, r1, shift, chunk_rows, mu, q):
+    """Moments of rows [r0, r1) of ``x`` (rows, W) per column into ``mu``, ``q``; returns count.
+
+    Chunks of ``chunk_rows`` rows stay in cache; the first chunk is exact
+    two-pass, later ones take deviations about each column's running mean
+    (see ``_accumulate``).  Every loop runs over contiguous columns.
+    """
+    width = x.shape[1]
+    mu[:] = 0.0
+    q[:] = 0.0
+    s1 = np.zeros(width)
+    s2 = np.zeros(width)
+    n = 0.0
+    for r in range(r0, r1, chunk_rows):
+        re = min(r + chunk_rows, r1)
+        m = float(re - r)
+        if n == 0.0:
+            for rr in range(r, re):
+                _row_add_dev(x[rr], shift, mu)
+            mu /= m
+            for rr in range(r, re):
+                _row_add_sqdev(x[rr], shift, mu, q)
+        else:
+            s1[:] = 0.0
+            s2[:] = 0.0
+            for rr in range(r, re):
+                _row_add_dev_sums(x[rr], shift, mu, s1, s2)
+            _merge_chunk(s1, s2, m, n, mu, q)
+        n += m
+    return n
+
+
+@kernel()
+def _fold_columns(count, mean_rel, m2, c, inner):
+    """Merge channel ``c``'s partials: its ``inner`` columns in every block, then the blocks.
+
+    Within a block every column has the same count, so the columns merge with
+    equal weights (mean of means, plus the spread of the means) without a
+    division per column; blocks then merge with Chan's formula.
+    """
+    n = 0.0
+    mu = 0.0
+    q = 0.0
+    for blk in range(count.shape[0]):
+        nk = count[blk]
+        if nk == 0.0:
+            continue
+        means = mean_rel[blk, c * inner:(c + 1) * inner]
+        m2s = m2[blk, c * inner:(c + 1) * inner]
+        mb = 0.0
+        for j in range(inner):
+            mb += means[j]
+        mb /= inner
+        qb = 0.0
+        spread = 0.0
+        for j in range(inner):
+            d = means[j] - mb
+            qb += m2s[j]
+            spread += d * d
+        qb += nk * spread
+        nb = nk * inner
+        n_new = n + nb
+        delta = mb - mu
+        mu += delta * (nb / n_new)
+        q += qb + delta * delta * (n * nb / n_new)
+        n = n_new
+    return n, mu, q
+
+
+@kernel()
+def _expand(per_channel, inner):
+    """Repeat each per-channel value ``inner`` times: one value per column."""
+    out = np.empty(per_channel.shape[0] * inner)
+    for j in range(out.shape[0]):
+        out[j] = per_channel[j // inner]
+    return out
+
+
+@kernel(parallel=True)
+def column_forward(x, shift, inner, nblocks, chunk_rows, normalize, weight, bias, eps, y,
+                   mean, var, invstd):
+    """Statistics over rows of ``x`` (rows, C * inner), then (``normalize``) ``y``, in one call.
+
+    Three phases: per-block column moments in parallel, a serial fold to
+    channels (count, mean, var, invstd into the float64 outputs), and a
+    parallel affine pass over rows.
     """
     rows, width = x.shape
+    channels = width // inner
+    count = np.empty(nblocks)
+    mean_rel = np.empty((nblocks, width))
+    m2 = np.empty((nblocks, width))
+    shift_cols = _expand(shift, inner)
     for blk in prange(nblocks):
-        r0 = blk * rows // nblocks
-        r1 = (blk + 1) * rows // nblocks
-        mu = mean_rel[blk]
-        q = m2[blk]
-        mu[:] = 0.0
-        q[:] = 0.0
-        sk = np.empty(width)
-        qk = np.empty(width)
-        n = 0.0
-        r = r0
-        while r < r1:
-            re = min(r + chunk_rows, r1)
-            nk = float(re - r)
-            sk[:] = 0.0
-            for rr in range(r, re):
-                for j in range(width):
-                    sk[j] += np.float64(x[rr, j]) - shift[j]
-            for j in range(width):
-                sk[j] /= nk
-            qk[:] = 0.0
-            for rr in range(r, re):
-                for j in range(width):
-                    d = (np.float64(x[rr, j]) - shift[j]) - sk[j]
-                    qk[j] += d * d
-            n_new = n + nk
-            wk = nk / n_new
-            wm = n * nk / n_new
-            for j in range(width):
-                delta = sk[j] - mu[j]
-                mu[j] += delta * wk
-                q[j] += qk[j] + delta * delta * wm
-            n = n_new
-            r = re
-        count[blk] = n
+        count[blk] = _column_partials(x, blk * rows // nblocks, (blk + 1) * rows // nblocks,
+                                      shift_cols, chunk_rows, mean_rel[blk], m2[blk])
+    params = np.empty((4, width), x.dtype)
+    for c in range(channels):
+        n, mu, q = _fold_columns(count, mean_rel, m2, c, inner)
+        v = q / n
+        inv = _invstd(v, eps)
+        hi, lo = _two_sum(shift[c], mu)
+        mean[c] = hi
+        var[c] = v
+        invstd[c] = inv
+        for j in range(c * inner, (c + 1) * inner):
+            params[0, j] = hi
+            params[1, j] = (hi - np.float64(params[0, j])) + lo
+            params[2, j] = inv * weight[c]
+            params[3, j] = bias[c]
+    if normalize:
+        for r in prange(rows):
+            _affine_row(x[r], params, y[r])
 
 
-@kernel(parallel=True)
-def affine_columns(x, params, y):
-    """``y = ((x - hi) - lo) * scale + shift`` per column, ``params`` of shape (4, W)."""
-    rows, width = x.shape
+@kernel()
+def _affine_row(row, params, out):
     hi = params[0]
     lo = params[1]
     scale = params[2]
     shift = params[3]
+    for j in range(row.shape[0]):
+        out[j] = ((row[j] - hi[j]) - lo[j]) * scale[j] + shift[j]
+
+
+@kernel(parallel=True)
+def affine_columns(x, params, inner, y):
+    """``y = ((x - hi) - lo) * scale + shift`` per channel, ``params`` of shape (C, 4),
+    over rows of ``x`` (rows, C * inner)."""
+    rows, width = x.shape
+    cols = np.empty((4, width), x.dtype)
+    for j in range(width):
+        for k in range(4):
+            cols[k, j] = params[j // inner, k]
     for r in prange(rows):
-        for j in range(width):
-            y[r, j] = ((x[r, j] - hi[j]) - lo[j]) * scale[j] + shift[j]
+        _affine_row(x[r], cols, y[r])
 
 
 @kernel(fastmath=REDUCE_MATH)
@@ -340,35 +484,56 @@ def dx_channels(dy, x, params, dx):
 
 
 @kernel(parallel=True)
-def column_grad_sums(dy, x, mean, nblocks, sum_dy, sum_dy_xmu):
-    """Per-(block of rows, column) ``sum(dy)`` and ``sum(dy * (x - mean))``, (nblocks, W)."""
+def column_backward(dy, x, mean, invstd, weight, inner, nblocks, write_dx, dx, sum_dy,
+                    sum_dy_xmu):
+    """Per-channel ``sum(dy)``, ``sum(dy * (x - mean))`` over rows of (rows, C * inner)
+    arrays and (``write_dx``) the training-mode ``dx``, in one call."""
     rows, width = x.shape
+    channels = width // inner
+    mean_cols = _expand(mean, inner)
+    s = np.zeros((nblocks, width))
+    sx = np.zeros((nblocks, width))
     for blk in prange(nblocks):
-        r0 = blk * rows // nblocks
-        r1 = (blk + 1) * rows // nblocks
-        s = sum_dy[blk]
-        sx = sum_dy_xmu[blk]
-        s[:] = 0.0
-        sx[:] = 0.0
-        for r in range(r0, r1):
+        sb = s[blk]
+        sxb = sx[blk]
+        for r in range(blk * rows // nblocks, (blk + 1) * rows // nblocks):
+            g_row = dy[r]
+            x_row = x[r]
             for j in range(width):
-                g = np.float64(dy[r, j])
-                s[j] += g
-                sx[j] += g * (np.float64(x[r, j]) - mean[j])
+                g = np.float64(g_row[j])
+                sb[j] += g
+                sxb[j] += g * (np.float64(x_row[j]) - mean_cols[j])
+    n = float(rows * inner)
+    params = np.empty((5, width), x.dtype)
+    for c in range(channels):
+        a = 0.0
+        b = 0.0
+        for blk in range(nblocks):
+            for j in range(c * inner, (c + 1) * inner):
+                a += s[blk, j]
+                b += sx[blk, j]
+        sum_dy[c] = a
+        sum_dy_xmu[c] = b
+        for j in range(c * inner, (c + 1) * inner):
+            params[0, j] = mean[c]
+            params[1, j] = mean[c] - np.float64(params[0, j])
+            params[2, j] = weight[c] * invstd[c]
+            params[3, j] = a / n
+            params[4, j] = invstd[c] * invstd[c] * b / n
+    if write_dx:
+        for r in prange(rows):
+            _dx_row(dy[r], x[r], params, dx[r])
 
 
-@kernel(parallel=True)
-def dx_columns(dy, x, params, dx):
-    """``dx = ((dy - b) - ((x - hi) - lo) * k) * a`` per column, ``params`` (5, W)."""
-    rows, width = x.shape
+@kernel()
+def _dx_row(g_row, x_row, params, out):
     hi = params[0]
     lo = params[1]
     a = params[2]
     b = params[3]
     k = params[4]
-    for r in prange(rows):
-        for j in range(width):
-            dx[r, j] = ((dy[r, j] - b[j]) - ((x[r, j] - hi[j]) - lo[j]) * k[j]) * a[j]
+    for j in range(x_row.shape[0]):
+        out[j] = ((g_row[j] - b[j]) - ((x_row[j] - hi[j]) - lo[j]) * k[j]) * a[j]
 
 
 @kernel(parallel=True)
