@@ -1,57 +1,48 @@
-"""pytest-benchmark cases for the public kernels.
+"""pytest-benchmark cases for every public kernel, from the same table as ``python -m fastbn bench``.
 
-``pytest bench/`` times them; the normal test run passes ``--benchmark-disable``
-(see pyproject.toml), so each case runs once as a smoke test.  The printed,
-interleaved comparison against the memory floor and peers is
-``python -m fastbn bench``.
+``pytest bench/`` times them at full size.  The normal test run passes
+``--benchmark-disable`` (pyproject.toml): each case then runs once, at its
+``--quick`` size, as a smoke test.
 """
 
 import numpy as np
 import pytest
 
 import fastbn
-
-CASES = {
-    "nchw-small": ((32, 64, 8, 8), 1),
-    "nchw": ((16, 64, 28, 28), 1),
-    "channels-last": ((16, 28, 28, 64), -1),
-    "2d": ((100_000, 64), -1),
-}
+from fastbn._bench import CASES, EPS, Inputs, case_shape
 
 
-@pytest.fixture(params=sorted(CASES), ids=str)
-def case(request):
-    shape, axis = CASES[request.param]
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape, dtype=np.float32) + np.float32(3)
-    dy = rng.standard_normal(shape, dtype=np.float32)
-    return x, dy, axis
+@pytest.fixture(params=[(name, dtype) for name in CASES for dtype in ("float32", "float64")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def inputs(request):
+    name, dtype = request.param
+    quick = request.config.getoption("benchmark_disable", False)
+    shape, axis = case_shape(name, quick=quick)
+    return Inputs(shape, axis, dtype)
 
 
-def test_forward(benchmark, case):
-    x, _, axis = case
-    out = np.empty_like(x)
-    y, mean, _ = benchmark(fastbn.batch_norm_forward, x, axis=axis, out=out)
-    assert y is out and np.all(np.isfinite(mean))
+def test_forward(benchmark, inputs):
+    a = inputs
+    y, mean, _ = benchmark(fastbn.batch_norm_forward, a.x, a.weight, a.bias, axis=a.axis,
+                           eps=EPS, out=a.out)
+    assert y is a.out and np.all(np.isfinite(mean))
 
 
-def test_inference(benchmark, case):
-    x, _, axis = case
-    c = x.shape[axis]
-    out = np.empty_like(x)
-    y = benchmark(fastbn.batch_norm_inference, x, np.zeros(c), np.ones(c), axis=axis, out=out)
-    assert y is out
+def test_inference(benchmark, inputs):
+    a = inputs
+    y = benchmark(fastbn.batch_norm_inference, a.x, a.mean, a.running_var, a.weight, a.bias,
+                  axis=a.axis, eps=EPS, out=a.out)
+    assert y is a.out
 
 
-def test_backward(benchmark, case):
-    x, dy, axis = case
-    _, mean, invstd = fastbn.batch_norm_forward(x, axis=axis)
-    out = np.empty_like(x)
-    dx, dw, db = benchmark(fastbn.batch_norm_backward, dy, x, mean, invstd, axis=axis, out=out)
-    assert dx is out
+def test_backward(benchmark, inputs):
+    a = inputs
+    dx, _, _ = benchmark(fastbn.batch_norm_backward, a.dy, a.x, a.mean, a.invstd, a.weight,
+                         axis=a.axis, out=a.out)
+    assert dx is a.out
 
 
-def test_batch_stats(benchmark, case):
-    x, _, axis = case
-    n, mean, var = benchmark(fastbn.batch_stats, x, axis=axis)
-    assert n == x.size // x.shape[axis]
+def test_batch_stats(benchmark, inputs):
+    a = inputs
+    n, mean, var = benchmark(fastbn.batch_stats, a.x, axis=a.axis)
+    assert n == a.x.size // a.x.shape[a.axis] and np.all(var > 0)

@@ -1,16 +1,18 @@
 """``python -m fastbn bench``: fastbn against the memory floor and its peers, in one process.
 
-Every contender of a case runs in the same process, interleaved: each repeat
-runs all of them once, in an order rotated from one repeat to the next, after
-untimed warm-up calls; the table gives medians and ratios.  The memory floor is
-a parallel copy of the same array on all Numba threads: one read and one write
-of every byte, the least any normalization can do.
+One table, ``CASES``, drives this command and the pytest-benchmark cases in
+``bench/``.  Every contender of a case runs in the same process, interleaved:
+each repeat runs all of them once, in an order rotated from one repeat to the
+next, after untimed warm-up calls; tables give medians and ratios.  The memory
+floor is a parallel copy of the same array on all Numba threads: one read and
+one write of every byte, the least a normalization can do.
 """
 
 import os
 import platform
 import statistics
 import time
+import tracemalloc
 
 import numba
 import numpy as np
@@ -18,8 +20,21 @@ import numpy as np
 from . import api
 from ._cpu.backend import backend as cpu
 
-DEFAULT_SHAPE = (64, 256, 56, 56)
-QUICK_SHAPE = (16, 64, 28, 28)
+# name: (shape, channel axis), full size and --quick size
+CASES = {
+    "nchw": (((64, 256, 56, 56), 1), ((8, 64, 28, 28), 1)),
+    "nchw-batch256": (((256, 64, 32, 32), 1), ((32, 32, 16, 16), 1)),
+    "channels-last": (((64, 56, 56, 256), -1), ((8, 28, 28, 64), -1)),
+    "2d": (((1_000_000, 64), -1), ((100_000, 64), -1)),
+    "small": (((32, 64, 8, 8), 1), ((32, 64, 8, 8), 1)),
+}
+OPS = ("forward", "inference", "backward", "stats")
+FLOOR = "memory floor: parallel copy"
+EPS = 1e-5
+
+
+def case_shape(name, quick=False):
+    return CASES[name][1 if quick else 0]
 
 
 def machine_info():
@@ -74,118 +89,218 @@ def time_interleaved(contenders, repeats=11, warmup=2):
     return {name: statistics.median(ts) for name, ts in times.items()}, times
 
 
-def _naive_forward(x, w, b, eps, axis):
-    red = tuple(d for d in range(x.ndim) if d != axis)
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    mean = x.mean(axis=red)
-    var = x.var(axis=red)
-    return (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * w.reshape(shape) \
-        + b.reshape(shape)
+class Inputs:
+    """The arrays of one case, allocated once and reused by every contender."""
+
+    def __init__(self, shape, axis, dtype, seed=0):
+        rng = np.random.default_rng(seed)
+        self.shape, self.axis, self.dtype = tuple(shape), axis, np.dtype(dtype)
+        self.x = rng.standard_normal(shape, dtype=np.float32).astype(self.dtype, copy=False)
+        self.x += self.dtype.type(3.0)
+        self.dy = rng.standard_normal(shape, dtype=np.float32).astype(self.dtype, copy=False)
+        c = shape[axis]
+        self.weight = rng.uniform(0.5, 2.0, c)
+        self.bias = rng.standard_normal(c)
+        self.out = np.empty_like(self.x)
+        self.copy_dst = np.empty_like(self.x)
+        _, self.mean, self.invstd = api.batch_norm_forward(
+            self.x, self.weight, self.bias, axis=axis, eps=EPS, out=self.out)
+        self.running_var = 1.0 / self.invstd.astype(np.float64) ** 2 - EPS
+        self.red = tuple(d for d in range(self.x.ndim) if d != axis % self.x.ndim)
+        bshape = [1] * self.x.ndim
+        bshape[axis] = -1
+        self.bshape = bshape
 
 
-def _naive_backward(dy, x, mean, invstd, w, axis):
-    red = tuple(d for d in range(x.ndim) if d != axis)
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    n = x.size // x.shape[axis]
-    xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
-    dbias = dy.sum(axis=red)
-    dweight = (dy * xhat).sum(axis=red)
-    return (w * invstd).reshape(shape) * (dy - dbias.reshape(shape) / n
-                                          - xhat * dweight.reshape(shape) / n)
+def fastbn_contenders(a):
+    """op -> {name: callable} for fastbn and the floor."""
+    return {
+        "floor": {FLOOR: lambda: cpu.copy(a.x, a.copy_dst)},
+        "forward": {
+            "fastbn forward (out=)": lambda: api.batch_norm_forward(
+                a.x, a.weight, a.bias, axis=a.axis, eps=EPS, out=a.out),
+            "fastbn forward (allocating)": lambda: api.batch_norm_forward(
+                a.x, a.weight, a.bias, axis=a.axis, eps=EPS),
+        },
+        "inference": {
+            "fastbn inference (out=)": lambda: api.batch_norm_inference(
+                a.x, a.mean, a.running_var, a.weight, a.bias, axis=a.axis, eps=EPS, out=a.out),
+        },
+        "backward": {
+            "fastbn backward (out=)": lambda: api.batch_norm_backward(
+                a.dy, a.x, a.mean, a.invstd, a.weight, axis=a.axis, out=a.out),
+        },
+        "stats": {"fastbn batch_stats": lambda: api.batch_stats(a.x, axis=a.axis)},
+    }
 
 
-def _torch_contenders(torch, x, dy, w, b, eps, axis, y_ref, dx_ref):
-    """PyTorch CPU contenders (NCHW only: torch's channel axis is 1), checked before timing."""
+def numpy_contenders(a):
+    """Naive NumPy: what one writes without fastbn (three passes and temporaries)."""
+    def forward():
+        mean = a.x.mean(axis=a.red, keepdims=True)
+        var = a.x.var(axis=a.red, keepdims=True)
+        return ((a.x - mean) / np.sqrt(var + EPS) * a.weight.reshape(a.bshape)
+                + a.bias.reshape(a.bshape))
+
+    def backward():
+        n = a.x.size // a.x.shape[a.axis]
+        mean = a.mean.astype(np.float64).reshape(a.bshape)
+        inv = a.invstd.astype(np.float64).reshape(a.bshape)
+        xhat = (a.x - mean) * inv
+        dbias = a.dy.sum(axis=a.red, keepdims=True)
+        dweight = (a.dy * xhat).sum(axis=a.red, keepdims=True)
+        return a.weight.reshape(a.bshape) * inv * (a.dy - dbias / n - xhat * dweight / n)
+
+    return {
+        "forward": {"NumPy naive forward": forward},
+        "backward": {"NumPy naive backward": backward},
+        "stats": {"NumPy mean + var": lambda: (a.x.mean(axis=a.red), a.x.var(axis=a.red))},
+    }
+
+
+def torch_contenders(torch, a):
+    """PyTorch CPU peers, channel axis moved to dim 1 as a view, checked before timing."""
+    tx, tdy = torch.from_numpy(a.x), torch.from_numpy(a.dy)
+    axis = a.axis % a.x.ndim
     if axis != 1:
-        return {}, {}
-    tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
-    tw, tb = torch.from_numpy(w.astype(x.dtype)), torch.from_numpy(b.astype(x.dtype))
+        perm = [0, axis] + [d for d in range(1, a.x.ndim) if d != axis]
+        tx, tdy = tx.permute(*perm), tdy.permute(*perm)
+    c = a.x.shape[axis]
+    tw = torch.from_numpy(a.weight.astype(a.dtype))
+    tb = torch.from_numpy(a.bias.astype(a.dtype))
     ty = torch.empty_like(tx)
-    c = x.shape[1]
     save_mean = torch.empty(c, dtype=tx.dtype)
     save_invstd = torch.empty(c, dtype=tx.dtype)
+    rm = torch.from_numpy(a.mean.astype(a.dtype))
+    rv = torch.from_numpy(a.running_var.astype(a.dtype))
     native = torch.ops.aten.native_batch_norm
+    dims = [0] + list(range(2, tx.dim()))
 
-    def forward():
-        native.out(tx, tw, tb, None, None, True, 0.1, eps, out=ty, save_mean=save_mean,
+    def forward_out():
+        native.out(tx, tw, tb, None, None, True, 0.1, EPS, out=ty, save_mean=save_mean,
                    save_invstd=save_invstd)
 
     def backward():
         return torch.ops.aten.native_batch_norm_backward(
-            tdy, tx, tw, None, None, save_mean, save_invstd, True, eps, [True, True, True])
+            tdy, tx, tw, None, None, save_mean, save_invstd, True, EPS, [True, True, True])
 
-    forward()
-    dx = backward()[0]
-    atol = 1e-3 if x.dtype == np.float32 else 1e-9
-    ok = (np.allclose(ty.numpy(), y_ref, atol=atol) and np.allclose(dx.numpy(), dx_ref, atol=atol))
-    if not ok:
-        raise RuntimeError("PyTorch's results disagree with fastbn's; not timing them")
-    return {"torch native_batch_norm.out": forward}, {"torch native_batch_norm_backward": backward}
-
-
-def run_case(shape=DEFAULT_SHAPE, dtype=np.float32, axis=1, repeats=11, naive=True,
-             peers=True):
-    """Time one case; returns a list of rows (dicts) for the forward and backward tables."""
-    rng = np.random.default_rng(0)
-    dtype = np.dtype(dtype)
-    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
-    x += dtype.type(3.0)
-    dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
-    c = shape[axis]
-    w = rng.uniform(0.5, 2.0, c)
-    b = rng.standard_normal(c)
-    eps = 1e-5
-    y = np.empty_like(x)
-    dx = np.empty_like(x)
-    dst = np.empty_like(x)
-    _, mean, invstd = api.batch_norm_forward(x, w, b, axis=axis, eps=eps, out=y)
-    api.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, out=dx)
-
-    floor = {"memory floor: parallel copy": lambda: cpu.copy(x, dst)}
-    forward = {
-        "fastbn forward (out=)": lambda: api.batch_norm_forward(x, w, b, axis=axis, eps=eps, out=y),
-        "fastbn forward (allocating)": lambda: api.batch_norm_forward(x, w, b, axis=axis, eps=eps),
-        "fastbn inference (out=)": lambda: api.batch_norm_inference(
-            x, mean, 1.0 / invstd.astype(np.float64) ** 2 - eps, w, b, axis=axis, eps=eps, out=y),
+    forward_out()
+    y_ok = np.allclose(ty.numpy() if axis == 1 else _unpermute(ty, axis), a.out, atol=1e-3)
+    if not y_ok:
+        raise RuntimeError("PyTorch's forward disagrees with fastbn's; not timing it")
+    return {
+        "forward": {
+            "torch F.batch_norm": lambda: torch.nn.functional.batch_norm(
+                tx, None, None, tw, tb, training=True, eps=EPS),
+            "torch native_batch_norm.out": forward_out,
+        },
+        "inference": {"torch F.batch_norm (eval)": lambda: torch.nn.functional.batch_norm(
+            tx, rm, rv, tw, tb, training=False, eps=EPS)},
+        "backward": {"torch native_batch_norm_backward": backward},
+        "stats": {"torch var_mean": lambda: torch.var_mean(tx, dim=dims, correction=0)},
     }
-    backward = {
-        "fastbn backward (out=)": lambda: api.batch_norm_backward(dy, x, mean, invstd, w,
-                                                                  axis=axis, out=dx),
-    }
+
+
+def _unpermute(t, axis):
+    arr = t.numpy()
+    return np.moveaxis(arr, 1, axis)
+
+
+BYTES_MOVED = {"floor": 2, "forward": 2, "inference": 2, "backward": 3, "stats": 1}
+BASELINE = {"forward": "fastbn forward (out=)", "inference": "fastbn inference (out=)",
+            "backward": "fastbn backward (out=)", "stats": "fastbn batch_stats"}
+
+
+def peak_memory(a):
+    """Peak traced allocation (NumPy's allocations) per fastbn call, in input sizes."""
+    calls = {op: next(iter(c.values())) for op, c in fastbn_contenders(a).items() if op != "floor"}
+    calls["forward (allocating)"] = fastbn_contenders(a)["forward"]["fastbn forward (allocating)"]
+    result = {}
+    for name, call in calls.items():
+        tracemalloc.start()
+        call()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        result[name] = peak / a.x.nbytes
+    return result
+
+
+def run_case(name, dtype=np.float32, quick=False, repeats=11, naive=True, peers=True):
+    """Time one case; returns ``{"case", "shape", "dtype", "rows", "memory"}``."""
+    shape, axis = case_shape(name, quick)
+    a = Inputs(shape, axis, dtype)
+    groups = fastbn_contenders(a)
     if naive:
-        forward["naive NumPy forward"] = lambda: _naive_forward(x, w, b, eps, axis)
-        backward["naive NumPy backward"] = lambda: _naive_backward(
-            dy, x, mean.astype(np.float64), invstd.astype(np.float64), w, axis)
+        for op, c in numpy_contenders(a).items():
+            groups[op].update(c)
     torch = _torch() if peers else None
     if torch is not None:
-        tf, tb = _torch_contenders(torch, x, dy, w, b, eps, axis, y, dx)
-        forward.update(tf)
-        backward.update(tb)
-    medians, _ = time_interleaved({**floor, **forward, **backward}, repeats=repeats)
-    floor_s = medians["memory floor: parallel copy"]
-    baseline = {**{name: "fastbn forward (out=)" for name in forward},
-                **{name: "fastbn backward (out=)" for name in backward}}
+        for op, c in torch_contenders(torch, a).items():
+            groups[op].update(c)
+    flat = {name_: fn for c in groups.values() for name_, fn in c.items()}
+    medians, _ = time_interleaved(flat, repeats=repeats)
+    floor_s = medians[FLOOR]
     rows = []
-    for name, sec in medians.items():
-        arrays_touched = 3 if name in backward else 2  # read x (and dy), write the output
-        rows.append({
-            "case": f"{shape} {dtype.name} axis={axis}",
-            "contender": name,
-            "median_ms": sec * 1e3,
-            "GB/s": arrays_touched * x.nbytes / sec / 1e9,
-            "x floor": sec / floor_s,
-            "x fastbn": sec / medians[baseline[name]] if name in baseline else float("nan"),
-        })
-    return rows
+    for op, contenders in groups.items():
+        for contender in contenders:
+            sec = medians[contender]
+            base = BASELINE.get(op)
+            rows.append({
+                "op": op,
+                "contender": contender,
+                "median_ms": sec * 1e3,
+                "GB/s": BYTES_MOVED[op] * a.x.nbytes / sec / 1e9,
+                "x_floor": sec / floor_s,
+                "x_fastbn": sec / medians[base] if base else float("nan"),
+            })
+    return {"case": name, "shape": list(shape), "axis": axis, "dtype": np.dtype(dtype).name,
+            "rows": rows, "memory": peak_memory(a)}
 
 
-def format_table(rows):
+def format_case(result, repeats):
+    rows = result["rows"]
     width = max(len(r["contender"]) for r in rows)
-    lines = [f"{'contender':<{width}}  {'median ms':>10}  {'GB/s':>7}  {'/ floor':>8}  "
-             f"{'/ fastbn':>8}"]
+    head = (f"{result['case']}: {tuple(result['shape'])} {result['dtype']}, axis={result['axis']} "
+            f"(median of {repeats} interleaved repeats)")
+    lines = [head, f"  {'contender':<{width}}  {'median ms':>10}  {'GB/s':>7}  {'/ floor':>8}  "
+                   f"{'/ fastbn':>8}"]
     for r in rows:
-        lines.append(f"{r['contender']:<{width}}  {r['median_ms']:10.2f}  {r['GB/s']:7.1f}  "
-                     f"{r['x floor']:8.2f}  {r['x fastbn']:8.2f}")
+        vs = "" if r["x_fastbn"] != r["x_fastbn"] else f"{r['x_fastbn']:8.2f}"
+        lines.append(f"  {r['contender']:<{width}}  {r['median_ms']:10.3f}  {r['GB/s']:7.1f}  "
+                     f"{r['x_floor']:8.2f}  {vs:>8}")
+    mem = ", ".join(f"{k} {v:.3f}" for k, v in result["memory"].items())
+    lines.append(f"  peak traced allocation per call, in input sizes: {mem}")
     return "\n".join(lines)
+
+
+def plot(results, path):
+    """Bar chart of time / copy floor per case and contender (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['case']}\n{r['dtype']}" for r in results]
+    contenders = []
+    for r in results:
+        for row in r["rows"]:
+            if row["op"] != "floor" and row["contender"] not in contenders:
+                contenders.append(row["contender"])
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(results)), 6))
+    width = 0.8 / max(1, len(contenders))
+    for k, contender in enumerate(contenders):
+        values = []
+        for r in results:
+            match = [row["x_floor"] for row in r["rows"] if row["contender"] == contender]
+            values.append(match[0] if match else np.nan)
+        ax.bar(np.arange(len(results)) + k * width, values, width, label=contender)
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_ylabel("time / memory floor (parallel copy), log scale")
+    ax.set_xticks(np.arange(len(results)) + 0.4 - width / 2)
+    ax.set_xticklabels(labels)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("fastbn vs the memory floor and peers (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,23 +1,35 @@
-"""The command line runs end to end (tiny shapes)."""
+"""The command line runs end to end (quick shapes)."""
 
 import json
 
 import fastbn.__main__ as cli
 
 
-def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
+def test_bench_prints_tables_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    cli.main(["bench", "--shape", "4,8,16,16", "--repeats", "3", "--no-peers",
-              "--json", str(path)])
+    cli.main(["bench", "--quick", "--case", "small", "channels-last", "--dtype", "float32",
+              "--repeats", "3", "--no-peers", "--json", str(path)])
     printed = capsys.readouterr().out
     assert "memory floor: parallel copy" in printed and "fastbn forward (out=)" in printed
-    rows = json.loads(path.read_text())["rows"]
-    names = {r["contender"] for r in rows}
-    assert {"fastbn forward (out=)", "fastbn backward (out=)", "naive NumPy forward"} <= names
-    assert all(r["median_ms"] > 0 for r in rows)
+    assert "peak traced allocation" in printed
+    data = json.loads(path.read_text())
+    assert [r["case"] for r in data["results"]] == ["small", "channels-last"]
+    names = {row["contender"] for r in data["results"] for row in r["rows"]}
+    assert {"fastbn forward (out=)", "fastbn backward (out=)", "fastbn inference (out=)",
+            "fastbn batch_stats", "NumPy naive forward"} <= names
+    assert all(row["median_ms"] > 0 for r in data["results"] for row in r["rows"])
+    # no temporary of the input's size beyond the output
+    for r in data["results"]:
+        if r["case"] != "small":
+            assert r["memory"]["forward"] < 0.05 and r["memory"]["backward"] < 0.05
 
 
-def test_bench_channels_last_float64(capsys):
-    cli.main(["bench", "--shape", "8,6,6,16", "--axis", "-1", "--dtype", "float64",
-              "--repeats", "3", "--no-peers"])
+def test_bench_float64_with_plot(tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    cli.main(["bench", "--quick", "--case", "2d", "--dtype", "float64", "--repeats", "3",
+              "--no-peers", "--no-naive", "--plot", str(png)])
     assert "float64" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -59,32 +59,32 @@ def _invstd(var, eps):
     return 1.0 / np.sqrt(v)
 
 
-# Run helpers take 1-D contiguous slices and loop from 0: with a variable start
-# LLVM cannot prove the index non-negative, keeps Numba's wraparound check and
-# falls back to gathers.
+# Run helpers index x[o, c, i] directly (no slice objects: their set-up costs
+# more than a short run) with an unsigned loop index: with a signed one LLVM
+# cannot drop Numba's negative-index wraparound and falls back to gathers.
 @kernel(fastmath=REDUCE_MATH)
-def _run_sum(run, shift):
+def _run_sum(x, o, c, i0, i1, shift):
     s = 0.0
-    for i in range(run.shape[0]):
-        s += np.float64(run[i]) - shift
+    for i in range(np.uint64(i0), np.uint64(i1)):
+        s += np.float64(x[o, c, i]) - shift
     return s
 
 
 @kernel(fastmath=REDUCE_MATH)
-def _run_sqdev(run, center):
+def _run_sqdev(x, o, c, i0, i1, center):
     q = 0.0
-    for i in range(run.shape[0]):
-        d = np.float64(run[i]) - center
+    for i in range(np.uint64(i0), np.uint64(i1)):
+        d = np.float64(x[o, c, i]) - center
         q += d * d
     return q
 
 
 @kernel(fastmath=REDUCE_MATH)
-def _run_dev_sums(run, center):
+def _run_dev_sums(x, o, c, i0, i1, center):
     s1 = 0.0
     s2 = 0.0
-    for i in range(run.shape[0]):
-        d = np.float64(run[i]) - center
+    for i in range(np.uint64(i0), np.uint64(i1)):
+        d = np.float64(x[o, c, i]) - center
         s1 += d
         s2 += d * d
     return s1, s2
@@ -108,17 +108,17 @@ def _accumulate(x, o0, o1, i0, i1, c, shift, j, n, mean_rel, m2):
     if n[j] == 0.0:
         s = 0.0
         for o in range(o0, o1):
-            s += _run_sum(x[o, c, i0:i1], shift)
+            s += _run_sum(x, o, c, i0, i1, shift)
         mk = s / m
         qk = 0.0
         for o in range(o0, o1):
-            qk += _run_sqdev(x[o, c, i0:i1], shift + mk)
+            qk += _run_sqdev(x, o, c, i0, i1, shift + mk)
     else:
         center = shift + mean_rel[j]
         s1 = 0.0
         s2 = 0.0
         for o in range(o0, o1):
-            a, b = _run_dev_sums(x[o, c, i0:i1], center)
+            a, b = _run_dev_sums(x, o, c, i0, i1, center)
             s1 += a
             s2 += b
         mk = mean_rel[j] + s1 / m
@@ -153,9 +153,9 @@ def _accumulate_rows(x, o0, o1, c0, c1, shift, n, mean_rel, m2):
 
 
 @kernel()
-def _affine_run(run, hi, lo, scale, shift, out):
-    for i in range(run.shape[0]):
-        out[i] = ((run[i] - hi) - lo) * scale + shift
+def _affine_run(x, o, c, hi, lo, scale, shift, y):
+    for i in range(np.uint64(0), np.uint64(x.shape[2])):
+        y[o, c, i] = ((x[o, c, i] - hi) - lo) * scale + shift
 
 
 @kernel(parallel=True)
@@ -213,8 +213,7 @@ def channel_forward(x, shift, group, weight, bias, eps, y, mean, var, invstd):
             params[c, 3] = bias[c]
         for o in range(outer):
             for c in range(c0, c1):
-                _affine_run(x[o, c], params[c, 0], params[c, 1], params[c, 2], params[c, 3],
-                            y[o, c])
+                _affine_run(x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
 
 
 @kernel(parallel=True)
@@ -224,7 +223,7 @@ def affine_channels(x, params, y):
     for t in prange(outer * channels):
         o = t // channels
         c = t - o * channels
-        _affine_run(x[o, c], params[c, 0], params[c, 1], params[c, 2], params[c, 3], y[o, c])
+        _affine_run(x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
 
 
 # Row helpers: element-wise over one row, arguments as 1-D arrays so that LLVM
@@ -402,20 +401,20 @@ def affine_columns(x, params, inner, y):
 
 
 @kernel(fastmath=REDUCE_MATH)
-def _run_grad_sums(dy, x, mean):
+def _run_grad_sums(dy, x, o, c, mean):
     s = 0.0
     sx = 0.0
-    for i in range(x.shape[0]):
-        g = np.float64(dy[i])
+    for i in range(np.uint64(0), np.uint64(x.shape[2])):
+        g = np.float64(dy[o, c, i])
         s += g
-        sx += g * (np.float64(x[i]) - mean)
+        sx += g * (np.float64(x[o, c, i]) - mean)
     return s, sx
 
 
 @kernel()
-def _dx_run(dy, x, hi, lo, a, b, k, dx):
-    for i in range(x.shape[0]):
-        dx[i] = ((dy[i] - b) - ((x[i] - hi) - lo) * k) * a
+def _dx_run(dy, x, o, c, hi, lo, a, b, k, dx):
+    for i in range(np.uint64(0), np.uint64(x.shape[2])):
+        dx[o, c, i] = ((dy[o, c, i] - b) - ((x[o, c, i] - hi) - lo) * k) * a
 
 
 @kernel(parallel=True)
@@ -434,7 +433,7 @@ def channel_grad_sums(dy, x, mean, group, nparts, sum_dy, sum_dy_xmu):
             sum_dy_xmu[c, part] = 0.0
         for o in range(part * outer // nparts, (part + 1) * outer // nparts):
             for c in range(g * group, min(g * group + group, channels)):
-                a, b = _run_grad_sums(dy[o, c], x[o, c], mean[c])
+                a, b = _run_grad_sums(dy, x, o, c, mean[c])
                 sum_dy[c, part] += a
                 sum_dy_xmu[c, part] += b
 
@@ -457,7 +456,7 @@ def channel_backward(dy, x, mean, invstd, weight, group, dx, sum_dy, sum_dy_xmu)
             sum_dy_xmu[c] = 0.0
         for o in range(outer):
             for c in range(c0, c1):
-                a, b = _run_grad_sums(dy[o, c], x[o, c], mean[c])
+                a, b = _run_grad_sums(dy, x, o, c, mean[c])
                 sum_dy[c] += a
                 sum_dy_xmu[c] += b
         for c in range(c0, c1):
@@ -468,8 +467,8 @@ def channel_backward(dy, x, mean, invstd, weight, group, dx, sum_dy, sum_dy_xmu)
             params[c, 4] = invstd[c] * invstd[c] * sum_dy_xmu[c] / n
         for o in range(outer):
             for c in range(c0, c1):
-                _dx_run(dy[o, c], x[o, c], params[c, 0], params[c, 1], params[c, 2],
-                        params[c, 3], params[c, 4], dx[o, c])
+                _dx_run(dy, x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3],
+                        params[c, 4], dx)
 
 
 @kernel(parallel=True)
@@ -479,8 +478,8 @@ def dx_channels(dy, x, params, dx):
     for t in prange(outer * channels):
         o = t // channels
         c = t - o * channels
-        _dx_run(dy[o, c], x[o, c], params[c, 0], params[c, 1], params[c, 2], params[c, 3],
-                params[c, 4], dx[o, c])
+        _dx_run(dy, x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3],
+                params[c, 4], dx)
 
 
 @kernel(parallel=True)
