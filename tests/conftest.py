@@ -22,12 +22,12 @@ def rng(request):
     return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
 
 
-@pytest.fixture(params=["default-plan", "no-small-array-shortcut"])
+@pytest.fixture(params=["default-plan", "column-path-always"])
 def kernel_plan(request, monkeypatch):
-    """Run a test with the backend's default plan, and again with the small-array
-    shortcut to the column path disabled, so the channel path sees small shapes too."""
-    if request.param == "no-small-array-shortcut":
+    """Run a test with the backend's default plan, and again with every shape sent
+    down the column path, so both kernel families see every shape."""
+    if request.param == "column-path-always":
         from fastbn._cpu import backend
 
-        monkeypatch.setattr(backend, "SMALL_BYTES", 0)
+        monkeypatch.setattr(backend, "MIN_RUN", 1 << 62)
     return request.param

@@ -12,13 +12,13 @@ import reference as ref
 from helpers import OUTPUT_ATOL, assert_output, assert_stats, out_dtype
 
 
-def plan(force_channel_path):
-    """Optionally disable the small-array shortcut so small inputs take the channel path."""
-    if not force_channel_path:
+def plan(force_column_path):
+    """Optionally send every shape down the column path (the default plan picks by run length)."""
+    if not force_column_path:
         return contextlib.nullcontext()
     from fastbn._cpu import backend
 
-    return mock.patch.object(backend, "SMALL_BYTES", 0)
+    return mock.patch.object(backend, "MIN_RUN", 1 << 62)
 
 
 @st.composite
@@ -44,8 +44,8 @@ def arrays(draw, min_values_per_channel=1):
 
 
 @given(arrays(), st.booleans())
-def test_forward_or_error_matches_reference(case, force_channel_path):
-    with plan(force_channel_path):
+def test_forward_or_error_matches_reference(case, force_column_path):
+    with plan(force_column_path):
         check_forward_or_error(case)
 
 
@@ -68,8 +68,8 @@ def check_forward_or_error(case):
 
 
 @given(arrays(), st.booleans())
-def test_inference_and_stats_match_reference(case, force_channel_path):
-    with plan(force_channel_path):
+def test_inference_and_stats_match_reference(case, force_column_path):
+    with plan(force_column_path):
         check_inference_and_stats(case)
 
 
@@ -88,8 +88,8 @@ def check_inference_and_stats(case):
 
 
 @given(arrays(), st.booleans())
-def test_backward_matches_reference(case, force_channel_path):
-    with plan(force_channel_path):
+def test_backward_matches_reference(case, force_column_path):
+    with plan(force_column_path):
         check_backward(case)
 
 

@@ -24,9 +24,6 @@ CHUNK_VALUES = 16384
 # re-read from cache to normalize; keep a group within this many bytes of input.
 GROUP_BYTES = 8 << 20
 MAX_GROUP = 16
-# Arrays up to this size sit in cache anyway: the column path's single fused
-# call, with no per-run overhead, is then the faster one.
-SMALL_BYTES = 1 << 20
 # Below this many values, a part of a channel is not worth its own task.
 MIN_PART_VALUES = 16384
 
@@ -177,8 +174,8 @@ class CPUBackend:
 
     @staticmethod
     def _column_path(x3):
-        """Reduce over rows of (outer, C * inner) when runs are short or the array is small."""
-        return x3.shape[2] < MIN_RUN or x3.nbytes <= SMALL_BYTES
+        """Reduce over rows of (outer, C * inner) when a channel's runs are short."""
+        return x3.shape[2] < MIN_RUN
 
     # ----------------------------------------------------------------- backward
     def _grad_sums3(self, dy3, x3, mean):

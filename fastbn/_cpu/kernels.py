@@ -62,31 +62,35 @@ def _invstd(var, eps):
 # Run helpers index x[o, c, i] directly (no slice objects: their set-up costs
 # more than a short run) with an unsigned loop index: with a signed one LLVM
 # cannot drop Numba's negative-index wraparound and falls back to gathers.
+# Each helper covers x[o0:o1, c, i0:i1], runs of several rows in one call.
 @kernel(fastmath=REDUCE_MATH)
-def _run_sum(x, o, c, i0, i1, shift):
+def _run_sum(x, o0, o1, c, i0, i1, shift):
     s = 0.0
-    for i in range(np.uint64(i0), np.uint64(i1)):
-        s += np.float64(x[o, c, i]) - shift
+    for o in range(o0, o1):
+        for i in range(np.uint64(i0), np.uint64(i1)):
+            s += np.float64(x[o, c, i]) - shift
     return s
 
 
 @kernel(fastmath=REDUCE_MATH)
-def _run_sqdev(x, o, c, i0, i1, center):
+def _run_sqdev(x, o0, o1, c, i0, i1, center):
     q = 0.0
-    for i in range(np.uint64(i0), np.uint64(i1)):
-        d = np.float64(x[o, c, i]) - center
-        q += d * d
+    for o in range(o0, o1):
+        for i in range(np.uint64(i0), np.uint64(i1)):
+            d = np.float64(x[o, c, i]) - center
+            q += d * d
     return q
 
 
 @kernel(fastmath=REDUCE_MATH)
-def _run_dev_sums(x, o, c, i0, i1, center):
+def _run_dev_sums(x, o0, o1, c, i0, i1, center):
     s1 = 0.0
     s2 = 0.0
-    for i in range(np.uint64(i0), np.uint64(i1)):
-        d = np.float64(x[o, c, i]) - center
-        s1 += d
-        s2 += d * d
+    for o in range(o0, o1):
+        for i in range(np.uint64(i0), np.uint64(i1)):
+            d = np.float64(x[o, c, i]) - center
+            s1 += d
+            s2 += d * d
     return s1, s2
 
 
@@ -106,27 +110,22 @@ def _accumulate(x, o0, o1, i0, i1, c, shift, j, n, mean_rel, m2):
     """
     m = float((o1 - o0) * (i1 - i0))
     if n[j] == 0.0:
-        s = 0.0
-        for o in range(o0, o1):
-            s += _run_sum(x, o, c, i0, i1, shift)
-        mk = s / m
-        qk = 0.0
-        for o in range(o0, o1):
-            qk += _run_sqdev(x, o, c, i0, i1, shift + mk)
+        mk = _run_sum(x, o0, o1, c, i0, i1, shift) / m
+        n[j] = m
+        mean_rel[j] = mk
+        m2[j] = _run_sqdev(x, o0, o1, c, i0, i1, shift + mk)
     else:
-        center = shift + mean_rel[j]
-        s1 = 0.0
-        s2 = 0.0
-        for o in range(o0, o1):
-            a, b = _run_dev_sums(x, o, c, i0, i1, center)
-            s1 += a
-            s2 += b
-        mk = mean_rel[j] + s1 / m
-        qk = s2 - s1 * (s1 / m)
+        s1, s2 = _run_dev_sums(x, o0, o1, c, i0, i1, shift + mean_rel[j])
+        _merge_piece(s1, s2, m, j, n, mean_rel, m2)
+
+
+@kernel()
+def _merge_piece(s1, s2, m, j, n, mean_rel, m2):
+    """Chan-merge a piece of ``m`` values, given as deviation sums about the current mean."""
+    delta = s1 / m
     n_new = n[j] + m
-    delta = mk - mean_rel[j]
     mean_rel[j] += delta * (m / n_new)
-    m2[j] += qk + delta * delta * (n[j] * m / n_new)
+    m2[j] += (s2 - s1 * delta) + delta * delta * (n[j] * m / n_new)
     n[j] = n_new
 
 
@@ -135,7 +134,8 @@ def _accumulate_rows(x, o0, o1, c0, c1, shift, n, mean_rel, m2):
     """Moments of channels [c0, c1) over rows [o0, o1), in L1-sized pieces.
 
     Long runs are cut into pieces of at most CHUNK values; short runs are
-    batched, several rows to a piece, so that merges stay rare.
+    batched, several rows to a piece, so that merges stay rare.  A channel's
+    first piece (two passes) is one run, or one CHUNK of it.
     """
     inner = x.shape[2]
     if inner >= CHUNK:
@@ -144,18 +144,42 @@ def _accumulate_rows(x, o0, o1, c0, c1, shift, n, mean_rel, m2):
                 for i0 in range(0, inner, CHUNK):
                     _accumulate(x, o, o + 1, i0, min(i0 + CHUNK, inner), c, shift[c], c - c0,
                                 n, mean_rel, m2)
-    else:
+    elif o1 > o0:
+        # Row-major: the group's runs in a row are adjacent in memory, while one
+        # channel's runs are C * inner apart and alias in L1.
+        for c in range(c0, c1):
+            _accumulate(x, o0, o0 + 1, 0, inner, c, shift[c], c - c0, n, mean_rel, m2)
         rows = max(1, CHUNK // inner)
-        for b0 in range(o0, o1, rows):
+        s1 = np.empty(c1 - c0)
+        s2 = np.empty(c1 - c0)
+        for b0 in range(o0 + 1, o1, rows):
             b1 = min(b0 + rows, o1)
-            for c in range(c0, c1):
-                _accumulate(x, b0, b1, 0, inner, c, shift[c], c - c0, n, mean_rel, m2)
+            s1[:] = 0.0
+            s2[:] = 0.0
+            for o in range(b0, b1):
+                for c in range(c0, c1):
+                    a, b = _run_dev_sums(x, o, o + 1, c, 0, inner, shift[c] + mean_rel[c - c0])
+                    s1[c - c0] += a
+                    s2[c - c0] += b
+            m = float((b1 - b0) * inner)
+            for j in range(c1 - c0):
+                _merge_piece(s1[j], s2[j], m, j, n, mean_rel, m2)
 
 
 @kernel()
-def _affine_run(x, o, c, hi, lo, scale, shift, y):
-    for i in range(np.uint64(0), np.uint64(x.shape[2])):
-        y[o, c, i] = ((x[o, c, i] - hi) - lo) * scale + shift
+def _affine_run(x, o0, o1, c, hi, lo, scale, shift, y):
+    for o in range(o0, o1):
+        for i in range(np.uint64(0), np.uint64(x.shape[2])):
+            y[o, c, i] = ((x[o, c, i] - hi) - lo) * scale + shift
+
+
+@kernel()
+def _affine_group(x, c0, c1, params, y):
+    """Normalize channels [c0, c1) row by row: the group's runs of a row are adjacent,
+    so reads and writes stream (channel by channel, runs ``C * inner`` apart alias in L1)."""
+    for o in range(x.shape[0]):
+        for c in range(c0, c1):
+            _affine_run(x, o, o + 1, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
 
 
 @kernel(parallel=True)
@@ -211,9 +235,7 @@ def channel_forward(x, shift, group, weight, bias, eps, y, mean, var, invstd):
             params[c, 1] = (hi - np.float64(params[c, 0])) + lo
             params[c, 2] = inv * weight[c]
             params[c, 3] = bias[c]
-        for o in range(outer):
-            for c in range(c0, c1):
-                _affine_run(x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
+        _affine_group(x, c0, c1, params, y)
 
 
 @kernel(parallel=True)
@@ -223,7 +245,7 @@ def affine_channels(x, params, y):
     for t in prange(outer * channels):
         o = t // channels
         c = t - o * channels
-        _affine_run(x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
+        _affine_run(x, o, o + 1, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
 
 
 # Row helpers: element-wise over one row, arguments as 1-D arrays so that LLVM
