@@ -6,8 +6,11 @@ any change to ``fastbn.api``.
 """
 
 
+import numpy as np
+
+
 def _is_device_array(a):
-    return a is not None and hasattr(a, "__cuda_array_interface__")
+    return a is not None and type(a) is not np.ndarray and hasattr(a, "__cuda_array_interface__")
 
 
 def backend_for(**arrays):

@@ -9,6 +9,7 @@ C-contiguous (outer, C, inner) arrays.  Anything that cannot be viewed that way
 is copied once, in an order close to its memory order.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +39,8 @@ class Layout:
                                  key=lambda d: (-abs(strides[d]) if a.shape[d] > 1 else 0, d)))
         tshape = tuple(a.shape[d] for d in order)
         pos = order.index(axis)
-        outer = int(np.prod(tshape[:pos], dtype=np.int64))
-        inner = int(np.prod(tshape[pos + 1:], dtype=np.int64))
+        outer = math.prod(tshape[:pos])
+        inner = math.prod(tshape[pos + 1:])
         return cls(index, order, tshape, (outer, a.shape[axis], inner))
 
     def transformed(self, a):

@@ -1,5 +1,6 @@
 """Argument checks shared by the public API.  Every check runs before anything is written."""
 
+import math
 import numbers
 import operator
 
@@ -10,7 +11,7 @@ _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64
 
 def as_input(x, name):
     """``np.asarray(x)`` for a real numeric array with at least one dimension."""
-    if hasattr(x, "__cuda_array_interface__"):
+    if type(x) is not np.ndarray and hasattr(x, "__cuda_array_interface__"):
         raise TypeError(f"{name} is a CUDA device array; this call computes on the host")
     a = np.asarray(x)
     if a.dtype.kind in "biu":
@@ -47,7 +48,7 @@ def channel_axis(axis, ndim, name="axis"):
 
 def channel_count(shape, axis):
     """Values per channel: the product of every extent but the channel axis."""
-    return int(np.prod([s for d, s in enumerate(shape) if d != axis], dtype=np.int64))
+    return math.prod(shape[:axis]) * math.prod(shape[axis + 1:])
 
 
 def require_training_batch(shape, axis):
@@ -65,7 +66,8 @@ def require_training_batch(shape, axis):
 
 
 def real_scalar(value, name, *, low=None, high=None):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.generic)):
+    if type(value) is not float and (
+            isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.generic))):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     v = float(value)
     if not np.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):

@@ -6,7 +6,6 @@ returns float64 per-channel results; the API casts them to the stats dtype.
 """
 
 import threading
-from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -28,27 +27,37 @@ MAX_GROUP = 16
 MIN_PART_VALUES = 16384
 
 _serial = threading.Lock()
-_threading_layer = None
 
 
-@contextmanager
-def _kernel_guard():
+class _KernelGuard:
     """Serialize kernel calls under Numba's workqueue layer, which is not thread-safe.
 
     The layer is only known after the first parallel call, which therefore runs
-    under the lock too.
+    under the lock too.  A class, not a generator: this sits on every call's path.
     """
-    global _threading_layer
-    if _threading_layer is not None and _threading_layer != "workqueue":
-        yield
-        return
-    with _serial:
-        yield
-        if _threading_layer is None:
-            try:
-                _threading_layer = numba.threading_layer()
-            except ValueError:
-                pass
+
+    layer = None
+
+    def __enter__(self):
+        if self.layer is None or self.layer == "workqueue":
+            _serial.acquire()
+            self._locked = True
+        else:
+            self._locked = False
+
+    def __exit__(self, *exc):
+        if self._locked:
+            if _KernelGuard.layer is None:
+                try:
+                    _KernelGuard.layer = numba.threading_layer()
+                except ValueError:
+                    pass
+            _serial.release()
+        return False
+
+
+def _kernel_guard():
+    return _KernelGuard()
 
 
 def work_dtype(dtype):
