@@ -86,6 +86,11 @@ def _column_blocks(rows, nthreads):
     return int(max(1, min(nthreads, rows)))
 
 
+def _run_blocks(shape3):
+    """Tasks for an element-wise pass over the (outer, C) runs: a few per thread."""
+    return int(max(1, min(4 * numba.get_num_threads(), shape3[0] * shape3[1])))
+
+
 def _chunk_rows(width):
     return int(max(4, CHUNK_VALUES // max(width, 1)))
 
@@ -177,9 +182,11 @@ class CPUBackend:
             np.stack([hi, lo, scale.astype(x3.dtype), shift.astype(x3.dtype)], axis=1))
         with _kernel_guard():
             if self._column_path(x3):
-                kernels.affine_columns(x3.reshape(outer, -1), params, inner, y3.reshape(outer, -1))
+                kernels.affine_columns(x3.reshape(outer, -1), params, inner,
+                                       _column_blocks(outer, numba.get_num_threads()),
+                                       y3.reshape(outer, -1))
             else:
-                kernels.affine_channels(x3, params, y3)
+                kernels.affine_channels(x3, params, _run_blocks(x3.shape), y3)
 
     @staticmethod
     def _column_path(x3):
@@ -239,7 +246,7 @@ class CPUBackend:
             [hi, lo, (weight * invstd).astype(wd), (s / n).astype(wd),
              (invstd * invstd * sx / n).astype(wd)], axis=1))
         with _kernel_guard():
-            kernels.dx_channels(dy3, x3, params, dest.y3)
+            kernels.dx_channels(dy3, x3, params, _run_blocks(x3.shape), dest.y3)
         return dest.finish(), s, sx
 
     # ----------------------------------------------------------------- compilation
@@ -256,12 +263,12 @@ class CPUBackend:
         with _kernel_guard():
             kernels.channel_moments(x3, shift, 1, 2, *per_part)
             kernels.channel_forward(x3, shift, 1, ones, zeros, 1e-5, y3, *per_channel)
-            kernels.affine_channels(x3, np.zeros((c, 4), wd), y3)
+            kernels.affine_channels(x3, np.zeros((c, 4), wd), 2, y3)
             kernels.column_forward(x2, shift, 4, 2, 4, True, ones, zeros, 1e-5, y2, *per_channel)
-            kernels.affine_columns(x2, np.zeros((c, 4), wd), 4, y2)
+            kernels.affine_columns(x2, np.zeros((c, 4), wd), 4, 2, y2)
             kernels.channel_grad_sums(x3, x3, zeros, 1, 2, *per_part[:2])
             kernels.channel_backward(x3, x3, zeros, ones, ones, 1, y3, *per_channel[:2])
-            kernels.dx_channels(x3, x3, np.zeros((c, 5), wd), y3)
+            kernels.dx_channels(x3, x3, np.zeros((c, 5), wd), 2, y3)
             kernels.column_backward(x2, x2, zeros, ones, ones, 4, 2, True, y2, *per_channel[:2])
             kernels.parallel_copy(x2.reshape(-1), y2.reshape(-1), 2)
 

@@ -29,7 +29,10 @@ the working dtype.  Backward parameters are ``(hi, lo, a, b, k)`` and give
 """
 
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .._jit import kernel
 
@@ -62,6 +65,182 @@ def _invstd(var, eps):
 # Run helpers index x[o, c, i] directly (no slice objects: their set-up costs
 # more than a short run) with an unsigned loop index: with a signed one LLVM
 # cannot drop Numba's negative-index wraparound and falls back to gathers.
+# ---------------------------------------------------------------------------
+# Streaming stores.  The output of a pass is not read again soon, so each
+# 64-byte line is written with a non-temporal vector store: no read-for-ownership
+# of the destination, and no eviction of the input that is still to be re-read.
+# Helpers write ``out[start:stop]`` (flat, C-contiguous) in three parts: scalar
+# up to the first 64-byte boundary of ``out``, whole lines, a scalar tail.
+
+LINE_BYTES = 64
+
+
+def _line_type(context, dtype):
+    elt = context.get_value_type(dtype)
+    return ir.VectorType(elt, LINE_BYTES // (dtype.bitwidth // 8))
+
+
+def _item_pointer(context, builder, aryty, ary, index):
+    arr = context.make_array(aryty)(context, builder, ary)
+    return cgutils.get_item_pointer(context, builder, aryty, arr, [index], wraparound=False,
+                                    boundscheck=False)
+
+
+def _load_line(context, builder, aryty, ary, index, vty):
+    ptr = _item_pointer(context, builder, aryty, ary, index)
+    return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=aryty.dtype.bitwidth // 8)
+
+
+def _splat(context, builder, value, fromty, dtype, vty):
+    value = context.cast(builder, value, fromty, dtype)
+    one = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.IntType(32)(0))
+    mask = ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count)
+    return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), mask)
+
+
+def _store_line_nt(context, builder, aryty, ary, index, value):
+    ptr = _item_pointer(context, builder, aryty, ary, index)
+    store = builder.store(value, builder.bitcast(ptr, value.type.as_pointer()), align=LINE_BYTES)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+
+
+@intrinsic
+def _line_affine(typingctx, x, i, out, hi, lo, scale, shift):
+    """``out[i:i+L] = ((x[i:i+L] - hi) - lo) * scale + shift``, one line, streamed."""
+    def codegen(context, builder, sig, args):
+        dt = sig.args[0].dtype
+        vty = _line_type(context, dt)
+        v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
+        hi_, lo_, sc_, sh_ = (_splat(context, builder, args[k], sig.args[k], dt, vty)
+                              for k in range(3, 7))
+        r = builder.fadd(builder.fmul(builder.fsub(builder.fsub(v, hi_), lo_), sc_), sh_)
+        _store_line_nt(context, builder, sig.args[2], args[2], args[1], r)
+        return context.get_dummy_value()
+    return types.void(x, types.intp, out, hi, lo, scale, shift), codegen
+
+
+@intrinsic
+def _line_affine_cols(typingctx, x, i, out, params, j):
+    """Column form: parameters are rows of ``params`` (4, W) at column ``j``."""
+    def codegen(context, builder, sig, args):
+        dt = sig.args[0].dtype
+        vty = _line_type(context, dt)
+        v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
+        pty = sig.args[3]
+        parr = context.make_array(pty)(context, builder, args[3])
+        p = []
+        for k in range(4):
+            ptr = cgutils.get_item_pointer(context, builder, pty, parr,
+                                           [context.get_constant(types.intp, k), args[4]],
+                                           wraparound=False, boundscheck=False)
+            p.append(builder.load(builder.bitcast(ptr, vty.as_pointer()), align=dt.bitwidth // 8))
+        r = builder.fadd(builder.fmul(builder.fsub(builder.fsub(v, p[0]), p[1]), p[2]), p[3])
+        _store_line_nt(context, builder, sig.args[2], args[2], args[1], r)
+        return context.get_dummy_value()
+    return types.void(x, types.intp, out, params, types.intp), codegen
+
+
+@intrinsic
+def _line_dx(typingctx, dy, x, i, out, hi, lo, a, b, k):
+    """``out[i:i+L] = ((dy - b) - ((x - hi) - lo) * k) * a``, one line, streamed."""
+    def codegen(context, builder, sig, args):
+        dt = sig.args[1].dtype
+        vty = _line_type(context, dt)
+        g = _load_line(context, builder, sig.args[0], args[0], args[2], vty)
+        v = _load_line(context, builder, sig.args[1], args[1], args[2], vty)
+        hi_, lo_, a_, b_, k_ = (_splat(context, builder, args[n], sig.args[n], dt, vty)
+                                for n in range(4, 9))
+        xc = builder.fsub(builder.fsub(v, hi_), lo_)
+        r = builder.fmul(builder.fsub(builder.fsub(g, b_), builder.fmul(xc, k_)), a_)
+        _store_line_nt(context, builder, sig.args[3], args[3], args[2], r)
+        return context.get_dummy_value()
+    return types.void(dy, x, types.intp, out, hi, lo, a, b, k), codegen
+
+
+@intrinsic
+def _line_dx_cols(typingctx, dy, x, i, out, params, j):
+    """Column form of ``_line_dx``: parameters are rows of ``params`` (5, W) at column ``j``."""
+    def codegen(context, builder, sig, args):
+        dt = sig.args[1].dtype
+        vty = _line_type(context, dt)
+        g = _load_line(context, builder, sig.args[0], args[0], args[2], vty)
+        v = _load_line(context, builder, sig.args[1], args[1], args[2], vty)
+        pty = sig.args[4]
+        parr = context.make_array(pty)(context, builder, args[4])
+        p = []
+        for n in range(5):
+            ptr = cgutils.get_item_pointer(context, builder, pty, parr,
+                                           [context.get_constant(types.intp, n), args[5]],
+                                           wraparound=False, boundscheck=False)
+            p.append(builder.load(builder.bitcast(ptr, vty.as_pointer()), align=dt.bitwidth // 8))
+        xc = builder.fsub(builder.fsub(v, p[0]), p[1])
+        r = builder.fmul(builder.fsub(builder.fsub(g, p[3]), builder.fmul(xc, p[4])), p[2])
+        _store_line_nt(context, builder, sig.args[3], args[3], args[2], r)
+        return context.get_dummy_value()
+    return types.void(dy, x, types.intp, out, params, types.intp), codegen
+
+
+@intrinsic
+def _line_copy(typingctx, src, i, dst):
+    def codegen(context, builder, sig, args):
+        vty = _line_type(context, sig.args[0].dtype)
+        v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
+        _store_line_nt(context, builder, sig.args[2], args[2], args[1], v)
+        return context.get_dummy_value()
+    return types.void(src, types.intp, dst), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """Order this thread's streaming stores before whatever it does next (x86 ``sfence``)."""
+    def codegen(context, builder, sig, args):
+        if "x86" in builder.module.triple or "i686" in builder.module.triple:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                "llvm.x86.sse.sfence")
+            builder.call(fn, [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@kernel()
+def _stream_span(out, start, stop):
+    """``(first, last)``: whole 64-byte lines of ``out`` lie in [first, last); -1 if none."""
+    size = out.itemsize
+    addr = out.ctypes.data + start * size
+    if addr % size != 0:
+        return stop, stop
+    first = start + min(((LINE_BYTES - addr % LINE_BYTES) % LINE_BYTES) // size, stop - start)
+    lanes = LINE_BYTES // size
+    last = first + (stop - first) // lanes * lanes
+    return first, last
+
+
+@kernel()
+def _affine_stream(xf, yf, start, stop, hi, lo, scale, shift):
+    """``yf[start:stop] = ((xf - hi) - lo) * scale + shift`` with streaming stores."""
+    first, last = _stream_span(yf, start, stop)
+    for i in range(np.uint64(start), np.uint64(first)):
+        yf[i] = ((xf[i] - hi) - lo) * scale + shift
+    for i in range(first, last, LINE_BYTES // yf.itemsize):
+        _line_affine(xf, i, yf, hi, lo, scale, shift)
+    for i in range(np.uint64(last), np.uint64(stop)):
+        yf[i] = ((xf[i] - hi) - lo) * scale + shift
+
+
+@kernel()
+def _dx_stream(dyf, xf, outf, start, stop, hi, lo, a, b, k):
+    """``outf[start:stop] = ((dy - b) - ((x - hi) - lo) * k) * a`` with streaming stores."""
+    first, last = _stream_span(outf, start, stop)
+    for i in range(np.uint64(start), np.uint64(first)):
+        outf[i] = ((dyf[i] - b) - ((xf[i] - hi) - lo) * k) * a
+    for i in range(first, last, LINE_BYTES // outf.itemsize):
+        _line_dx(dyf, xf, i, outf, hi, lo, a, b, k)
+    for i in range(np.uint64(last), np.uint64(stop)):
+        outf[i] = ((dyf[i] - b) - ((xf[i] - hi) - lo) * k) * a
+
+
 # Each helper covers x[o0:o1, c, i0:i1], runs of several rows in one call.
 @kernel(fastmath=REDUCE_MATH)
 def _run_sum(x, o0, o1, c, i0, i1, shift):
@@ -167,10 +346,12 @@ def _accumulate_rows(x, o0, o1, c0, c1, shift, n, mean_rel, m2):
 
 
 @kernel()
-def _affine_run(x, o0, o1, c, hi, lo, scale, shift, y):
-    for o in range(o0, o1):
-        for i in range(np.uint64(0), np.uint64(x.shape[2])):
-            y[o, c, i] = ((x[o, c, i] - hi) - lo) * scale + shift
+def _affine_run(x, o, c, hi, lo, scale, shift, y):
+    """Normalize the run ``x[o, c, :]`` into ``y[o, c, :]``."""
+    outer, channels, inner = x.shape
+    start = (o * channels + c) * inner
+    _affine_stream(x.reshape(x.size), y.reshape(y.size), start, start + inner, hi, lo, scale,
+                   shift)
 
 
 @kernel()
@@ -179,7 +360,7 @@ def _affine_group(x, c0, c1, params, y):
     so reads and writes stream (channel by channel, runs ``C * inner`` apart alias in L1)."""
     for o in range(x.shape[0]):
         for c in range(c0, c1):
-            _affine_run(x, o, o + 1, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
+            _affine_run(x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
 
 
 @kernel(parallel=True)
@@ -236,39 +417,50 @@ def channel_forward(x, shift, group, weight, bias, eps, y, mean, var, invstd):
             params[c, 2] = inv * weight[c]
             params[c, 3] = bias[c]
         _affine_group(x, c0, c1, params, y)
+        _store_fence()
 
 
 @kernel(parallel=True)
-def affine_channels(x, params, y):
-    """``y = ((x - hi) - lo) * scale + shift`` per channel, ``params`` of shape (C, 4)."""
+def affine_channels(x, params, nblocks, y):
+    """``y = ((x - hi) - lo) * scale + shift`` per channel, ``params`` of shape (C, 4).
+
+    ``nblocks`` tasks, each a contiguous range of the (outer, C) runs.
+    """
     outer, channels, inner = x.shape
-    for t in prange(outer * channels):
-        o = t // channels
-        c = t - o * channels
-        _affine_run(x, o, o + 1, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
+    runs = outer * channels
+    for blk in prange(nblocks):
+        for t in range(blk * runs // nblocks, (blk + 1) * runs // nblocks):
+            o = t // channels
+            c = t - o * channels
+            _affine_run(x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
+        _store_fence()
 
 
-# Row helpers: element-wise over one row, arguments as 1-D arrays so that LLVM
-# vectorizes them (inlined loops over views of local arrays stay scalar).
+# Row helpers: element-wise over rows [r0, r1) of x (rows, W), one call per chunk
+# (a call per row costs more than a narrow row), unsigned column index so that
+# the column loop vectorizes.
 @kernel()
-def _row_add_dev(row, shift, s1):
-    for j in range(row.shape[0]):
-        s1[j] += np.float64(row[j]) - shift[j]
-
-
-@kernel()
-def _row_add_sqdev(row, shift, mu, q):
-    for j in range(row.shape[0]):
-        d = (np.float64(row[j]) - shift[j]) - mu[j]
-        q[j] += d * d
+def _rows_add_dev(x, r0, r1, shift, s1):
+    for r in range(r0, r1):
+        for j in range(np.uint64(0), np.uint64(x.shape[1])):
+            s1[j] += np.float64(x[r, j]) - shift[j]
 
 
 @kernel()
-def _row_add_dev_sums(row, shift, mu, s1, s2):
-    for j in range(row.shape[0]):
-        d = (np.float64(row[j]) - shift[j]) - mu[j]
-        s1[j] += d
-        s2[j] += d * d
+def _rows_add_sqdev(x, r0, r1, shift, mu, q):
+    for r in range(r0, r1):
+        for j in range(np.uint64(0), np.uint64(x.shape[1])):
+            d = (np.float64(x[r, j]) - shift[j]) - mu[j]
+            q[j] += d * d
+
+
+@kernel()
+def _rows_add_dev_sums(x, r0, r1, shift, mu, s1, s2):
+    for r in range(r0, r1):
+        for j in range(np.uint64(0), np.uint64(x.shape[1])):
+            d = (np.float64(x[r, j]) - shift[j]) - mu[j]
+            s1[j] += d
+            s2[j] += d * d
 
 
 @kernel()
@@ -301,16 +493,13 @@ def _column_partials(x, r0, r1, shift, chunk_rows, mu, q):
         re = min(r + chunk_rows, r1)
         m = float(re - r)
         if n == 0.0:
-            for rr in range(r, re):
-                _row_add_dev(x[rr], shift, mu)
+            _rows_add_dev(x, r, re, shift, mu)
             mu /= m
-            for rr in range(r, re):
-                _row_add_sqdev(x[rr], shift, mu, q)
+            _rows_add_sqdev(x, r, re, shift, mu, q)
         else:
             s1[:] = 0.0
             s2[:] = 0.0
-            for rr in range(r, re):
-                _row_add_dev_sums(x[rr], shift, mu, s1, s2)
+            _rows_add_dev_sums(x, r, re, shift, mu, s1, s2)
             _merge_chunk(s1, s2, m, n, mu, q)
         n += m
     return n
@@ -380,7 +569,8 @@ def column_forward(x, shift, inner, nblocks, chunk_rows, normalize, weight, bias
     for blk in prange(nblocks):
         count[blk] = _column_partials(x, blk * rows // nblocks, (blk + 1) * rows // nblocks,
                                       shift_cols, chunk_rows, mean_rel[blk], m2[blk])
-    params = np.empty((4, width), x.dtype)
+    lanes = LINE_BYTES // x.itemsize
+    params = np.zeros((4, width + lanes), x.dtype)
     for c in range(channels):
         n, mu, q = _fold_columns(count, mean_rel, m2, c, inner)
         v = q / n
@@ -394,32 +584,60 @@ def column_forward(x, shift, inner, nblocks, chunk_rows, normalize, weight, bias
             params[1, j] = (hi - np.float64(params[0, j])) + lo
             params[2, j] = inv * weight[c]
             params[3, j] = bias[c]
+    _wrap_columns(params, width, lanes)
     if normalize:
-        for r in prange(rows):
-            _affine_row(x[r], params, y[r])
+        for blk in prange(nblocks):
+            _affine_rows(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, params, y)
+            _store_fence()
 
 
 @kernel()
-def _affine_row(row, params, out):
-    hi = params[0]
-    lo = params[1]
-    scale = params[2]
-    shift = params[3]
-    for j in range(row.shape[0]):
-        out[j] = ((row[j] - hi[j]) - lo[j]) * scale[j] + shift[j]
+def _affine_rows(x, r0, r1, params, y):
+    """Rows [r0, r1) of the column path, streamed as one span of lines.
+
+    ``params`` (4, W + lanes) holds each column's (hi, lo, scale, shift) and,
+    after column W - 1, the first ``lanes`` columns again: a line that starts at
+    column j reads parameters j .. j + lanes - 1 even when it wraps into the
+    next row.  Rows narrower than a line go element by element.
+    """
+    width = x.shape[1]
+    lanes = LINE_BYTES // y.itemsize
+    xf = x.reshape(x.size)
+    yf = y.reshape(y.size)
+    start = r0 * width
+    stop = r1 * width
+    first, last = _stream_span(yf, start, stop)
+    if width < lanes:
+        first = stop
+        last = stop
+    for i in range(start, first):
+        j = (i - start) % width
+        yf[i] = ((xf[i] - params[0, j]) - params[1, j]) * params[2, j] + params[3, j]
+    j = (first - start) % width if width > 0 else 0
+    for i in range(first, last, lanes):
+        _line_affine_cols(xf, i, yf, params, j)
+        j += lanes
+        if j >= width:
+            j -= width
+    for i in range(last, stop):
+        j = (i - start) % width
+        yf[i] = ((xf[i] - params[0, j]) - params[1, j]) * params[2, j] + params[3, j]
 
 
 @kernel(parallel=True)
-def affine_columns(x, params, inner, y):
+def affine_columns(x, params, inner, nblocks, y):
     """``y = ((x - hi) - lo) * scale + shift`` per channel, ``params`` of shape (C, 4),
-    over rows of ``x`` (rows, C * inner)."""
+    over rows of ``x`` (rows, C * inner), in ``nblocks`` tasks of contiguous rows."""
     rows, width = x.shape
-    cols = np.empty((4, width), x.dtype)
+    lanes = LINE_BYTES // x.itemsize
+    cols = np.zeros((4, width + lanes), x.dtype)
     for j in range(width):
         for k in range(4):
             cols[k, j] = params[j // inner, k]
-    for r in prange(rows):
-        _affine_row(x[r], cols, y[r])
+    _wrap_columns(cols, width, lanes)
+    for blk in prange(nblocks):
+        _affine_rows(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, cols, y)
+        _store_fence()
 
 
 @kernel(fastmath=REDUCE_MATH)
@@ -435,8 +653,11 @@ def _run_grad_sums(dy, x, o, c, mean):
 
 @kernel()
 def _dx_run(dy, x, o, c, hi, lo, a, b, k, dx):
-    for i in range(np.uint64(0), np.uint64(x.shape[2])):
-        dx[o, c, i] = ((dy[o, c, i] - b) - ((x[o, c, i] - hi) - lo) * k) * a
+    """Training-mode ``dx`` of the run ``[o, c, :]``."""
+    outer, channels, inner = x.shape
+    start = (o * channels + c) * inner
+    _dx_stream(dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size), start, start + inner,
+               hi, lo, a, b, k)
 
 
 @kernel(parallel=True)
@@ -491,17 +712,33 @@ def channel_backward(dy, x, mean, invstd, weight, group, dx, sum_dy, sum_dy_xmu)
             for c in range(c0, c1):
                 _dx_run(dy, x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3],
                         params[c, 4], dx)
+        _store_fence()
 
 
 @kernel(parallel=True)
-def dx_channels(dy, x, params, dx):
-    """``dx = ((dy - b) - ((x - hi) - lo) * k) * a`` per channel, ``params`` (C, 5)."""
+def dx_channels(dy, x, params, nblocks, dx):
+    """``dx = ((dy - b) - ((x - hi) - lo) * k) * a`` per channel, ``params`` (C, 5).
+
+    ``nblocks`` tasks, each a contiguous range of the (outer, C) runs.
+    """
     outer, channels, inner = x.shape
-    for t in prange(outer * channels):
-        o = t // channels
-        c = t - o * channels
-        _dx_run(dy, x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3],
-                params[c, 4], dx)
+    runs = outer * channels
+    for blk in prange(nblocks):
+        for t in range(blk * runs // nblocks, (blk + 1) * runs // nblocks):
+            o = t // channels
+            c = t - o * channels
+            _dx_run(dy, x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3],
+                    params[c, 4], dx)
+        _store_fence()
+
+
+@kernel()
+def _rows_add_grad_sums(dy, x, r0, r1, mean, s, sx):
+    for r in range(r0, r1):
+        for j in range(np.uint64(0), np.uint64(x.shape[1])):
+            g = np.float64(dy[r, j])
+            s[j] += g
+            sx[j] += g * (np.float64(x[r, j]) - mean[j])
 
 
 @kernel(parallel=True)
@@ -515,17 +752,11 @@ def column_backward(dy, x, mean, invstd, weight, inner, nblocks, write_dx, dx, s
     s = np.zeros((nblocks, width))
     sx = np.zeros((nblocks, width))
     for blk in prange(nblocks):
-        sb = s[blk]
-        sxb = sx[blk]
-        for r in range(blk * rows // nblocks, (blk + 1) * rows // nblocks):
-            g_row = dy[r]
-            x_row = x[r]
-            for j in range(width):
-                g = np.float64(g_row[j])
-                sb[j] += g
-                sxb[j] += g * (np.float64(x_row[j]) - mean_cols[j])
+        _rows_add_grad_sums(dy, x, blk * rows // nblocks, (blk + 1) * rows // nblocks,
+                            mean_cols, s[blk], sx[blk])
     n = float(rows * inner)
-    params = np.empty((5, width), x.dtype)
+    lanes = LINE_BYTES // x.itemsize
+    params = np.zeros((5, width + lanes), x.dtype)
     for c in range(channels):
         a = 0.0
         b = 0.0
@@ -541,27 +772,65 @@ def column_backward(dy, x, mean, invstd, weight, inner, nblocks, write_dx, dx, s
             params[2, j] = weight[c] * invstd[c]
             params[3, j] = a / n
             params[4, j] = invstd[c] * invstd[c] * b / n
+    _wrap_columns(params, width, lanes)
     if write_dx:
-        for r in prange(rows):
-            _dx_row(dy[r], x[r], params, dx[r])
+        for blk in prange(nblocks):
+            _dx_rows(dy, x, blk * rows // nblocks, (blk + 1) * rows // nblocks, params, dx)
+            _store_fence()
 
 
 @kernel()
-def _dx_row(g_row, x_row, params, out):
-    hi = params[0]
-    lo = params[1]
-    a = params[2]
-    b = params[3]
-    k = params[4]
-    for j in range(x_row.shape[0]):
-        out[j] = ((g_row[j] - b[j]) - ((x_row[j] - hi[j]) - lo[j]) * k[j]) * a[j]
+def _dx_rows(dy, x, r0, r1, params, dx):
+    """Rows [r0, r1) of the column path's ``dx``, streamed as in ``_affine_rows``;
+    ``params`` (5, W + lanes) holds (hi, lo, a, b, k) per column, wrapped."""
+    width = x.shape[1]
+    lanes = LINE_BYTES // dx.itemsize
+    gf = dy.reshape(dy.size)
+    xf = x.reshape(x.size)
+    df = dx.reshape(dx.size)
+    start = r0 * width
+    stop = r1 * width
+    first, last = _stream_span(df, start, stop)
+    if width < lanes:
+        first = stop
+        last = stop
+    for i in range(start, first):
+        j = (i - start) % width
+        df[i] = ((gf[i] - params[3, j]) - ((xf[i] - params[0, j]) - params[1, j]) * params[4, j]) \
+            * params[2, j]
+    j = (first - start) % width if width > 0 else 0
+    for i in range(first, last, lanes):
+        _line_dx_cols(gf, xf, i, df, params, j)
+        j += lanes
+        if j >= width:
+            j -= width
+    for i in range(last, stop):
+        j = (i - start) % width
+        df[i] = ((gf[i] - params[3, j]) - ((xf[i] - params[0, j]) - params[1, j]) * params[4, j]) \
+            * params[2, j]
+
+
+@kernel()
+def _wrap_columns(params, width, lanes):
+    """Copy the first ``lanes`` columns of ``params`` after column ``width - 1``."""
+    for k in range(params.shape[0]):
+        for j in range(min(lanes, width)):
+            params[k, width + j] = params[k, j]
 
 
 @kernel(parallel=True)
 def parallel_copy(src, dst, nblocks):
-    """Copy flat ``src`` into ``dst`` in ``nblocks`` parallel blocks (the memory floor)."""
+    """Copy flat ``src`` into ``dst`` in ``nblocks`` parallel blocks with streaming stores:
+    the memory floor, one read and one write of every byte."""
     n = src.shape[0]
     for blk in prange(nblocks):
         lo = blk * n // nblocks
         hi = (blk + 1) * n // nblocks
-        dst[lo:hi] = src[lo:hi]
+        first, last = _stream_span(dst, lo, hi)
+        for i in range(np.uint64(lo), np.uint64(first)):
+            dst[i] = src[i]
+        for i in range(first, last, LINE_BYTES // dst.itemsize):
+            _line_copy(src, i, dst)
+        for i in range(np.uint64(last), np.uint64(hi)):
+            dst[i] = src[i]
+        _store_fence()
