@@ -8,6 +8,7 @@ floor is a parallel copy of the same array on all Numba threads: one read and
 one write of every byte, the least a normalization can do.
 """
 
+import math
 import os
 import platform
 import statistics
@@ -30,6 +31,10 @@ CASES = {
 }
 OPS = ("forward", "inference", "backward", "stats")
 FLOOR = "memory floor: parallel copy"
+READ = "floor: parallel read"
+READ_COPY = "floor: read + copy"
+ADD = "floor: a + b (2 reads, 1 write)"
+READ2_ADD = "floor: read x, dy + (x + dy)"
 EPS = 1e-5
 
 
@@ -112,10 +117,38 @@ class Inputs:
         self.bshape = bshape
 
 
+def uses_column_path(shape, axis):
+    from ._cpu.backend import MIN_RUN
+
+    return math.prod(shape[axis % len(shape) + 1:]) < MIN_RUN
+
+
+def pattern_floors(a):
+    """Floors of the memory traffic each op must do on this case's kernel path.
+
+    The channel path reads a group of channels once and re-reads it from cache;
+    the column path must read its input twice (statistics of a channel need
+    every row before the first output).  Each floor runs the same traffic with
+    nothing else: read-only passes, a copy (read + write), ``a + b`` (two reads
+    + one write), all parallel with streaming stores.
+    """
+    column = uses_column_path(a.shape, a.axis)
+    forward = ((READ_COPY, lambda: (cpu.read(a.x), cpu.copy(a.x, a.copy_dst))) if column
+               else (FLOOR, None))
+    backward = ((READ2_ADD, lambda: (cpu.read(a.x), cpu.read(a.dy), cpu.add(a.x, a.dy, a.copy_dst)))
+                if column else (ADD, lambda: cpu.add(a.x, a.dy, a.copy_dst)))
+    return {"forward": forward, "inference": (FLOOR, None), "backward": backward,
+            "stats": (READ, lambda: cpu.read(a.x))}
+
+
 def fastbn_contenders(a):
-    """op -> {name: callable} for fastbn and the floor."""
+    """op -> {name: callable} for fastbn and the floors."""
+    floors = {FLOOR: lambda: cpu.copy(a.x, a.copy_dst)}
+    for name, fn in pattern_floors(a).values():
+        if fn is not None:
+            floors[name] = fn
     return {
-        "floor": {FLOOR: lambda: cpu.copy(a.x, a.copy_dst)},
+        "floor": floors,
         "forward": {
             "fastbn forward (out=)": lambda: api.batch_norm_forward(
                 a.x, a.weight, a.bias, axis=a.axis, eps=EPS, out=a.out),
@@ -206,7 +239,7 @@ def _unpermute(t, axis):
     return np.moveaxis(arr, 1, axis)
 
 
-BYTES_MOVED = {"floor": 2, "forward": 2, "inference": 2, "backward": 3, "stats": 1}
+BYTES_MOVED = {"floor": 2, "forward": 2, "inference": 2, "backward": 3, "stats": 1}  # x sizes
 BASELINE = {"forward": "fastbn forward (out=)", "inference": "fastbn inference (out=)",
             "backward": "fastbn backward (out=)", "stats": "fastbn batch_stats"}
 
@@ -240,17 +273,22 @@ def run_case(name, dtype=np.float32, quick=False, repeats=11, naive=True, peers=
     flat = {name_: fn for c in groups.values() for name_, fn in c.items()}
     medians, _ = time_interleaved(flat, repeats=repeats)
     floor_s = medians[FLOOR]
+    patterns = {op: name_ for op, (name_, _) in pattern_floors(a).items()}
     rows = []
     for op, contenders in groups.items():
         for contender in contenders:
             sec = medians[contender]
             base = BASELINE.get(op)
+            pattern = patterns.get(op)
             rows.append({
                 "op": op,
                 "contender": contender,
                 "median_ms": sec * 1e3,
                 "GB/s": BYTES_MOVED[op] * a.x.nbytes / sec / 1e9,
                 "x_floor": sec / floor_s,
+                "x_pattern_floor": (sec / medians[pattern]
+                                    if pattern and contender.startswith("fastbn") else float("nan")),
+                "pattern_floor": pattern if contender.startswith("fastbn") else None,
                 "x_fastbn": sec / medians[base] if base else float("nan"),
             })
     return {"case": name, "shape": list(shape), "axis": axis, "dtype": np.dtype(dtype).name,
@@ -263,13 +301,16 @@ def format_case(result, repeats):
     head = (f"{result['case']}: {tuple(result['shape'])} {result['dtype']}, axis={result['axis']} "
             f"(median of {repeats} interleaved repeats)")
     lines = [head, f"  {'contender':<{width}}  {'median ms':>10}  {'GB/s':>7}  {'/ floor':>8}  "
-                   f"{'/ fastbn':>8}"]
+                   f"{'/ pattern':>9}  {'/ fastbn':>8}"]
     for r in rows:
         vs = "" if r["x_fastbn"] != r["x_fastbn"] else f"{r['x_fastbn']:8.2f}"
+        pat = "" if r["x_pattern_floor"] != r["x_pattern_floor"] else f"{r['x_pattern_floor']:9.2f}"
         lines.append(f"  {r['contender']:<{width}}  {r['median_ms']:10.3f}  {r['GB/s']:7.1f}  "
-                     f"{r['x_floor']:8.2f}  {vs:>8}")
+                     f"{r['x_floor']:8.2f}  {pat:>9}  {vs:>8}")
     mem = ", ".join(f"{k} {v:.3f}" for k, v in result["memory"].items())
     lines.append(f"  peak traced allocation per call, in input sizes: {mem}")
+    lines.append("  / floor: time over the parallel copy; / pattern: fastbn's time over the floor "
+                 "of its own traffic (README, Performance); / fastbn: a peer's time over fastbn's")
     return "\n".join(lines)
 
 

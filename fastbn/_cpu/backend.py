@@ -271,13 +271,25 @@ class CPUBackend:
             kernels.dx_channels(x3, x3, np.zeros((c, 5), wd), 2, y3)
             kernels.column_backward(x2, x2, zeros, ones, ones, 4, 2, True, y2, *per_channel[:2])
             kernels.parallel_copy(x2.reshape(-1), y2.reshape(-1), 2)
+            kernels.parallel_read(x2.reshape(-1), 2)
+            kernels.parallel_add(x2.reshape(-1), x2.reshape(-1), y2.reshape(-1), 2)
 
     # ----------------------------------------------------------------- memory floor
-    def copy(self, src, dst, nthreads=None):
+    def copy(self, src, dst):
         """Parallel copy of ``src`` into ``dst`` (contiguous, same size): the memory floor."""
-        nblocks = int(nthreads or numba.get_num_threads())
         with _kernel_guard():
-            kernels.parallel_copy(src.reshape(-1), dst.reshape(-1), nblocks)
+            kernels.parallel_copy(src.reshape(-1), dst.reshape(-1), numba.get_num_threads())
+
+    def read(self, src):
+        """Parallel read-only pass over contiguous ``src`` (the floor of a statistics pass)."""
+        with _kernel_guard():
+            return kernels.parallel_read(src.reshape(-1), numba.get_num_threads())
+
+    def add(self, a, b, out):
+        """Parallel ``out = a + b`` (contiguous): the floor of two reads and one write."""
+        with _kernel_guard():
+            kernels.parallel_add(a.reshape(-1), b.reshape(-1), out.reshape(-1),
+                                 numba.get_num_threads())
 
 
 backend = CPUBackend()

@@ -191,6 +191,18 @@ def _line_copy(typingctx, src, i, dst):
 
 
 @intrinsic
+def _line_add(typingctx, a, b, i, out):
+    """``out[i:i+L] = a[i:i+L] + b[i:i+L]``, one line, streamed."""
+    def codegen(context, builder, sig, args):
+        vty = _line_type(context, sig.args[0].dtype)
+        va = _load_line(context, builder, sig.args[0], args[0], args[2], vty)
+        vb = _load_line(context, builder, sig.args[1], args[1], args[2], vty)
+        _store_line_nt(context, builder, sig.args[3], args[3], args[2], builder.fadd(va, vb))
+        return context.get_dummy_value()
+    return types.void(a, b, types.intp, out), codegen
+
+
+@intrinsic
 def _store_fence(typingctx):
     """Order this thread's streaming stores before whatever it does next (x86 ``sfence``)."""
     def codegen(context, builder, sig, args):
@@ -215,6 +227,99 @@ def _stream_span(out, start, stop):
     lanes = LINE_BYTES // size
     last = first + (stop - first) // lanes * lanes
     return first, last
+
+
+# Column tiles.  Column statistics keep one accumulator per column; with
+# accumulators in arrays every value costs a load and a store of each, so the
+# hot reductions run on tiles of TILE_COLUMNS columns whose accumulators live
+# in vector registers for a whole chunk of rows (8 float64 lanes per vector,
+# several vectors for independent dependency chains).
+
+TILE_LANES = 8
+TILE_VECTORS = 4
+TILE_COLUMNS = TILE_LANES * TILE_VECTORS
+
+
+def _tile_loader(context, builder, aryty, ary, vty):
+    """Load ``TILE_LANES`` values of a 2-D array at (r, j) as float64 lanes."""
+    arr = context.make_array(aryty)(context, builder, ary)
+    elt = context.get_value_type(aryty.dtype)
+    src_ty = ir.VectorType(elt, TILE_LANES)
+
+    def load(r, j):
+        ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [r, j], wraparound=False,
+                                       boundscheck=False)
+        v = builder.load(builder.bitcast(ptr, src_ty.as_pointer()),
+                         align=aryty.dtype.bitwidth // 8)
+        return v if aryty.dtype == types.float64 else builder.fpext(v, vty)
+    return load
+
+
+def _vector_at(context, builder, aryty, ary, j, vty):
+    ptr = _item_pointer(context, builder, aryty, ary, j)
+    return ptr, builder.bitcast(ptr, vty.as_pointer())
+
+
+@intrinsic
+def _tile_dev_sums(typingctx, x, r0, r1, j, shift, mu, s1, s2):
+    """Columns [j, j + TILE_COLUMNS) of ``x`` (rows, W), rows [r0, r1): with
+    ``d = (x - shift) - mu``, add ``sum(d)`` to ``s1`` and ``sum(d*d)`` to ``s2``."""
+    def codegen(context, builder, sig, args):
+        vty = ir.VectorType(ir.DoubleType(), TILE_LANES)
+        load = _tile_loader(context, builder, sig.args[0], args[0], vty)
+        cols = [builder.add(args[3], context.get_constant(types.intp, TILE_LANES * k))
+                for k in range(TILE_VECTORS)]
+        sh = [builder.load(_vector_at(context, builder, sig.args[4], args[4], c, vty)[1], align=8)
+              for c in cols]
+        mu_ = [builder.load(_vector_at(context, builder, sig.args[5], args[5], c, vty)[1], align=8)
+               for c in cols]
+        zero = ir.Constant(vty, [0.0] * TILE_LANES)
+        acc1 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
+        acc2 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
+        count = builder.sub(args[2], args[1])
+        with cgutils.for_range(builder, count) as loop:
+            r = builder.add(args[1], loop.index)
+            for k, c in enumerate(cols):
+                d = builder.fsub(builder.fsub(load(r, c), sh[k]), mu_[k])
+                builder.store(builder.fadd(builder.load(acc1[k]), d), acc1[k])
+                builder.store(builder.fadd(builder.load(acc2[k]), builder.fmul(d, d)), acc2[k])
+        for k, c in enumerate(cols):
+            for acc, pos in ((acc1[k], 6), (acc2[k], 7)):
+                _, p = _vector_at(context, builder, sig.args[pos], args[pos], c, vty)
+                builder.store(builder.fadd(builder.load(p, align=8), builder.load(acc)), p, align=8)
+        return context.get_dummy_value()
+    return types.void(x, types.intp, types.intp, types.intp, shift, mu, s1, s2), codegen
+
+
+@intrinsic
+def _tile_grad_sums(typingctx, dy, x, r0, r1, j, mean, s, sx):
+    """Columns [j, j + TILE_COLUMNS), rows [r0, r1): add ``sum(dy)`` to ``s`` and
+    ``sum(dy * (x - mean))`` to ``sx``."""
+    def codegen(context, builder, sig, args):
+        vty = ir.VectorType(ir.DoubleType(), TILE_LANES)
+        load_g = _tile_loader(context, builder, sig.args[0], args[0], vty)
+        load_x = _tile_loader(context, builder, sig.args[1], args[1], vty)
+        cols = [builder.add(args[4], context.get_constant(types.intp, TILE_LANES * k))
+                for k in range(TILE_VECTORS)]
+        mean_ = [builder.load(_vector_at(context, builder, sig.args[5], args[5], c, vty)[1],
+                              align=8) for c in cols]
+        zero = ir.Constant(vty, [0.0] * TILE_LANES)
+        acc1 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
+        acc2 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
+        count = builder.sub(args[3], args[2])
+        with cgutils.for_range(builder, count) as loop:
+            r = builder.add(args[2], loop.index)
+            for k, c in enumerate(cols):
+                g = load_g(r, c)
+                builder.store(builder.fadd(builder.load(acc1[k]), g), acc1[k])
+                prod = builder.fmul(g, builder.fsub(load_x(r, c), mean_[k]))
+                builder.store(builder.fadd(builder.load(acc2[k]), prod), acc2[k])
+        for k, c in enumerate(cols):
+            for acc, pos in ((acc1[k], 6), (acc2[k], 7)):
+                _, p = _vector_at(context, builder, sig.args[pos], args[pos], c, vty)
+                builder.store(builder.fadd(builder.load(p, align=8), builder.load(acc)), p, align=8)
+        return context.get_dummy_value()
+    return types.void(dy, x, types.intp, types.intp, types.intp, mean, s, sx), codegen
 
 
 @kernel()
@@ -456,8 +561,12 @@ def _rows_add_sqdev(x, r0, r1, shift, mu, q):
 
 @kernel()
 def _rows_add_dev_sums(x, r0, r1, shift, mu, s1, s2):
+    width = x.shape[1]
+    tiled = width - width % TILE_COLUMNS
+    for j in range(0, tiled, TILE_COLUMNS):
+        _tile_dev_sums(x, r0, r1, j, shift, mu, s1, s2)
     for r in range(r0, r1):
-        for j in range(np.uint64(0), np.uint64(x.shape[1])):
+        for j in range(np.uint64(tiled), np.uint64(width)):
             d = (np.float64(x[r, j]) - shift[j]) - mu[j]
             s1[j] += d
             s2[j] += d * d
@@ -734,8 +843,12 @@ def dx_channels(dy, x, params, nblocks, dx):
 
 @kernel()
 def _rows_add_grad_sums(dy, x, r0, r1, mean, s, sx):
+    width = x.shape[1]
+    tiled = width - width % TILE_COLUMNS
+    for j in range(0, tiled, TILE_COLUMNS):
+        _tile_grad_sums(dy, x, r0, r1, j, mean, s, sx)
     for r in range(r0, r1):
-        for j in range(np.uint64(0), np.uint64(x.shape[1])):
+        for j in range(np.uint64(tiled), np.uint64(width)):
             g = np.float64(dy[r, j])
             s[j] += g
             sx[j] += g * (np.float64(x[r, j]) - mean[j])
@@ -833,4 +946,39 @@ def parallel_copy(src, dst, nblocks):
             _line_copy(src, i, dst)
         for i in range(np.uint64(last), np.uint64(hi)):
             dst[i] = src[i]
+        _store_fence()
+
+
+@kernel(fastmath=REDUCE_MATH)
+def _flat_sum(a, lo, hi):
+    s = 0.0
+    for i in range(np.uint64(lo), np.uint64(hi)):
+        s += a[i]
+    return s
+
+
+@kernel(parallel=True)
+def parallel_read(src, nblocks):
+    """Sum flat ``src`` in ``nblocks`` parallel blocks: the floor of a read-only pass."""
+    n = src.shape[0]
+    partial = np.zeros(nblocks)
+    for blk in prange(nblocks):
+        partial[blk] = _flat_sum(src, blk * n // nblocks, (blk + 1) * n // nblocks)
+    return partial.sum()
+
+
+@kernel(parallel=True)
+def parallel_add(a, b, out, nblocks):
+    """``out = a + b`` (flat) with streaming stores: the floor of two reads and one write."""
+    n = a.shape[0]
+    for blk in prange(nblocks):
+        lo = blk * n // nblocks
+        hi = (blk + 1) * n // nblocks
+        first, last = _stream_span(out, lo, hi)
+        for i in range(np.uint64(lo), np.uint64(first)):
+            out[i] = a[i] + b[i]
+        for i in range(first, last, LINE_BYTES // out.itemsize):
+            _line_add(a, b, i, out)
+        for i in range(np.uint64(last), np.uint64(hi)):
+            out[i] = a[i] + b[i]
         _store_fence()
