@@ -334,7 +334,8 @@ def plot(results, path):
         for r in results:
             match = [row["x_floor"] for row in r["rows"] if row["contender"] == contender]
             values.append(match[0] if match else np.nan)
-        ax.bar(np.arange(len(results)) + k * width, values, width, label=contender)
+        ax.bar(np.arange(len(results)) + k * width, values, width, label=contender,
+               color=plt.cm.tab20(k % 20))
     ax.axhline(1.0, color="black", linewidth=1)
     ax.set_yscale("log")
     ax.set_ylabel("time / memory floor (parallel copy), log scale")
