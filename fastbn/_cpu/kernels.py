@@ -73,6 +73,8 @@ def _invstd(var, eps):
 # up to the first 64-byte boundary of ``out``, whole lines, a scalar tail.
 
 LINE_BYTES = 64
+# Outputs below this size are written with ordinary stores: they fit in cache.
+STREAM_MIN_BYTES = 4 << 20
 
 
 def _line_type(context, dtype):
@@ -218,10 +220,12 @@ def _store_fence(typingctx):
 
 @kernel()
 def _stream_span(out, start, stop):
-    """``(first, last)``: whole 64-byte lines of ``out`` lie in [first, last); -1 if none."""
+    """``(first, last)``: the whole 64-byte lines of ``out`` in [first, last) get streaming
+    stores; none (``(stop, stop)``) when ``out`` is small enough to stay in cache, where
+    the caller will read it back soonest, or not aligned to its item size."""
     size = out.itemsize
     addr = out.ctypes.data + start * size
-    if addr % size != 0:
+    if addr % size != 0 or out.size * size < STREAM_MIN_BYTES:
         return stop, stop
     first = start + min(((LINE_BYTES - addr % LINE_BYTES) % LINE_BYTES) // size, stop - start)
     lanes = LINE_BYTES // size
@@ -707,7 +711,8 @@ def _affine_rows(x, r0, r1, params, y):
     ``params`` (4, W + lanes) holds each column's (hi, lo, scale, shift) and,
     after column W - 1, the first ``lanes`` columns again: a line that starts at
     column j reads parameters j .. j + lanes - 1 even when it wraps into the
-    next row.  Rows narrower than a line go element by element.
+    next row.  Small outputs (kept in cache) and rows narrower than a line use
+    ordinary stores, row by row.
     """
     width = x.shape[1]
     lanes = LINE_BYTES // y.itemsize
@@ -716,9 +721,11 @@ def _affine_rows(x, r0, r1, params, y):
     start = r0 * width
     stop = r1 * width
     first, last = _stream_span(yf, start, stop)
-    if width < lanes:
-        first = stop
-        last = stop
+    if width < lanes or first == stop:
+        for r in range(r0, r1):
+            for j in range(np.uint64(0), np.uint64(width)):
+                y[r, j] = ((x[r, j] - params[0, j]) - params[1, j]) * params[2, j] + params[3, j]
+        return
     for i in range(start, first):
         j = (i - start) % width
         yf[i] = ((xf[i] - params[0, j]) - params[1, j]) * params[2, j] + params[3, j]
@@ -904,9 +911,12 @@ def _dx_rows(dy, x, r0, r1, params, dx):
     start = r0 * width
     stop = r1 * width
     first, last = _stream_span(df, start, stop)
-    if width < lanes:
-        first = stop
-        last = stop
+    if width < lanes or first == stop:
+        for r in range(r0, r1):
+            for j in range(np.uint64(0), np.uint64(width)):
+                dx[r, j] = ((dy[r, j] - params[3, j])
+                            - ((x[r, j] - params[0, j]) - params[1, j]) * params[4, j]) * params[2, j]
+        return
     for i in range(start, first):
         j = (i - start) % width
         df[i] = ((gf[i] - params[3, j]) - ((xf[i] - params[0, j]) - params[1, j]) * params[4, j]) \
