@@ -455,21 +455,22 @@ def _accumulate_rows(x, o0, o1, c0, c1, shift, n, mean_rel, m2):
 
 
 @kernel()
-def _affine_run(x, o, c, hi, lo, scale, shift, y):
-    """Normalize the run ``x[o, c, :]`` into ``y[o, c, :]``."""
+def _affine_runs(x, o0, o1, c0, c1, params, y):
+    """Normalize the runs ``x[o, c, :]`` for o in [o0, o1), c in [c0, c1), row by row.
+
+    Within a row the runs of neighbouring channels are adjacent, so reads and
+    writes stream (channel by channel, runs ``C * inner`` apart alias in L1).
+    The flat views are made once here, not per run: for short runs their set-up
+    would cost more than the run.
+    """
     outer, channels, inner = x.shape
-    start = (o * channels + c) * inner
-    _affine_stream(x.reshape(x.size), y.reshape(y.size), start, start + inner, hi, lo, scale,
-                   shift)
-
-
-@kernel()
-def _affine_group(x, c0, c1, params, y):
-    """Normalize channels [c0, c1) row by row: the group's runs of a row are adjacent,
-    so reads and writes stream (channel by channel, runs ``C * inner`` apart alias in L1)."""
-    for o in range(x.shape[0]):
+    xf = x.reshape(x.size)
+    yf = y.reshape(y.size)
+    for o in range(o0, o1):
         for c in range(c0, c1):
-            _affine_run(x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
+            start = (o * channels + c) * inner
+            _affine_stream(xf, yf, start, start + inner, params[c, 0], params[c, 1],
+                           params[c, 2], params[c, 3])
 
 
 @kernel(parallel=True)
@@ -525,7 +526,7 @@ def channel_forward(x, shift, group, weight, bias, eps, y, mean, var, invstd):
             params[c, 1] = (hi - np.float64(params[c, 0])) + lo
             params[c, 2] = inv * weight[c]
             params[c, 3] = bias[c]
-        _affine_group(x, c0, c1, params, y)
+        _affine_runs(x, 0, outer, c0, c1, params, y)
         _store_fence()
 
 
@@ -538,10 +539,18 @@ def affine_channels(x, params, nblocks, y):
     outer, channels, inner = x.shape
     runs = outer * channels
     for blk in prange(nblocks):
-        for t in range(blk * runs // nblocks, (blk + 1) * runs // nblocks):
-            o = t // channels
-            c = t - o * channels
-            _affine_run(x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3], y)
+        t0 = blk * runs // nblocks
+        t1 = (blk + 1) * runs // nblocks
+        # rows of whole runs, then the partial first and last rows of this block
+        o0 = t0 // channels
+        o1 = t1 // channels
+        if o0 == o1:
+            _affine_runs(x, o0, o0 + 1, t0 - o0 * channels, t1 - o0 * channels, params, y)
+        else:
+            _affine_runs(x, o0, o0 + 1, t0 - o0 * channels, channels, params, y)
+            _affine_runs(x, o0 + 1, o1, 0, channels, params, y)
+            if o1 < outer:
+                _affine_runs(x, o1, o1 + 1, 0, t1 - o1 * channels, params, y)
         _store_fence()
 
 
@@ -768,12 +777,17 @@ def _run_grad_sums(dy, x, o, c, mean):
 
 
 @kernel()
-def _dx_run(dy, x, o, c, hi, lo, a, b, k, dx):
-    """Training-mode ``dx`` of the run ``[o, c, :]``."""
+def _dx_runs(dy, x, o0, o1, c0, c1, params, dx):
+    """Training-mode ``dx`` of the runs [o0, o1) x [c0, c1), row by row (see ``_affine_runs``)."""
     outer, channels, inner = x.shape
-    start = (o * channels + c) * inner
-    _dx_stream(dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size), start, start + inner,
-               hi, lo, a, b, k)
+    gf = dy.reshape(dy.size)
+    xf = x.reshape(x.size)
+    df = dx.reshape(dx.size)
+    for o in range(o0, o1):
+        for c in range(c0, c1):
+            start = (o * channels + c) * inner
+            _dx_stream(gf, xf, df, start, start + inner, params[c, 0], params[c, 1],
+                       params[c, 2], params[c, 3], params[c, 4])
 
 
 @kernel(parallel=True)
@@ -824,10 +838,7 @@ def channel_backward(dy, x, mean, invstd, weight, group, dx, sum_dy, sum_dy_xmu)
             params[c, 2] = weight[c] * invstd[c]
             params[c, 3] = sum_dy[c] / n
             params[c, 4] = invstd[c] * invstd[c] * sum_dy_xmu[c] / n
-        for o in range(outer):
-            for c in range(c0, c1):
-                _dx_run(dy, x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3],
-                        params[c, 4], dx)
+        _dx_runs(dy, x, 0, outer, c0, c1, params, dx)
         _store_fence()
 
 
@@ -840,11 +851,17 @@ def dx_channels(dy, x, params, nblocks, dx):
     outer, channels, inner = x.shape
     runs = outer * channels
     for blk in prange(nblocks):
-        for t in range(blk * runs // nblocks, (blk + 1) * runs // nblocks):
-            o = t // channels
-            c = t - o * channels
-            _dx_run(dy, x, o, c, params[c, 0], params[c, 1], params[c, 2], params[c, 3],
-                    params[c, 4], dx)
+        t0 = blk * runs // nblocks
+        t1 = (blk + 1) * runs // nblocks
+        o0 = t0 // channels
+        o1 = t1 // channels
+        if o0 == o1:
+            _dx_runs(dy, x, o0, o0 + 1, t0 - o0 * channels, t1 - o0 * channels, params, dx)
+        else:
+            _dx_runs(dy, x, o0, o0 + 1, t0 - o0 * channels, channels, params, dx)
+            _dx_runs(dy, x, o0 + 1, o1, 0, channels, params, dx)
+            if o1 < outer:
+                _dx_runs(dy, x, o1, o1 + 1, 0, t1 - o1 * channels, params, dx)
         _store_fence()
 
 
