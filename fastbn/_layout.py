@@ -9,6 +9,7 @@ C-contiguous (outer, C, inner) arrays.  Anything that cannot be viewed that way
 is copied once, in an order close to its memory order.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -26,17 +27,15 @@ class Layout:
     def of(cls, a, axis):
         """The layout that makes ``a`` (or arrays laid out like it) contiguous."""
         if a.flags.c_contiguous:
-            index = (slice(None),) * a.ndim
-            order = tuple(range(a.ndim))
-        else:
-            index = tuple(
-                slice(None, None, -1) if (d != axis and a.strides[d] < 0) else slice(None)
-                for d in range(a.ndim)
-            )
-            strides = a[index].strides
-            # Largest stride first; ties (size-1 axes) keep their position.
-            order = tuple(sorted(range(a.ndim),
-                                 key=lambda d: (-abs(strides[d]) if a.shape[d] > 1 else 0, d)))
+            return _identity_layout(a.shape, axis)
+        index = tuple(
+            slice(None, None, -1) if (d != axis and a.strides[d] < 0) else slice(None)
+            for d in range(a.ndim)
+        )
+        strides = a[index].strides
+        # Largest stride first; ties (size-1 axes) keep their position.
+        order = tuple(sorted(range(a.ndim),
+                             key=lambda d: (-abs(strides[d]) if a.shape[d] > 1 else 0, d)))
         tshape = tuple(a.shape[d] for d in order)
         pos = order.index(axis)
         outer = math.prod(tshape[:pos])
@@ -66,6 +65,16 @@ class Layout:
         """A fresh (3-D work view, caller-facing array) pair laid out like the input."""
         t = np.empty(self.tshape, dtype=dtype)
         return t.reshape(self.shape3), self.untransformed(t)
+
+
+@functools.lru_cache(maxsize=256)
+def _identity_layout(shape, axis):
+    """The layout of a C-contiguous array: no permutation, no flips (cached by shape)."""
+    ndim = len(shape)
+    outer = math.prod(shape[:axis])
+    inner = math.prod(shape[axis + 1:])
+    return Layout((slice(None),) * ndim, tuple(range(ndim)), tuple(shape),
+                  (outer, shape[axis], inner))
 
 
 class Output:

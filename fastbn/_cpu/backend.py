@@ -112,7 +112,7 @@ class CPUBackend:
         if self._column_path(x3):
             mean, var = np.empty(channels), np.empty(channels)
             with _kernel_guard():
-                kernels.column_forward(x3.reshape(outer, -1), shift, inner,
+                kernels.column_forward(x3.reshape(outer, -1), inner,
                                        _column_blocks(outer, nthreads), _chunk_rows(channels * inner),
                                        False, shift, shift, 0.0, x3.reshape(outer, -1), mean, var,
                                        np.empty(channels))
@@ -149,7 +149,7 @@ class CPUBackend:
         mean, var, inv = np.empty(channels), np.empty(channels), np.empty(channels)
         if self._column_path(x3):
             with _kernel_guard():
-                kernels.column_forward(x3.reshape(outer, -1), _shift(x3), inner,
+                kernels.column_forward(x3.reshape(outer, -1), inner,
                                        _column_blocks(outer, nthreads), _chunk_rows(channels * inner),
                                        True, weight, bias, float(eps), dest.y3.reshape(outer, -1),
                                        mean, var, inv)
@@ -157,7 +157,7 @@ class CPUBackend:
         group, nparts = channel_plan(x3.shape, x3.itemsize, nthreads)
         if nparts == 1:
             with _kernel_guard():
-                kernels.channel_forward(x3, _shift(x3), group, weight, bias, float(eps),
+                kernels.channel_forward(x3, group, weight, bias, float(eps),
                                         dest.y3, mean, var, inv)
             return dest.finish(), mean, var, inv
         n, hi, lo, m2 = self._moments3(x3)
@@ -262,9 +262,9 @@ class CPUBackend:
         per_channel = [np.empty(c) for _ in range(3)]
         with _kernel_guard():
             kernels.channel_moments(x3, shift, 1, 2, *per_part)
-            kernels.channel_forward(x3, shift, 1, ones, zeros, 1e-5, y3, *per_channel)
+            kernels.channel_forward(x3, 1, ones, zeros, 1e-5, y3, *per_channel)
             kernels.affine_channels(x3, np.zeros((c, 4), wd), 2, y3)
-            kernels.column_forward(x2, shift, 4, 2, 4, True, ones, zeros, 1e-5, y2, *per_channel)
+            kernels.column_forward(x2, 4, 2, 4, True, ones, zeros, 1e-5, y2, *per_channel)
             kernels.affine_columns(x2, np.zeros((c, 4), wd), 4, 2, y2)
             kernels.channel_grad_sums(x3, x3, zeros, 1, 2, *per_part[:2])
             kernels.channel_backward(x3, x3, zeros, ones, ones, 1, y3, *per_channel[:2])

@@ -473,6 +473,15 @@ def _affine_runs(x, o0, o1, c0, c1, params, y):
                            params[c, 2], params[c, 3])
 
 
+@kernel()
+def _first_values(x):
+    """Each channel's first value of ``x`` (outer, C, inner), float64: the statistics' shift."""
+    shift = np.empty(x.shape[1])
+    for c in range(x.shape[1]):
+        shift[c] = x[0, c, 0]
+    return shift
+
+
 @kernel(parallel=True)
 def channel_moments(x, shift, group, nparts, count, mean_rel, m2):
     """Per-(channel, part) count, mean relative to ``shift[c]`` and M2, arrays (C, nparts).
@@ -500,12 +509,13 @@ def channel_moments(x, shift, group, nparts, count, mean_rel, m2):
 
 
 @kernel(parallel=True)
-def channel_forward(x, shift, group, weight, bias, eps, y, mean, var, invstd):
+def channel_forward(x, group, weight, bias, eps, y, mean, var, invstd):
     """Training forward, fused: each group of channels is reduced, then normalized from cache.
 
     Writes ``y`` and the float64 ``mean``, biased ``var`` and ``invstd`` per channel.
     """
     outer, channels, inner = x.shape
+    shift = _first_values(x)
     ngroups = -(-channels // group)
     params = np.empty((channels, 4), x.dtype)
     for g in prange(ngroups):
@@ -674,8 +684,8 @@ def _expand(per_channel, inner):
 
 
 @kernel(parallel=True)
-def column_forward(x, shift, inner, nblocks, chunk_rows, normalize, weight, bias, eps, y,
-                   mean, var, invstd):
+def column_forward(x, inner, nblocks, chunk_rows, normalize, weight, bias, eps, y, mean, var,
+                   invstd):
     """Statistics over rows of ``x`` (rows, C * inner), then (``normalize``) ``y``, in one call.
 
     Three phases: per-block column moments in parallel, a serial fold to
@@ -684,6 +694,7 @@ def column_forward(x, shift, inner, nblocks, chunk_rows, normalize, weight, bias
     """
     rows, width = x.shape
     channels = width // inner
+    shift = _first_values(x.reshape(rows, channels, inner))
     count = np.empty(nblocks)
     mean_rel = np.empty((nblocks, width))
     m2 = np.empty((nblocks, width))
