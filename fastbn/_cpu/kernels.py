@@ -9,8 +9,15 @@ float64) in a canonical layout and knows nothing about axes:
   (long streams for the prefetchers), and normalizes the group right after
   reducing it, while its data is still in cache.
 * "column" kernels take ``x`` of shape (rows, W) and reduce over rows, with
-  every column its own accumulator.  This is the fast path when ``inner`` is
-  short (channels-last, (N, C)): the loop over W is contiguous and vectorizes.
+  every column its own accumulator (in vector registers, TILE_COLUMNS at a
+  time).  This is the fast path when ``inner`` is short (channels-last,
+  (N, C)): the loop over W is contiguous and vectorizes.
+
+Output passes write whole 64-byte lines with non-temporal stores (LLVM IR
+intrinsics below: Numba has no vector types), except for outputs small enough
+to stay in cache.  Everything Numba compiles lives in this one module on
+purpose: the disk cache is keyed by this file's contents and would not notice
+an edit to a helper imported from elsewhere.
 
 Numerics (CONTRACT section 5).  Statistics are accumulated in float64 relative
 to a per-channel shift (the channel's first value) in L1-sized pieces: the
