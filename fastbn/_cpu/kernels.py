@@ -113,16 +113,41 @@ def _store_line_nt(context, builder, aryty, ary, index, value):
     store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
 
 
+def _affine_expr(builder, v, hi, lo, scale, shift):
+    return builder.fadd(builder.fmul(builder.fsub(builder.fsub(v, hi), lo), scale), shift)
+
+
+def _dx_expr(builder, g, v, hi, lo, a, b, k):
+    xc = builder.fsub(builder.fsub(v, hi), lo)
+    return builder.fmul(builder.fsub(builder.fsub(g, b), builder.fmul(xc, k)), a)
+
+
+def _column_params(context, builder, pty, params, j, count, vty):
+    """Lines of rows 0..count-1 of ``params`` (k, W + lanes) starting at column ``j``."""
+    parr = context.make_array(pty)(context, builder, params)
+    lines = []
+    for k in range(count):
+        ptr = cgutils.get_item_pointer(context, builder, pty, parr,
+                                       [context.get_constant(types.intp, k), j],
+                                       wraparound=False, boundscheck=False)
+        lines.append(builder.load(builder.bitcast(ptr, vty.as_pointer()),
+                                  align=pty.dtype.bitwidth // 8))
+    return lines
+
+
+def _scalar_params(context, builder, sig, args, first, count, vty):
+    dt = sig.args[0].dtype
+    return [_splat(context, builder, args[n], sig.args[n], dt, vty)
+            for n in range(first, first + count)]
+
+
 @intrinsic
 def _line_affine(typingctx, x, i, out, hi, lo, scale, shift):
     """``out[i:i+L] = ((x[i:i+L] - hi) - lo) * scale + shift``, one line, streamed."""
     def codegen(context, builder, sig, args):
-        dt = sig.args[0].dtype
-        vty = _line_type(context, dt)
+        vty = _line_type(context, sig.args[0].dtype)
         v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
-        hi_, lo_, sc_, sh_ = (_splat(context, builder, args[k], sig.args[k], dt, vty)
-                              for k in range(3, 7))
-        r = builder.fadd(builder.fmul(builder.fsub(builder.fsub(v, hi_), lo_), sc_), sh_)
+        r = _affine_expr(builder, v, *_scalar_params(context, builder, sig, args, 3, 4, vty))
         _store_line_nt(context, builder, sig.args[2], args[2], args[1], r)
         return context.get_dummy_value()
     return types.void(x, types.intp, out, hi, lo, scale, shift), codegen
@@ -132,19 +157,10 @@ def _line_affine(typingctx, x, i, out, hi, lo, scale, shift):
 def _line_affine_cols(typingctx, x, i, out, params, j):
     """Column form: parameters are rows of ``params`` (4, W) at column ``j``."""
     def codegen(context, builder, sig, args):
-        dt = sig.args[0].dtype
-        vty = _line_type(context, dt)
+        vty = _line_type(context, sig.args[0].dtype)
         v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
-        pty = sig.args[3]
-        parr = context.make_array(pty)(context, builder, args[3])
-        p = []
-        for k in range(4):
-            ptr = cgutils.get_item_pointer(context, builder, pty, parr,
-                                           [context.get_constant(types.intp, k), args[4]],
-                                           wraparound=False, boundscheck=False)
-            p.append(builder.load(builder.bitcast(ptr, vty.as_pointer()), align=dt.bitwidth // 8))
-        r = builder.fadd(builder.fmul(builder.fsub(builder.fsub(v, p[0]), p[1]), p[2]), p[3])
-        _store_line_nt(context, builder, sig.args[2], args[2], args[1], r)
+        p = _column_params(context, builder, sig.args[3], args[3], args[4], 4, vty)
+        _store_line_nt(context, builder, sig.args[2], args[2], args[1], _affine_expr(builder, v, *p))
         return context.get_dummy_value()
     return types.void(x, types.intp, out, params, types.intp), codegen
 
@@ -153,14 +169,10 @@ def _line_affine_cols(typingctx, x, i, out, params, j):
 def _line_dx(typingctx, dy, x, i, out, hi, lo, a, b, k):
     """``out[i:i+L] = ((dy - b) - ((x - hi) - lo) * k) * a``, one line, streamed."""
     def codegen(context, builder, sig, args):
-        dt = sig.args[1].dtype
-        vty = _line_type(context, dt)
+        vty = _line_type(context, sig.args[1].dtype)
         g = _load_line(context, builder, sig.args[0], args[0], args[2], vty)
         v = _load_line(context, builder, sig.args[1], args[1], args[2], vty)
-        hi_, lo_, a_, b_, k_ = (_splat(context, builder, args[n], sig.args[n], dt, vty)
-                                for n in range(4, 9))
-        xc = builder.fsub(builder.fsub(v, hi_), lo_)
-        r = builder.fmul(builder.fsub(builder.fsub(g, b_), builder.fmul(xc, k_)), a_)
+        r = _dx_expr(builder, g, v, *_scalar_params(context, builder, sig, args, 4, 5, vty))
         _store_line_nt(context, builder, sig.args[3], args[3], args[2], r)
         return context.get_dummy_value()
     return types.void(dy, x, types.intp, out, hi, lo, a, b, k), codegen
@@ -170,21 +182,11 @@ def _line_dx(typingctx, dy, x, i, out, hi, lo, a, b, k):
 def _line_dx_cols(typingctx, dy, x, i, out, params, j):
     """Column form of ``_line_dx``: parameters are rows of ``params`` (5, W) at column ``j``."""
     def codegen(context, builder, sig, args):
-        dt = sig.args[1].dtype
-        vty = _line_type(context, dt)
+        vty = _line_type(context, sig.args[1].dtype)
         g = _load_line(context, builder, sig.args[0], args[0], args[2], vty)
         v = _load_line(context, builder, sig.args[1], args[1], args[2], vty)
-        pty = sig.args[4]
-        parr = context.make_array(pty)(context, builder, args[4])
-        p = []
-        for n in range(5):
-            ptr = cgutils.get_item_pointer(context, builder, pty, parr,
-                                           [context.get_constant(types.intp, n), args[5]],
-                                           wraparound=False, boundscheck=False)
-            p.append(builder.load(builder.bitcast(ptr, vty.as_pointer()), align=dt.bitwidth // 8))
-        xc = builder.fsub(builder.fsub(v, p[0]), p[1])
-        r = builder.fmul(builder.fsub(builder.fsub(g, p[3]), builder.fmul(xc, p[4])), p[2])
-        _store_line_nt(context, builder, sig.args[3], args[3], args[2], r)
+        p = _column_params(context, builder, sig.args[4], args[4], args[5], 5, vty)
+        _store_line_nt(context, builder, sig.args[3], args[3], args[2], _dx_expr(builder, g, v, *p))
         return context.get_dummy_value()
     return types.void(dy, x, types.intp, out, params, types.intp), codegen
 
