@@ -108,15 +108,15 @@ class CPUBackend:
         """Count, mean (hi + lo, float64) and M2 per channel."""
         outer, channels, inner = x3.shape
         nthreads = numba.get_num_threads()
-        shift = _shift(x3)
         if self._column_path(x3):
-            mean, var = np.empty(channels), np.empty(channels)
+            mean, var, unused = np.empty(channels), np.empty(channels), np.zeros(channels)
             with _kernel_guard():
                 kernels.column_forward(x3.reshape(outer, -1), inner,
                                        _column_blocks(outer, nthreads), _chunk_rows(channels * inner),
-                                       False, shift, shift, 0.0, x3.reshape(outer, -1), mean, var,
+                                       False, unused, unused, 0.0, x3.reshape(outer, -1), mean, var,
                                        np.empty(channels))
             return float(outer * inner), mean, np.zeros(channels), var * (outer * inner)
+        shift = _shift(x3)
         group, nparts = channel_plan(x3.shape, x3.itemsize, nthreads)
         count = np.empty((channels, nparts))
         mean_rel = np.empty((channels, nparts))
