@@ -8,11 +8,13 @@ import fastbn
 
 
 def test_eight_threads_at_once(rng):
-    shapes = [(8, 16, 80), (4, 2, 64, 72), (500, 12), (6, 5, 5, 20)]
-    axes = [1, 1, 1, -1]
+    # the last two are over the streaming-store threshold (4 MiB)
+    shapes = [(8, 16, 80), (4, 2, 64, 72), (500, 12), (6, 5, 5, 20), (8, 16, 96, 96),
+              (12_000, 100)]
+    axes = [1, 1, 1, -1, 1, -1]
     cases = []
     for k in range(8):
-        shape, axis = shapes[k % 4], axes[k % 4]
+        shape, axis = shapes[k % len(shapes)], axes[k % len(shapes)]
         x = rng.normal(k, 1 + k, shape).astype(np.float32 if k % 2 else np.float64)
         dy = rng.normal(size=shape).astype(x.dtype)
         cases.append((x, dy, axis))
