@@ -228,13 +228,19 @@ def _store_fence(typingctx):
 
 
 @kernel()
+def _streams(out):
+    """Whether ``out`` is written with streaming stores: large, and aligned to its items."""
+    return out.size * out.itemsize >= STREAM_MIN_BYTES and out.ctypes.data % out.itemsize == 0
+
+
+@kernel()
 def _stream_span(out, start, stop):
     """``(first, last)``: the whole 64-byte lines of ``out`` in [first, last) get streaming
     stores; none (``(stop, stop)``) when ``out`` is small enough to stay in cache, where
     the caller will read it back soonest, or not aligned to its item size."""
     size = out.itemsize
     addr = out.ctypes.data + start * size
-    if addr % size != 0 or out.size * size < STREAM_MIN_BYTES:
+    if not _streams(out):
         return stop, stop
     first = start + min(((LINE_BYTES - addr % LINE_BYTES) % LINE_BYTES) // size, stop - start)
     lanes = LINE_BYTES // size
@@ -473,6 +479,13 @@ def _affine_runs(x, o0, o1, c0, c1, params, y):
     would cost more than the run.
     """
     outer, channels, inner = x.shape
+    if not _streams(y):
+        for o in range(o0, o1):
+            for c in range(c0, c1):
+                hi, lo, scale, shift = params[c, 0], params[c, 1], params[c, 2], params[c, 3]
+                for i in range(np.uint64(0), np.uint64(inner)):
+                    y[o, c, i] = ((x[o, c, i] - hi) - lo) * scale + shift
+        return
     xf = x.reshape(x.size)
     yf = y.reshape(y.size)
     for o in range(o0, o1):
@@ -800,6 +813,13 @@ def _run_grad_sums(dy, x, o, c, mean):
 def _dx_runs(dy, x, o0, o1, c0, c1, params, dx):
     """Training-mode ``dx`` of the runs [o0, o1) x [c0, c1), row by row (see ``_affine_runs``)."""
     outer, channels, inner = x.shape
+    if not _streams(dx):
+        for o in range(o0, o1):
+            for c in range(c0, c1):
+                hi, lo, a, b, k = params[c, 0], params[c, 1], params[c, 2], params[c, 3], params[c, 4]
+                for i in range(np.uint64(0), np.uint64(inner)):
+                    dx[o, c, i] = ((dy[o, c, i] - b) - ((x[o, c, i] - hi) - lo) * k) * a
+        return
     gf = dy.reshape(dy.size)
     xf = x.reshape(x.size)
     df = dx.reshape(dx.size)
