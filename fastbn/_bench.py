@@ -29,7 +29,6 @@ CASES = {
     "2d": (((1_000_000, 64), -1), ((100_000, 64), -1)),
     "small": (((32, 64, 8, 8), 1), ((32, 64, 8, 8), 1)),
 }
-OPS = ("forward", "inference", "backward", "stats")
 FLOOR = "memory floor: parallel copy"
 READ = "floor: parallel read"
 READ_COPY = "floor: read + copy"

@@ -423,13 +423,19 @@ def _accumulate(x, o0, o1, i0, i1, c, shift, j, n, mean_rel, m2):
 
 
 @kernel()
-def _merge_piece(s1, s2, m, j, n, mean_rel, m2):
-    """Chan-merge a piece of ``m`` values, given as deviation sums about the current mean."""
+def _merged(n, mean, m2, s1, s2, m):
+    """Chan's merge of ``m`` new values, given as deviation sums ``s1``, ``s2`` about
+    the current ``mean`` of ``n`` values, into ``(mean, m2)``."""
     delta = s1 / m
-    n_new = n[j] + m
-    mean_rel[j] += delta * (m / n_new)
-    m2[j] += (s2 - s1 * delta) + delta * delta * (n[j] * m / n_new)
-    n[j] = n_new
+    n_new = n + m
+    return mean + delta * (m / n_new), m2 + (s2 - s1 * delta) + delta * delta * (n * m / n_new)
+
+
+@kernel()
+def _merge_piece(s1, s2, m, j, n, mean_rel, m2):
+    """Merge a piece of ``m`` values into accumulator ``j``."""
+    mean_rel[j], m2[j] = _merged(n[j], mean_rel[j], m2[j], s1, s2, m)
+    n[j] += m
 
 
 @kernel()
@@ -620,13 +626,8 @@ def _rows_add_dev_sums(x, r0, r1, shift, mu, s1, s2):
 @kernel()
 def _merge_chunk(s1, s2, m, n, mu, q):
     """Merge a chunk of ``m`` rows (deviation sums about ``mu``) into ``n`` rows' ``mu``, ``q``."""
-    wk = m / (n + m)
-    wm = n * m / (n + m)
-    inv_m = 1.0 / m
     for j in range(s1.shape[0]):
-        delta = s1[j] * inv_m
-        q[j] += (s2[j] - s1[j] * delta) + delta * delta * wm
-        mu[j] += delta * wk
+        mu[j], q[j] = _merged(n, mu[j], q[j], s1[j], s2[j], m)
 
 
 @kernel()
