@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbn bench | startup | warmup``."""
+"""Command line: ``python -m fastbn bench | floors | startup | warmup``."""
 
 import argparse
 import json
@@ -30,6 +30,20 @@ def _bench(args):
     if args.plot:
         _bench.plot(results, args.plot)
         print(f"wrote {args.plot}")
+
+
+def _floors(args):
+    from . import _bench
+
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in _bench.machine_info().items()))
+    for dtype in args.dtype:
+        rows = _bench.floor_sweep(args.case, np.dtype(dtype), quick=args.quick,
+                                  repeats=args.repeats)
+        print(f"\n{args.case} {dtype}: floors of the fused channel path by group size "
+              f"(median of {args.repeats} interleaved repeats)")
+        width = max(len(n) for n, _, _ in rows)
+        for name, sec, ratio in rows:
+            print(f"  {name:<{width}}  {sec * 1e3:9.3f} ms  {ratio:5.2f}x copy")
 
 
 def _startup(args):
@@ -65,6 +79,12 @@ def main(argv=None):
     b.add_argument("--json", help="also write the numbers to this file")
     b.add_argument("--plot", help="also draw a bar chart into this PNG (needs matplotlib)")
     b.set_defaults(func=_bench)
+    f = sub.add_parser("floors", help="floors of the fused channel schedule by group size")
+    f.add_argument("--case", default="nchw", choices=["nchw", "nchw-batch256", "small"])
+    f.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float64"])
+    f.add_argument("--repeats", type=int, default=11)
+    f.add_argument("--quick", action="store_true")
+    f.set_defaults(func=_floors)
     s = sub.add_parser("startup", help="cold compile and warm-cache start-up times")
     s.add_argument("--json")
     s.set_defaults(func=_startup)

@@ -19,6 +19,7 @@ import numba
 import numpy as np
 
 from . import api
+from ._cpu import kernels
 from ._cpu.backend import backend as cpu
 
 # name: (shape, channel axis), full size and --quick size
@@ -34,6 +35,8 @@ READ = "floor: parallel read"
 READ_COPY = "floor: read + copy"
 ADD = "floor: a + b (2 reads, 1 write)"
 READ2_ADD = "floor: read x, dy + (x + dy)"
+GROUPED_READ_COPY = "floor: per channel group, read + copy from cache"
+GROUPED_READ2_ADD = "floor: per channel group, read x, dy + (x + dy) from cache"
 EPS = 1e-5
 
 
@@ -114,6 +117,8 @@ class Inputs:
         bshape = [1] * self.x.ndim
         bshape[axis] = -1
         self.bshape = bshape
+        ax = axis % self.x.ndim
+        self.shape3 = (math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:]))
 
 
 def uses_column_path(shape, axis):
@@ -122,20 +127,33 @@ def uses_column_path(shape, axis):
     return math.prod(shape[axis % len(shape) + 1:]) < MIN_RUN
 
 
+def fused_channel_path(a):
+    from ._cpu.backend import channel_plan
+
+    return channel_plan(a.shape3, a.x.itemsize, numba.get_num_threads())[1] == 1
+
+
 def pattern_floors(a):
     """Floors of the memory traffic each op must do on this case's kernel path.
 
-    The channel path reads a group of channels once and re-reads it from cache;
-    the column path must read its input twice (statistics of a channel need
-    every row before the first output).  Each floor runs the same traffic with
-    nothing else: read-only passes, a copy (read + write), ``a + b`` (two reads
-    + one write), all parallel with streaming stores.
+    The fused channel path reads a group of channels once and re-reads it from
+    cache (the grouped floors run that schedule with no arithmetic); the column
+    path must read its input twice (statistics of a channel need every row
+    before the first output).  Each floor runs the same traffic with nothing
+    else: read-only passes, a copy (read + write), ``a + b`` (two reads + one
+    write), all parallel with streaming stores.
     """
-    column = uses_column_path(a.shape, a.axis)
-    forward = ((READ_COPY, lambda: (cpu.read(a.x), cpu.copy(a.x, a.copy_dst))) if column
-               else (FLOOR, None))
-    backward = ((READ2_ADD, lambda: (cpu.read(a.x), cpu.read(a.dy), cpu.add(a.x, a.dy, a.copy_dst)))
-                if column else (ADD, lambda: cpu.add(a.x, a.dy, a.copy_dst)))
+    if uses_column_path(a.shape, a.axis):
+        forward = (READ_COPY, lambda: (cpu.read(a.x), cpu.copy(a.x, a.copy_dst)))
+        backward = (READ2_ADD, lambda: (cpu.read(a.x), cpu.read(a.dy),
+                                        cpu.add(a.x, a.dy, a.copy_dst)))
+    elif not fused_channel_path(a):
+        forward = (FLOOR, None)
+        backward = (ADD, lambda: cpu.add(a.x, a.dy, a.copy_dst))
+    else:
+        x3, dy3, dst3 = (v.reshape(a.shape3) for v in (a.x, a.dy, a.copy_dst))
+        forward = (GROUPED_READ_COPY, lambda: cpu.grouped_read_copy(x3, dst3))
+        backward = (GROUPED_READ2_ADD, lambda: cpu.grouped_read2_add(x3, dy3, dst3))
     return {"forward": forward, "inference": (FLOOR, None), "backward": backward,
             "stats": (READ, lambda: cpu.read(a.x))}
 
@@ -345,3 +363,30 @@ def plot(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def floor_sweep(name="nchw", dtype=np.float32, quick=False, repeats=11):
+    """The fused channel path's floors over group sizes, against the copy and fastbn.
+
+    Answers "could another group size get under a target?": each row is the
+    fastest possible kernel on that schedule (the traffic and nothing else).
+    Returns ``[(contender, median seconds, time / copy)]``.
+    """
+    shape, axis = case_shape(name, quick)
+    a = Inputs(shape, axis, dtype)
+    x3, dy3, dst3 = (v.reshape(a.shape3) for v in (a.x, a.dy, a.copy_dst))
+    channel_bytes = a.shape3[0] * a.shape3[2] * a.x.itemsize
+    fns = dict(fastbn_contenders(a)["floor"])
+    fns.update({
+        "fastbn forward (out=)": fastbn_contenders(a)["forward"]["fastbn forward (out=)"],
+        "fastbn backward (out=)": fastbn_contenders(a)["backward"]["fastbn backward (out=)"],
+    })
+    for group in sorted({max(1, min(a.shape3[1], (mb << 20) // channel_bytes))
+                         for mb in (1, 2, 4, 8, 16)}):
+        mib = group * channel_bytes / 2**20
+        fns[f"read + copy, groups of {group} channels ({mib:.1f} MiB)"] = (
+            lambda g=group: kernels.grouped_read_copy(x3, g, dst3))
+        fns[f"read x, dy + add, groups of {group} ({2 * mib:.1f} MiB)"] = (
+            lambda g=group: kernels.grouped_read2_add(x3, dy3, g, dst3))
+    medians, _ = time_interleaved(fns, repeats=repeats)
+    return [(n, s, s / medians[FLOOR]) for n, s in medians.items()]

@@ -852,6 +852,16 @@ def channel_grad_sums(dy, x, mean, group, nparts, sum_dy, sum_dy_xmu):
                 sum_dy_xmu[c, part] += b
 
 
+@kernel()
+def _dx_params(params, c, mean, invstd, weight, sum_dy, sum_dy_xmu, n):
+    """Row ``c`` of the backward parameters ``(hi, lo, a, b, k)`` in the working dtype."""
+    params[c, 0] = mean[c]
+    params[c, 1] = mean[c] - np.float64(params[c, 0])
+    params[c, 2] = weight[c] * invstd[c]
+    params[c, 3] = sum_dy[c] / n
+    params[c, 4] = invstd[c] * invstd[c] * sum_dy_xmu[c] / n
+
+
 @kernel(parallel=True)
 def channel_backward(dy, x, mean, invstd, weight, group, dx, sum_dy, sum_dy_xmu):
     """Training backward, fused: each group's sums, then its ``dx`` from cache.
@@ -874,11 +884,7 @@ def channel_backward(dy, x, mean, invstd, weight, group, dx, sum_dy, sum_dy_xmu)
                 sum_dy[c] += a
                 sum_dy_xmu[c] += b
         for c in range(c0, c1):
-            params[c, 0] = mean[c]
-            params[c, 1] = mean[c] - np.float64(params[c, 0])
-            params[c, 2] = weight[c] * invstd[c]
-            params[c, 3] = sum_dy[c] / n
-            params[c, 4] = invstd[c] * invstd[c] * sum_dy_xmu[c] / n
+            _dx_params(params, c, mean, invstd, weight, sum_dy, sum_dy_xmu, n)
         _dx_runs(dy, x, 0, outer, c0, c1, params, dx)
         _store_fence()
 
@@ -999,21 +1005,37 @@ def _wrap_columns(params, width, lanes):
             params[k, width + j] = params[k, j]
 
 
+@kernel()
+def _copy_span(src, dst, lo, hi):
+    """``dst[lo:hi] = src[lo:hi]`` (flat), streaming the whole lines of a large ``dst``."""
+    first, last = _stream_span(dst, lo, hi)
+    for i in range(np.uint64(lo), np.uint64(first)):
+        dst[i] = src[i]
+    for i in range(first, last, LINE_BYTES // dst.itemsize):
+        _line_copy(src, i, dst)
+    for i in range(np.uint64(last), np.uint64(hi)):
+        dst[i] = src[i]
+
+
+@kernel()
+def _add_span(a, b, out, lo, hi):
+    """``out[lo:hi] = a[lo:hi] + b[lo:hi]`` (flat), streaming the whole lines of a large ``out``."""
+    first, last = _stream_span(out, lo, hi)
+    for i in range(np.uint64(lo), np.uint64(first)):
+        out[i] = a[i] + b[i]
+    for i in range(first, last, LINE_BYTES // out.itemsize):
+        _line_add(a, b, i, out)
+    for i in range(np.uint64(last), np.uint64(hi)):
+        out[i] = a[i] + b[i]
+
+
 @kernel(parallel=True)
 def parallel_copy(src, dst, nblocks):
     """Copy flat ``src`` into ``dst`` in ``nblocks`` parallel blocks with streaming stores:
     the memory floor, one read and one write of every byte."""
     n = src.shape[0]
     for blk in prange(nblocks):
-        lo = blk * n // nblocks
-        hi = (blk + 1) * n // nblocks
-        first, last = _stream_span(dst, lo, hi)
-        for i in range(np.uint64(lo), np.uint64(first)):
-            dst[i] = src[i]
-        for i in range(first, last, LINE_BYTES // dst.itemsize):
-            _line_copy(src, i, dst)
-        for i in range(np.uint64(last), np.uint64(hi)):
-            dst[i] = src[i]
+        _copy_span(src, dst, blk * n // nblocks, (blk + 1) * n // nblocks)
         _store_fence()
 
 
@@ -1022,6 +1044,14 @@ def _flat_sum(a, lo, hi):
     s = 0.0
     for i in range(np.uint64(lo), np.uint64(hi)):
         s += a[i]
+    return s
+
+
+@kernel(fastmath=REDUCE_MATH)
+def _flat_sum2(a, b, lo, hi):
+    s = 0.0
+    for i in range(np.uint64(lo), np.uint64(hi)):
+        s += a[i] + b[i]
     return s
 
 
@@ -1040,13 +1070,217 @@ def parallel_add(a, b, out, nblocks):
     """``out = a + b`` (flat) with streaming stores: the floor of two reads and one write."""
     n = a.shape[0]
     for blk in prange(nblocks):
-        lo = blk * n // nblocks
-        hi = (blk + 1) * n // nblocks
-        first, last = _stream_span(out, lo, hi)
-        for i in range(np.uint64(lo), np.uint64(first)):
-            out[i] = a[i] + b[i]
-        for i in range(first, last, LINE_BYTES // out.itemsize):
-            _line_add(a, b, i, out)
-        for i in range(np.uint64(last), np.uint64(hi)):
-            out[i] = a[i] + b[i]
+        _add_span(a, b, out, blk * n // nblocks, (blk + 1) * n // nblocks)
         _store_fence()
+
+
+# Floors of the fused channel path: the same tasks (a group of channels each)
+# and the same traffic (read the group, then read it again from cache and
+# write), with no arithmetic.  No fused kernel on this schedule can beat them.
+
+@kernel(parallel=True)
+def grouped_read_copy(x, group, y):
+    """Per group of channels of ``x`` (outer, C, inner): sum it, then copy it into ``y``."""
+    outer, channels, inner = x.shape
+    ngroups = -(-channels // group)
+    xf = x.reshape(x.size)
+    yf = y.reshape(y.size)
+    sums = np.zeros(ngroups)
+    for g in prange(ngroups):
+        c0 = g * group
+        c1 = min(c0 + group, channels)
+        s = 0.0
+        for o in range(outer):
+            s += _flat_sum(xf, (o * channels + c0) * inner, (o * channels + c1) * inner)
+        sums[g] = s
+        for o in range(outer):
+            _copy_span(xf, yf, (o * channels + c0) * inner, (o * channels + c1) * inner)
+        _store_fence()
+    return sums.sum()
+
+
+@kernel(parallel=True)
+def grouped_read2_add(a, b, group, out):
+    """Per group of channels: sum ``a`` and ``b``, then ``out = a + b`` from cache."""
+    outer, channels, inner = a.shape
+    ngroups = -(-channels // group)
+    af = a.reshape(a.size)
+    bf = b.reshape(b.size)
+    outf = out.reshape(out.size)
+    sums = np.zeros(ngroups)
+    for g in prange(ngroups):
+        c0 = g * group
+        c1 = min(c0 + group, channels)
+        s = 0.0
+        for o in range(outer):
+            lo = (o * channels + c0) * inner
+            hi = (o * channels + c1) * inner
+            s += _flat_sum2(af, bf, lo, hi)
+        sums[g] = s
+        for o in range(outer):
+            _add_span(af, bf, outf, (o * channels + c0) * inner, (o * channels + c1) * inner)
+        _store_fence()
+    return sums.sum()
+
+
+# ---------------------------------------------------------------------------
+# Plans: one whole op on (outer, C, inner) arrays, choosing the kernel path.
+# The Python backend and the C entry points (fastbn.capi) both call these, so
+# the same shape takes the same path, with the same numerics, from either side.
+
+# Channel path: a group of neighbouring channels is read as one long stream, then
+# re-read from cache to normalize; keep a group within this many bytes of input.
+GROUP_BYTES = 8 << 20
+MAX_GROUP = 16
+# Below this many values, a part of a channel is not worth its own task.
+MIN_PART_VALUES = 16384
+# Column path: values per chunk of rows, so that a chunk stays in L1/L2.
+CHUNK_VALUES = 16384
+
+
+@kernel()
+def channel_plan(outer, channels, inner, bytes_per_value, nthreads):
+    """``(group, nparts)`` for the channel path: channels per task, parts per channel.
+
+    Fused (``nparts == 1``) when there are enough groups to keep every thread
+    busy; otherwise channels are also split along ``outer`` and normalized in a
+    second pass.
+    """
+    channel_bytes = max(1, outer * inner * bytes_per_value)
+    group = max(1, min(MAX_GROUP, channels // (2 * nthreads), GROUP_BYTES // channel_bytes))
+    ngroups = -(-channels // group)
+    if ngroups >= 2 * nthreads or nthreads == 1 or ngroups == 0:
+        return group, 1
+    nparts = min(-(-2 * nthreads // ngroups), outer, max(1, outer * inner // MIN_PART_VALUES))
+    return group, max(1, nparts)
+
+
+@kernel()
+def column_blocks(rows, nthreads):
+    return max(1, min(nthreads, rows))
+
+
+@kernel()
+def chunk_rows(width):
+    return max(4, CHUNK_VALUES // max(width, 1))
+
+
+@kernel()
+def run_blocks(outer, channels, nthreads):
+    """Tasks for an element-wise pass over the (outer, C) runs: a few per thread."""
+    return max(1, min(4 * nthreads, outer * channels))
+
+
+@kernel()
+def merged_channel_moments(x, nthreads, hi, lo, m2):
+    """Per-channel mean (``hi + lo``, float64) and M2 of ``x`` (outer, C, inner) on the
+    channel path, parts merged with Chan's formula; returns the count per channel."""
+    outer, channels, inner = x.shape
+    group, nparts = channel_plan(outer, channels, inner, x.itemsize, nthreads)
+    shift = _first_values(x)
+    count = np.empty((channels, nparts))
+    mean_rel = np.empty((channels, nparts))
+    part_m2 = np.empty((channels, nparts))
+    channel_moments(x, shift, group, nparts, count, mean_rel, part_m2)
+    for c in range(channels):
+        n = 0.0
+        mu = 0.0
+        q = 0.0
+        for p in range(nparts):
+            m = count[c, p]
+            if m > 0.0:
+                delta = mean_rel[c, p] - mu
+                n_new = n + m
+                mu += delta * (m / n_new)
+                q += part_m2[c, p] + delta * delta * (n * m / n_new)
+                n = n_new
+        hi[c], lo[c] = _two_sum(shift[c], mu)
+        m2[c] = q
+    return float(outer * inner)
+
+
+@kernel()
+def run_affine(x, hi64, lo64, scale, shift, y, nthreads, min_run):
+    """``y = (x - (hi64 + lo64)) * scale + shift`` per channel; float64 parameters."""
+    outer, channels, inner = x.shape
+    params = np.empty((channels, 4), x.dtype)
+    for c in range(channels):
+        params[c, 0] = hi64[c]
+        params[c, 1] = (hi64[c] - np.float64(params[c, 0])) + lo64[c]
+        params[c, 2] = scale[c]
+        params[c, 3] = shift[c]
+    if inner < min_run:
+        affine_columns(x.reshape(outer, channels * inner), params, inner,
+                       column_blocks(outer, nthreads), y.reshape(outer, channels * inner))
+    else:
+        affine_channels(x, params, run_blocks(outer, channels, nthreads), y)
+
+
+@kernel()
+def run_forward_train(x, weight, bias, eps, y, mean, var, invstd, nthreads, min_run):
+    """Training forward of ``x`` (outer, C, inner), ``outer * inner >= 1``: ``y`` and the
+    float64 ``mean``, biased ``var`` and ``invstd`` per channel, fused where the plan allows."""
+    outer, channels, inner = x.shape
+    if inner < min_run:
+        width = channels * inner
+        column_forward(x.reshape(outer, width), inner, column_blocks(outer, nthreads),
+                       chunk_rows(width), True, weight, bias, eps, y.reshape(outer, width),
+                       mean, var, invstd)
+        return
+    group, nparts = channel_plan(outer, channels, inner, x.itemsize, nthreads)
+    if nparts == 1:
+        channel_forward(x, group, weight, bias, eps, y, mean, var, invstd)
+        return
+    hi = np.empty(channels)
+    lo = np.empty(channels)
+    n = merged_channel_moments(x, nthreads, hi, lo, var)
+    scale = np.empty(channels)
+    for c in range(channels):
+        var[c] /= n
+        invstd[c] = _invstd(var[c], eps)
+        mean[c] = hi[c] + lo[c]
+        scale[c] = invstd[c] * weight[c]
+    run_affine(x, hi, lo, scale, bias, y, nthreads, min_run)
+
+
+@kernel()
+def run_grad_sums(dy, x, mean, sum_dy, sum_dy_xmu, nthreads, min_run):
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` (float64)."""
+    outer, channels, inner = x.shape
+    if inner < min_run:
+        width = channels * inner
+        ones = np.ones(channels)
+        column_backward(dy.reshape(outer, width), x.reshape(outer, width), mean, ones, ones,
+                        inner, column_blocks(outer, nthreads), False, x.reshape(outer, width),
+                        sum_dy, sum_dy_xmu)
+        return
+    group, nparts = channel_plan(outer, channels, inner, 2 * x.itemsize, nthreads)
+    s = np.empty((channels, nparts))
+    sx = np.empty((channels, nparts))
+    channel_grad_sums(dy, x, mean, group, nparts, s, sx)
+    for c in range(channels):
+        sum_dy[c] = s[c].sum()
+        sum_dy_xmu[c] = sx[c].sum()
+
+
+@kernel()
+def run_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthreads, min_run):
+    """Training-mode ``dx`` and the float64 ``sum(dy)``, ``sum(dy * (x - mean))`` per
+    channel, fused where the plan allows."""
+    outer, channels, inner = x.shape
+    if inner < min_run:
+        width = channels * inner
+        column_backward(dy.reshape(outer, width), x.reshape(outer, width), mean, invstd, weight,
+                        inner, column_blocks(outer, nthreads), True, dx.reshape(outer, width),
+                        sum_dy, sum_dy_xmu)
+        return
+    group, nparts = channel_plan(outer, channels, inner, 2 * x.itemsize, nthreads)
+    if nparts == 1:
+        channel_backward(dy, x, mean, invstd, weight, group, dx, sum_dy, sum_dy_xmu)
+        return
+    run_grad_sums(dy, x, mean, sum_dy, sum_dy_xmu, nthreads, min_run)
+    n = float(outer * inner)
+    params = np.empty((channels, 5), x.dtype)
+    for c in range(channels):
+        _dx_params(params, c, mean, invstd, weight, sum_dy, sum_dy_xmu, n)
+    dx_channels(dy, x, params, run_blocks(outer, channels, nthreads), dx)
