@@ -1,0 +1,178 @@
+"""The C entry points: Numba ``@cfunc``s that the C library calls directly.
+
+A call from C never enters Python: ``libfastbn.so`` validates the arguments
+in C, then calls one of these compiled functions through its address, which
+wraps the raw pointers as arrays and runs the same plans as the Python API
+(``fastbn._cpu.kernels.run_*``), so both give the same results for the same
+data.  Arguments after the C signature's: ``flags`` (which optional pointers
+are not NULL, bits below) and ``nthreads`` (the plans' thread count).
+
+These functions are compiled into a cache directory named after a digest of
+this file and of the kernels' source: Numba's cache only watches the file that
+defines a function, and these embed the kernels.
+"""
+
+import hashlib
+import os
+
+import numba
+import numpy as np
+from numba import carray, cfunc, types
+
+from .._cpu import kernels
+from .._cpu.backend import MIN_RUN
+from .._jit import fallback_cache_dir
+
+HAS_WEIGHT, HAS_BIAS, HAS_RUNNING_MEAN, HAS_RUNNING_VAR = 1, 2, 4, 8
+HAS_SAVE_MEAN, HAS_SAVE_INVSTD, HAS_DWEIGHT, HAS_DBIAS = 16, 32, 64, 128
+
+# Order of the entry table in the C library (fastbn/capi/shim.c).
+NAMES = ("forward_train_f32", "forward_train_f64", "forward_infer_f32", "forward_infer_f64",
+         "backward_f32", "backward_f64")
+
+
+@numba.njit  # compiled into the entry points, which are cached themselves
+def _per_channel(ptr, channels, given, default):
+    """A float64 copy of a per-channel C array, or ``default`` everywhere if not given."""
+    out = np.full(channels, default)
+    if given:
+        src = carray(ptr, (channels,))
+        for c in range(channels):
+            out[c] = src[c]
+    return out
+
+
+def _forward_train(outer, channels, inner, x_p, w_p, b_p, eps, momentum, rm_p, rv_p, y_p,
+                   sm_p, si_p, flags, nthreads):
+    x = carray(x_p, (outer, channels, inner))
+    y = carray(y_p, (outer, channels, inner))
+    weight = _per_channel(w_p, channels, flags & HAS_WEIGHT, 1.0)
+    bias = _per_channel(b_p, channels, flags & HAS_BIAS, 0.0)
+    mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
+    kernels.run_forward_train(x, weight, bias, np.float64(eps), y, mean, var, invstd,
+                              nthreads, MIN_RUN)
+    m = np.float64(momentum)
+    n = np.float64(outer * inner)
+    if flags & HAS_RUNNING_MEAN:
+        rm = carray(rm_p, (channels,))
+        for c in range(channels):
+            rm[c] = (1.0 - m) * rm[c] + m * mean[c]
+    if flags & HAS_RUNNING_VAR:
+        rv = carray(rv_p, (channels,))
+        for c in range(channels):
+            rv[c] = (1.0 - m) * rv[c] + m * (var[c] * (n / (n - 1.0)))
+    if flags & HAS_SAVE_MEAN:
+        sm = carray(sm_p, (channels,))
+        for c in range(channels):
+            sm[c] = mean[c]
+    if flags & HAS_SAVE_INVSTD:
+        si = carray(si_p, (channels,))
+        for c in range(channels):
+            si[c] = invstd[c]
+    return 0
+
+
+def _forward_infer(outer, channels, inner, x_p, rm_p, rv_p, w_p, b_p, eps, y_p, flags, nthreads):
+    x = carray(x_p, (outer, channels, inner))
+    y = carray(y_p, (outer, channels, inner))
+    mean = _per_channel(rm_p, channels, True, 0.0)
+    var = _per_channel(rv_p, channels, True, 0.0)
+    weight = _per_channel(w_p, channels, flags & HAS_WEIGHT, 1.0)
+    bias = _per_channel(b_p, channels, flags & HAS_BIAS, 0.0)
+    scale = np.empty(channels)
+    for c in range(channels):
+        scale[c] = kernels._invstd(var[c], np.float64(eps)) * weight[c]
+    kernels.run_affine(x, mean, np.zeros(channels), scale, bias, y, nthreads, MIN_RUN)
+    return 0
+
+
+def _backward(outer, channels, inner, dy_p, x_p, sm_p, si_p, w_p, dx_p, dw_p, db_p, flags,
+              nthreads):
+    dy = carray(dy_p, (outer, channels, inner))
+    x = carray(x_p, (outer, channels, inner))
+    dx = carray(dx_p, (outer, channels, inner))
+    mean = _per_channel(sm_p, channels, True, 0.0)
+    invstd = _per_channel(si_p, channels, True, 0.0)
+    weight = _per_channel(w_p, channels, flags & HAS_WEIGHT, 1.0)
+    sum_dy, sum_dy_xmu = np.empty(channels), np.empty(channels)
+    kernels.run_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu,
+                               nthreads, MIN_RUN)
+    if flags & HAS_DWEIGHT:
+        dw = carray(dw_p, (channels,))
+        for c in range(channels):
+            dw[c] = sum_dy_xmu[c] * invstd[c]
+    if flags & HAS_DBIAS:
+        db = carray(db_p, (channels,))
+        for c in range(channels):
+            db[c] = sum_dy[c]
+    return 0
+
+
+def _signatures(real):
+    p = types.CPointer(real)
+    i64 = types.int64
+    return {
+        "forward_train": types.int32(i64, i64, i64, p, p, p, real, real, p, p, p, p, p, i64, i64),
+        "forward_infer": types.int32(i64, i64, i64, p, p, p, p, p, real, p, i64, i64),
+        "backward": types.int32(i64, i64, i64, p, p, p, p, p, p, p, p, i64, i64),
+    }
+
+
+def cache_dir():
+    """Where the entry points are cached: a directory per version of the code they embed."""
+    digest = hashlib.sha256()
+    for module in (kernels, __import__(__name__, fromlist=["_"])):
+        with open(module.__file__, "rb") as f:
+            digest.update(f.read())
+    digest.update(numba.__version__.encode())
+    name = f"fastbn-capi-{digest.hexdigest()[:16]}"
+    candidates = [numba.config.CACHE_DIR,
+                  os.path.join(os.path.dirname(__file__), "__pycache__"),
+                  fallback_cache_dir()]
+    for base in candidates:
+        if not base:
+            continue
+        path = os.path.join(base, name)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(path, os.W_OK):
+            return path
+    return None
+
+
+def compile_entries():
+    """``{name: cfunc}`` for every entry point, loaded from (or compiled into) the cache."""
+    from numba.np.ufunc.parallel import _launch_threads
+
+    # The entry points' parallel regions link against the threading layer's
+    # symbols, and a region started from C needs the layer loaded: load it first.
+    _launch_threads()
+    path = cache_dir()
+    saved = numba.config.CACHE_DIR
+    numba.config.CACHE_DIR = path or saved
+    try:
+        entries = {}
+        for suffix, real in (("f32", types.float32), ("f64", types.float64)):
+            sigs = _signatures(real)
+            for op, impl in (("forward_train", _forward_train), ("forward_infer", _forward_infer),
+                             ("backward", _backward)):
+                entries[f"{op}_{suffix}"] = cfunc(sigs[op], cache=path is not None,
+                                                  nogil=True)(impl)
+    finally:
+        numba.config.CACHE_DIR = saved
+    return entries
+
+
+def register(ffi, lib):
+    """Hand the entry points and the thread count to the C library (its init code calls this)."""
+    entries = compile_entries()
+    for index, name in enumerate(NAMES):
+        lib.fastbn__register_entry(index, ffi.cast("void *", entries[name].address))
+    lib.fastbn__set_threads(numba.config.NUMBA_NUM_THREADS)
+    _alive.update(entries)  # the addresses stay valid while the cfuncs live
+    return entries
+
+
+_alive = {}

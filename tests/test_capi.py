@@ -1,0 +1,187 @@
+"""The C ABI end to end: build libfastbn.so, compile C programs with ``cc``, run them,
+and compare what C gets with the Python API on the same data."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import capi
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "native", "examples")
+CC = shutil.which("cc") or shutil.which("gcc")
+
+pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler (cc) on this machine")
+
+# (outer, C, inner): NCHW-like (channel path), NHWC-like (column path), few channels
+# over a long batch (the channel path split in parts, merged)
+SHAPES = {"nchw": (4, 5, 70), "nhwc": (300, 6, 1), "parts": (64, 2, 4096)}
+ALL, NONE = 31, 0
+
+
+def _compile(src, out, libdir, extra=()):
+    cmd = capi.compile_line(libdir, src).split() + ["-o", out, *extra]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The library, its header and the two example programs, built once."""
+    d = tmp_path_factory.mktemp("capi")
+    lib = capi.build(str(d))
+    assert os.path.exists(lib) and os.path.exists(d / "fastbn.h")
+    return {
+        "dir": d,
+        "check": _compile(os.path.join(EXAMPLES, "capi_check.c"), str(d / "capi_check"), str(d),
+                          ["-lm", "-pthread"]),
+        "normalize": _compile(os.path.join(EXAMPLES, "normalize.c"), str(d / "normalize"),
+                              str(d)),
+    }
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(extra)
+    return env
+
+
+def _run(args, env=None, timeout=600):
+    return subprocess.run(args, capture_output=True, text=True, env=env or _env(),
+                          timeout=timeout)
+
+
+def test_header_is_the_cdef_source():
+    decls = capi.header_declarations()
+    for name in ("fastbn_version", "fastbn_last_error", "fastbn_forward_train_f32",
+                 "fastbn_forward_train_f64", "fastbn_forward_infer_f32", "fastbn_forward_infer_f64",
+                 "fastbn_backward_f32", "fastbn_backward_f64"):
+        assert name + "(" in decls
+    assert "FASTBN_API" not in decls and "#define FASTBN_ERR_INIT 2" in decls
+
+
+def test_example_program_runs_with_the_readme_link_line(built):
+    result = _run([built["normalize"]])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"fastbn {fastbn.__version__}\n")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("channel")]
+    assert len(lines) == 3 and all("var 1.0000" in line or "var 0.9999" in line for line in lines)
+    assert "one value per channel: code 1 (" in result.stdout
+
+
+def _write(d, name, a):
+    np.ascontiguousarray(a).tofile(d / f"{name}.bin")
+
+
+def _read(d, name, dtype, shape):
+    return np.fromfile(d / f"{name}.bin", dtype=dtype).reshape(shape)
+
+
+@pytest.mark.parametrize("mask", [ALL, NONE], ids=["all-pointers", "optional-NULL"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_c_matches_python(built, tmp_path, layout, dtype, mask):
+    shape = SHAPES[layout]
+    c = shape[1]
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shape) * 3 + 1e3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w, b = rng.uniform(0.5, 2, c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    rm, rv = rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
+    for name, a in dict(x=x, dy=dy, w=w, b=b, rm=rm, rv=rv).items():
+        _write(tmp_path, name, a)
+    suffix = "f32" if dtype == np.float32 else "f64"
+    result = _run([built["check"], "run", suffix, *map(str, shape), str(mask), str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+
+    eps, momentum = float(dtype(1e-5)), float(dtype(0.1))  # what C passed, exactly
+    tol = dict(rtol=2e-6, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    weight, bias = (w, b) if mask & 1 else (None, None)
+    rm_py, rv_py = rm.copy(), rv.copy()
+    y, mean, invstd = fastbn.batch_norm_forward(
+        x, weight, bias, axis=1, eps=eps, momentum=momentum,
+        running_mean=rm_py if mask & 4 else None, running_var=rv_py if mask & 4 else None)
+    got = lambda name, shp=shape: _read(tmp_path, name, dtype, shp)  # noqa: E731
+    np.testing.assert_allclose(got("y"), y, **tol)
+    np.testing.assert_array_equal(got("y_inplace"), got("y"))
+    if mask & 8:
+        np.testing.assert_allclose(got("mean", (c,)), mean, **tol)
+        np.testing.assert_allclose(got("invstd", (c,)), invstd, **tol)
+    np.testing.assert_allclose(got("rm_out", (c,)), rm_py, **tol)  # untouched when NULL
+    np.testing.assert_allclose(got("rv_out", (c,)), rv_py, **tol)
+
+    y_inf = fastbn.batch_norm_inference(x, rm, rv, weight, bias, axis=1, eps=eps)
+    np.testing.assert_allclose(got("y_infer"), y_inf, **tol)
+    np.testing.assert_array_equal(got("y_infer_inplace"), got("y_infer"))
+
+    # the backward was given the statistics of a forward with the same arguments
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=1)
+    np.testing.assert_allclose(got("dx"), dx, **tol)
+    if mask & 16:
+        np.testing.assert_allclose(got("dw", (c,)), dw, rtol=tol["rtol"], atol=tol["atol"] * 100)
+        np.testing.assert_allclose(got("db", (c,)), db, rtol=tol["rtol"], atol=tol["atol"] * 100)
+
+
+def test_every_bad_argument_is_refused_without_writing(built):
+    result = _run([built["check"], "errors"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "25 invalid calls checked, 0 failures" in result.stdout
+
+
+def test_four_threads_at_once(built):
+    result = _run([built["check"], "threads"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 threads x 25 forward+backward, 0 failures" in result.stdout
+
+
+def test_runtime_that_cannot_start_returns_init_error_from_every_call(built, tmp_path):
+    # A fastbn that cannot be imported, first on the embedded interpreter's path.
+    broken = tmp_path / "fastbn"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('deliberately broken')\n")
+    result = _run([built["check"], "init-failure"], env=_env(PYTHONPATH=str(tmp_path)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "could not import fastbn" in result.stdout
+    assert "deliberately broken" in result.stderr  # the traceback, for whoever reads stderr
+
+
+def test_overhead_and_first_call(built):
+    result = _run([built["check"], "overhead"])
+    assert result.returncode == 0, result.stderr
+    print(result.stdout)
+    assert "per call" in result.stdout and "first call" in result.stdout
+
+
+def test_build_command_prints_the_link_line(tmp_path, capsys):
+    from fastbn.capi.__main__ import main
+
+    assert main(["build", "--outdir", str(tmp_path)]) == 0  # entry points cached already
+    printed = capsys.readouterr().out
+    assert f"-I{tmp_path} -L{tmp_path} -lfastbn -Wl,-rpath,{tmp_path}" in printed
+    assert (tmp_path / "libfastbn.so").exists() and (tmp_path / "fastbn.h").exists()
+
+
+def test_library_runs_without_this_process_environment(built):
+    """No variable set by the caller: not even PATH or HOME."""
+    result = subprocess.run([built["normalize"]], capture_output=True, text=True,
+                            env={"NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR", "")}
+                            if os.environ.get("NUMBA_CACHE_DIR") else {}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "channel 2:" in result.stdout
+
+
+def test_python_executable_is_baked_in(built):
+    data = (built["dir"] / "libfastbn.so").read_bytes()
+    assert os.path.abspath(sys.executable).encode() in data
+
+
+def test_capi_benchmark_script_runs(built):
+    script = os.path.join(ROOT, "bench", "capi_bench.py")
+    result = _run([sys.executable, script, "--quick", "--repeats", "3"])
+    assert result.returncode == 0, result.stderr
+    assert "per call" in result.stdout and "C / Python" in result.stdout
