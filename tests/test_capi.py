@@ -133,8 +133,11 @@ def test_every_bad_argument_is_refused_without_writing(built):
     assert "25 invalid calls checked, 0 failures" in result.stdout
 
 
-def test_four_threads_at_once(built):
-    result = _run([built["check"], "threads"])
+@pytest.mark.parametrize("layer", ["default", "workqueue"])
+def test_four_threads_at_once(built, layer):
+    # workqueue aborts the process on concurrent parallel regions unless calls are serialized
+    env = _env() if layer == "default" else _env(NUMBA_THREADING_LAYER="workqueue")
+    result = _run([built["check"], "threads"], env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 threads x 25 forward+backward, 0 failures" in result.stdout
 

@@ -15,7 +15,7 @@ MODULE = "_fastbn_capi"
 # Declarations the init code uses (functions of shim.c), on top of the public ABI.
 INTERNAL_CDEF = """
 static void fastbn__register_entry(int index, void *address);
-static void fastbn__set_threads(int64_t n);
+static void fastbn__set_threads(int64_t n, int serialize);
 """
 
 INIT_CODE = f"""

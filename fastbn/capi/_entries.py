@@ -170,7 +170,9 @@ def register(ffi, lib):
     entries = compile_entries()
     for index, name in enumerate(NAMES):
         lib.fastbn__register_entry(index, ffi.cast("void *", entries[name].address))
-    lib.fastbn__set_threads(numba.config.NUMBA_NUM_THREADS)
+    # workqueue aborts on concurrent use: then the C library serializes calls
+    lib.fastbn__set_threads(numba.config.NUMBA_NUM_THREADS,
+                            int(numba.threading_layer() == "workqueue"))
     _alive.update(entries)  # the addresses stay valid while the cfuncs live
     return entries
 

@@ -30,6 +30,10 @@ static int fastbn__init_status = FASTBN_ERR_INIT;
 enum { FWD_F32, FWD_F64, INFER_F32, INFER_F64, BWD_F32, BWD_F64, N_ENTRIES };
 static void *fastbn__entries[N_ENTRIES];
 static int64_t fastbn__threads = 1;
+/* Numba's workqueue layer aborts the process on concurrent parallel regions:
+ * under it, calls take this lock (the init code says which layer loaded). */
+static int fastbn__serialize = 1;
+static pthread_mutex_t fastbn__serial = PTHREAD_MUTEX_INITIALIZER;
 
 /* flags: which optional pointers are given (fastbn/capi/_entries.py) */
 enum {
@@ -52,9 +56,10 @@ static void fastbn__register_entry(int index, void *address)
         fastbn__entries[index] = address;
 }
 
-static void fastbn__set_threads(int64_t n)
+static void fastbn__set_threads(int64_t n, int serialize)
 {
     fastbn__threads = n > 0 ? n : 1;
+    fastbn__serialize = serialize;
 }
 
 static void fastbn__init_once(void)
@@ -168,6 +173,17 @@ static int fastbn__check_scalar(const char *func, double value, const char *name
 #define FASTBN_TRY(expr) do { int fastbn__rc = (expr); if (fastbn__rc) return fastbn__rc; } while (0)
 #define FASTBN_FLAG(p, bit) ((p) != NULL ? (bit) : 0)
 
+#define FASTBN_CALL(rc, call)                                  \
+    do {                                                       \
+        if (fastbn__serialize) {                               \
+            pthread_mutex_lock(&fastbn__serial);               \
+            rc = (call);                                       \
+            pthread_mutex_unlock(&fastbn__serial);             \
+        } else {                                               \
+            rc = (call);                                       \
+        }                                                      \
+    } while (0)
+
 static int fastbn__entry_status(const char *func, int32_t rc)
 {
     if (rc != 0) {
@@ -205,9 +221,11 @@ FASTBN_API int fastbn_forward_train_##SUFFIX(int64_t outer, int64_t channels, in
     int64_t flags = FASTBN_FLAG(weight, HAS_WEIGHT) | FASTBN_FLAG(bias, HAS_BIAS)             \
         | FASTBN_FLAG(running_mean, HAS_RUNNING_MEAN) | FASTBN_FLAG(running_var, HAS_RUNNING_VAR)\
         | FASTBN_FLAG(save_mean, HAS_SAVE_MEAN) | FASTBN_FLAG(save_invstd, HAS_SAVE_INVSTD);   \
-    return fastbn__entry_status(func, ((fastbn__fwd_##SUFFIX)fastbn__entries[FWD])(           \
+    int32_t rc;                                                                               \
+    FASTBN_CALL(rc, ((fastbn__fwd_##SUFFIX)fastbn__entries[FWD])(                             \
         outer, channels, inner, x, weight, bias, eps, momentum, running_mean, running_var, y,  \
         save_mean, save_invstd, flags, fastbn__threads));                                     \
+    return fastbn__entry_status(func, rc);                                                    \
 }                                                                                             \
                                                                                               \
 FASTBN_API int fastbn_forward_infer_##SUFFIX(int64_t outer, int64_t channels, int64_t inner,   \
@@ -226,9 +244,11 @@ FASTBN_API int fastbn_forward_infer_##SUFFIX(int64_t outer, int64_t channels, in
     if (total == 0)                                                                           \
         return FASTBN_OK;                                                                     \
     int64_t flags = FASTBN_FLAG(weight, HAS_WEIGHT) | FASTBN_FLAG(bias, HAS_BIAS);            \
-    return fastbn__entry_status(func, ((fastbn__infer_##SUFFIX)fastbn__entries[INFER])(       \
+    int32_t rc;                                                                               \
+    FASTBN_CALL(rc, ((fastbn__infer_##SUFFIX)fastbn__entries[INFER])(                         \
         outer, channels, inner, x, running_mean, running_var, weight, bias, eps, y, flags,    \
         fastbn__threads));                                                                    \
+    return fastbn__entry_status(func, rc);                                                    \
 }                                                                                             \
                                                                                               \
 FASTBN_API int fastbn_backward_##SUFFIX(int64_t outer, int64_t channels, int64_t inner,        \
@@ -249,9 +269,11 @@ FASTBN_API int fastbn_backward_##SUFFIX(int64_t outer, int64_t channels, int64_t
         return FASTBN_OK;                                                                     \
     int64_t flags = FASTBN_FLAG(weight, HAS_WEIGHT) | FASTBN_FLAG(dweight, HAS_DWEIGHT)       \
         | FASTBN_FLAG(dbias, HAS_DBIAS);                                                      \
-    return fastbn__entry_status(func, ((fastbn__bwd_##SUFFIX)fastbn__entries[BWD])(           \
+    int32_t rc;                                                                               \
+    FASTBN_CALL(rc, ((fastbn__bwd_##SUFFIX)fastbn__entries[BWD])(                             \
         outer, channels, inner, dy, x, save_mean, save_invstd, weight, dx, dweight, dbias,    \
         flags, fastbn__threads));                                                             \
+    return fastbn__entry_status(func, rc);                                                    \
 }
 
 FASTBN_DEFINE(float, f32, FWD_F32, INFER_F32, BWD_F32)
