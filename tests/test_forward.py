@@ -44,6 +44,13 @@ def test_forward_optional_affine(rng, dtype, with_weight, with_bias):
     ((20, 7, 7, 40), -1),   # channels-last: column path
     ((50, 6, 9), 1),        # short runs (inner 9): column path
     ((10, 3, 4097), 1),     # runs just over a chunk
+    # column path over several chunks of rows (statistics merged between chunks),
+    # each accumulator shape: a 64-column register tile, 32-column tiles plus
+    # leftover columns, rows wider than a tile, and rows narrower than one
+    ((5000, 64), -1),
+    ((7000, 40), -1),
+    ((1100, 260), -1),
+    ((50000, 3), -1),
 ])
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))
 def test_forward_every_kernel_path(rng, shape, axis, dtype, kernel_plan):

@@ -8,7 +8,8 @@ import reference as ref
 from helpers import assert_output, assert_stats, check_forward, make
 
 # Shapes that exercise the fused channel path, the split channel path and the column path.
-PATH_SHAPES = [((16, 8, 70), 1), ((4, 2, 64, 72), 1), ((2000, 6), 1), ((30, 5, 5, 16), -1)]
+PATH_SHAPES = [((16, 8, 70), 1), ((4, 2, 64, 72), 1), ((2000, 6), 1), ((30, 5, 5, 16), -1),
+               ((5000, 64), -1), ((1100, 260), -1)]  # column path over several chunks of rows
 
 
 @pytest.mark.parametrize("shape,axis", PATH_SHAPES)

@@ -9,8 +9,8 @@ float64) in a canonical layout and knows nothing about axes:
   (long streams for the prefetchers), and normalizes the group right after
   reducing it, while its data is still in cache.
 * "column" kernels take ``x`` of shape (rows, W) and reduce over rows, with
-  every column its own accumulator (in vector registers, TILE_COLUMNS at a
-  time).  This is the fast path when ``inner`` is short (channels-last,
+  every column its own accumulator (in vector registers for rows of up to 64
+  columns, in an L1-resident array for wider rows).  This is the fast path when ``inner`` is short (channels-last,
   (N, C)): the loop over W is contiguous and vectorizes.
 
 Output passes write whole 64-byte lines with non-temporal stores (LLVM IR
@@ -249,14 +249,12 @@ def _stream_span(out, start, stop):
 
 
 # Column tiles.  Column statistics keep one accumulator per column; with
-# accumulators in arrays every value costs a load and a store of each, so the
-# hot reductions run on tiles of TILE_COLUMNS columns whose accumulators live
-# in vector registers for a whole chunk of rows (8 float64 lanes per vector,
-# several vectors for independent dependency chains).
+# accumulators in arrays every value costs a load and a store of each, so for
+# narrow rows the hot reductions run on tiles of 32 or 64 columns whose
+# accumulators live in vector registers for a whole chunk of rows (8 float64
+# lanes per vector, several vectors for independent dependency chains).
 
 TILE_LANES = 8
-TILE_VECTORS = 4
-TILE_COLUMNS = TILE_LANES * TILE_VECTORS
 
 
 def _tile_loader(context, builder, aryty, ary, vty):
@@ -279,66 +277,87 @@ def _vector_at(context, builder, aryty, ary, j, vty):
     return ptr, builder.bitcast(ptr, vty.as_pointer())
 
 
-@intrinsic
-def _tile_dev_sums(typingctx, x, r0, r1, j, shift, mu, s1, s2):
-    """Columns [j, j + TILE_COLUMNS) of ``x`` (rows, W), rows [r0, r1): with
-    ``d = (x - shift) - mu``, add ``sum(d)`` to ``s1`` and ``sum(d*d)`` to ``s2``."""
-    def codegen(context, builder, sig, args):
-        vty = ir.VectorType(ir.DoubleType(), TILE_LANES)
-        load = _tile_loader(context, builder, sig.args[0], args[0], vty)
-        cols = [builder.add(args[3], context.get_constant(types.intp, TILE_LANES * k))
-                for k in range(TILE_VECTORS)]
-        sh = [builder.load(_vector_at(context, builder, sig.args[4], args[4], c, vty)[1], align=8)
-              for c in cols]
-        mu_ = [builder.load(_vector_at(context, builder, sig.args[5], args[5], c, vty)[1], align=8)
-               for c in cols]
-        zero = ir.Constant(vty, [0.0] * TILE_LANES)
-        acc1 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
-        acc2 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
-        count = builder.sub(args[2], args[1])
-        with cgutils.for_range(builder, count) as loop:
-            r = builder.add(args[1], loop.index)
-            for k, c in enumerate(cols):
-                d = builder.fsub(builder.fsub(load(r, c), sh[k]), mu_[k])
-                builder.store(builder.fadd(builder.load(acc1[k]), d), acc1[k])
-                builder.store(builder.fadd(builder.load(acc2[k]), builder.fmul(d, d)), acc2[k])
-        for k, c in enumerate(cols):
-            for acc, pos in ((acc1[k], 6), (acc2[k], 7)):
-                _, p = _vector_at(context, builder, sig.args[pos], args[pos], c, vty)
-                builder.store(builder.fadd(builder.load(p, align=8), builder.load(acc)), p, align=8)
-        return context.get_dummy_value()
-    return types.void(x, types.intp, types.intp, types.intp, shift, mu, s1, s2), codegen
+def _tile_columns(context, builder, j, vectors):
+    return [builder.add(j, context.get_constant(types.intp, TILE_LANES * k))
+            for k in range(vectors)]
 
 
-@intrinsic
-def _tile_grad_sums(typingctx, dy, x, r0, r1, j, mean, s, sx):
-    """Columns [j, j + TILE_COLUMNS), rows [r0, r1): add ``sum(dy)`` to ``s`` and
-    ``sum(dy * (x - mean))`` to ``sx``."""
-    def codegen(context, builder, sig, args):
-        vty = ir.VectorType(ir.DoubleType(), TILE_LANES)
-        load_g = _tile_loader(context, builder, sig.args[0], args[0], vty)
-        load_x = _tile_loader(context, builder, sig.args[1], args[1], vty)
-        cols = [builder.add(args[4], context.get_constant(types.intp, TILE_LANES * k))
-                for k in range(TILE_VECTORS)]
-        mean_ = [builder.load(_vector_at(context, builder, sig.args[5], args[5], c, vty)[1],
-                              align=8) for c in cols]
-        zero = ir.Constant(vty, [0.0] * TILE_LANES)
-        acc1 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
-        acc2 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
-        count = builder.sub(args[3], args[2])
-        with cgutils.for_range(builder, count) as loop:
-            r = builder.add(args[2], loop.index)
-            for k, c in enumerate(cols):
-                g = load_g(r, c)
-                builder.store(builder.fadd(builder.load(acc1[k]), g), acc1[k])
-                prod = builder.fmul(g, builder.fsub(load_x(r, c), mean_[k]))
-                builder.store(builder.fadd(builder.load(acc2[k]), prod), acc2[k])
-        for k, c in enumerate(cols):
-            for acc, pos in ((acc1[k], 6), (acc2[k], 7)):
-                _, p = _vector_at(context, builder, sig.args[pos], args[pos], c, vty)
-                builder.store(builder.fadd(builder.load(p, align=8), builder.load(acc)), p, align=8)
-        return context.get_dummy_value()
-    return types.void(dy, x, types.intp, types.intp, types.intp, mean, s, sx), codegen
+def _add_accumulators(context, builder, sig, args, cols, accs, positions, vty):
+    """``out[cols] += acc`` for each (accumulators, argument position) pair."""
+    for k, c in enumerate(cols):
+        for acc, pos in zip(accs, positions):
+            _, p = _vector_at(context, builder, sig.args[pos], args[pos], c, vty)
+            builder.store(builder.fadd(builder.load(p, align=8), builder.load(acc[k])), p, align=8)
+
+
+def _make_tile_dev_sums(vectors):
+    @intrinsic
+    def tile_dev_sums(typingctx, x, r0, r1, j, shift, mu, s1, s2):
+        """Columns [j, j + 8 * vectors) of ``x`` (rows, W), rows [r0, r1): with
+        ``d = (x - shift) - mu``, add ``sum(d)`` to ``s1`` and ``sum(d*d)`` to ``s2``."""
+        def codegen(context, builder, sig, args):
+            vty = ir.VectorType(ir.DoubleType(), TILE_LANES)
+            load = _tile_loader(context, builder, sig.args[0], args[0], vty)
+            cols = _tile_columns(context, builder, args[3], vectors)
+            sh = [builder.load(_vector_at(context, builder, sig.args[4], args[4], c, vty)[1],
+                               align=8) for c in cols]
+            mu_ = [builder.load(_vector_at(context, builder, sig.args[5], args[5], c, vty)[1],
+                                align=8) for c in cols]
+            zero = ir.Constant(vty, [0.0] * TILE_LANES)
+            acc1 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
+            acc2 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
+            count = builder.sub(args[2], args[1])
+            with cgutils.for_range(builder, count) as loop:
+                r = builder.add(args[1], loop.index)
+                for k, c in enumerate(cols):
+                    d = builder.fsub(builder.fsub(load(r, c), sh[k]), mu_[k])
+                    builder.store(builder.fadd(builder.load(acc1[k]), d), acc1[k])
+                    builder.store(builder.fadd(builder.load(acc2[k]), builder.fmul(d, d)),
+                                  acc2[k])
+            _add_accumulators(context, builder, sig, args, cols, (acc1, acc2), (6, 7), vty)
+            return context.get_dummy_value()
+        return types.void(x, types.intp, types.intp, types.intp, shift, mu, s1, s2), codegen
+    return tile_dev_sums
+
+
+def _make_tile_grad_sums(vectors):
+    @intrinsic
+    def tile_grad_sums(typingctx, dy, x, r0, r1, j, mean, s, sx):
+        """Columns [j, j + 8 * vectors), rows [r0, r1): add ``sum(dy)`` to ``s`` and
+        ``sum(dy * (x - mean))`` to ``sx``."""
+        def codegen(context, builder, sig, args):
+            vty = ir.VectorType(ir.DoubleType(), TILE_LANES)
+            load_g = _tile_loader(context, builder, sig.args[0], args[0], vty)
+            load_x = _tile_loader(context, builder, sig.args[1], args[1], vty)
+            cols = _tile_columns(context, builder, args[4], vectors)
+            mean_ = [builder.load(_vector_at(context, builder, sig.args[5], args[5], c, vty)[1],
+                                  align=8) for c in cols]
+            zero = ir.Constant(vty, [0.0] * TILE_LANES)
+            acc1 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
+            acc2 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
+            count = builder.sub(args[3], args[2])
+            with cgutils.for_range(builder, count) as loop:
+                r = builder.add(args[2], loop.index)
+                for k, c in enumerate(cols):
+                    g = load_g(r, c)
+                    builder.store(builder.fadd(builder.load(acc1[k]), g), acc1[k])
+                    prod = builder.fmul(g, builder.fsub(load_x(r, c), mean_[k]))
+                    builder.store(builder.fadd(builder.load(acc2[k]), prod), acc2[k])
+            _add_accumulators(context, builder, sig, args, cols, (acc1, acc2), (6, 7), vty)
+            return context.get_dummy_value()
+        return types.void(dy, x, types.intp, types.intp, types.intp, mean, s, sx), codegen
+    return tile_grad_sums
+
+
+# Register tiles pay off when a tile spans a whole row: the rows of a chunk are
+# then read in memory order.  A tile narrower than the row walks the chunk with
+# a stride, which measured slower than plain row-by-row loops over accumulator
+# arrays in L1 (ROW_TILE_MAX_WIDTH): wider rows take those.
+ROW_TILE_MAX_WIDTH = 64
+_tile_dev_sums_64 = _make_tile_dev_sums(8)
+_tile_dev_sums_32 = _make_tile_dev_sums(4)
+_tile_grad_sums_64 = _make_tile_grad_sums(8)
+_tile_grad_sums_32 = _make_tile_grad_sums(4)
 
 
 @kernel()
@@ -613,9 +632,14 @@ def _rows_add_sqdev(x, r0, r1, shift, mu, q):
 @kernel()
 def _rows_add_dev_sums(x, r0, r1, shift, mu, s1, s2):
     width = x.shape[1]
-    tiled = width - width % TILE_COLUMNS
-    for j in range(0, tiled, TILE_COLUMNS):
-        _tile_dev_sums(x, r0, r1, j, shift, mu, s1, s2)
+    tiled = 0
+    if width == 64:
+        _tile_dev_sums_64(x, r0, r1, 0, shift, mu, s1, s2)
+        tiled = 64
+    elif width < ROW_TILE_MAX_WIDTH:
+        tiled = width - width % 32
+        for j in range(0, tiled, 32):
+            _tile_dev_sums_32(x, r0, r1, j, shift, mu, s1, s2)
     for r in range(r0, r1):
         for j in range(np.uint64(tiled), np.uint64(width)):
             d = (np.float64(x[r, j]) - shift[j]) - mu[j]
@@ -915,9 +939,14 @@ def dx_channels(dy, x, params, nblocks, dx):
 @kernel()
 def _rows_add_grad_sums(dy, x, r0, r1, mean, s, sx):
     width = x.shape[1]
-    tiled = width - width % TILE_COLUMNS
-    for j in range(0, tiled, TILE_COLUMNS):
-        _tile_grad_sums(dy, x, r0, r1, j, mean, s, sx)
+    tiled = 0
+    if width == 64:
+        _tile_grad_sums_64(dy, x, r0, r1, 0, mean, s, sx)
+        tiled = 64
+    elif width < ROW_TILE_MAX_WIDTH:
+        tiled = width - width % 32
+        for j in range(0, tiled, 32):
+            _tile_grad_sums_32(dy, x, r0, r1, j, mean, s, sx)
     for r in range(r0, r1):
         for j in range(np.uint64(tiled), np.uint64(width)):
             g = np.float64(dy[r, j])
@@ -1134,8 +1163,9 @@ GROUP_BYTES = 8 << 20
 MAX_GROUP = 16
 # Below this many values, a part of a channel is not worth its own task.
 MIN_PART_VALUES = 16384
-# Column path: values per chunk of rows, so that a chunk stays in L1/L2.
-CHUNK_VALUES = 16384
+# Column path: values per chunk of rows (statistics are merged once per chunk;
+# the first chunk is read twice, from L2).
+CHUNK_VALUES = 131072
 
 
 @kernel()
