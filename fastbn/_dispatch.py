@@ -1,8 +1,10 @@
 """Choose the backend that computes a call from the arrays it is given.
 
-Host arrays go to the CPU backend.  Arrays exposing ``__cuda_array_interface__``
-will go to a CUDA backend: it plugs in here, behind the same methods, without
-any change to ``fastbn.api``.
+Host arrays go to the CPU backend.  Device arrays (``__cuda_array_interface__``:
+Numba device arrays, CuPy arrays, PyTorch CUDA tensors) go to the CUDA backend
+(``fastbn._cuda``, imported only then: it needs numba-cuda).  The CPU backend
+takes validated NumPy arrays from ``fastbn.api``; the CUDA backend (``device``
+true) takes the call's arguments as given and validates them on its side.
 """
 
 
@@ -10,7 +12,10 @@ import numpy as np
 
 
 def _is_device_array(a):
-    return a is not None and type(a) is not np.ndarray and hasattr(a, "__cuda_array_interface__")
+    if a is None or type(a) is np.ndarray:
+        return False
+    # Numba's simulated device arrays have no __cuda_array_interface__
+    return hasattr(a, "__cuda_array_interface__") or type(a).__module__.startswith("numba.cuda")
 
 
 def backend_for(**arrays):
@@ -25,6 +30,11 @@ def backend_for(**arrays):
         raise TypeError(
             f"cannot mix device arrays ({', '.join(device)}) with host arrays ({', '.join(host)})"
         )
-    raise TypeError(
-        f"{device[0]} is a CUDA device array, but this build of fastbn has no CUDA backend"
-    )
+    try:
+        from ._cuda.backend import backend
+    except ImportError as exc:
+        raise TypeError(
+            f"{device[0]} is a CUDA device array, but the CUDA backend cannot load ({exc}); "
+            "install fastbn[cuda] (numba-cuda)"
+        ) from exc
+    return backend

@@ -92,6 +92,9 @@ def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_m
     """
     backend = backend_for(x=x, weight=weight, bias=bias, running_mean=running_mean,
                           running_var=running_var, out=out)
+    if backend.device:
+        return backend.batch_norm_forward(x, weight, bias, axis, eps, running_mean, running_var,
+                                          momentum, out)
     xa = v.as_input(x, "x")
     ax = v.channel_axis(axis, xa.ndim)
     channels = xa.shape[ax]
@@ -137,6 +140,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
         ``sum(dy * (x - mean) * invstd)`` and ``sum(dy)`` over each channel.
     """
     backend = backend_for(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight, out=out)
+    if backend.device:
+        return backend.batch_norm_backward(dy, x, mean, invstd, weight, axis, out)
     xa = v.as_input(x, "x")
     dya = v.as_input(dy, "dy")
     v.same_shape(dya, xa, "dy", "x")
@@ -167,6 +172,9 @@ def batch_norm_inference(x, running_mean, running_var, weight=None, bias=None, *
     """
     backend = backend_for(x=x, running_mean=running_mean, running_var=running_var,
                           weight=weight, bias=bias, out=out)
+    if backend.device:
+        return backend.batch_norm_inference(x, running_mean, running_var, weight, bias, axis,
+                                            eps, out)
     xa = v.as_input(x, "x")
     ax = v.channel_axis(axis, xa.ndim)
     channels = xa.shape[ax]
@@ -224,10 +232,12 @@ def batch_stats(x, *, axis=1, ddof=0):
         empty batch or ``ddof >= count`` gives NaN or inf with a RuntimeWarning.
     """
     backend = backend_for(x=x)
-    xa = v.as_input(x, "x")
-    ax = v.channel_axis(axis, xa.ndim)
     if isinstance(ddof, (bool, np.bool_)) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
         raise ValueError(f"ddof must be a non-negative integer, got {ddof!r}")
+    if backend.device:
+        return backend.batch_stats(x, axis, int(ddof))
+    xa = v.as_input(x, "x")
+    ax = v.channel_axis(axis, xa.ndim)
     channels = xa.shape[ax]
     stats_dtype = v.stats_dtype(xa.dtype)
     n = v.channel_count(xa.shape, ax)

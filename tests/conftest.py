@@ -16,6 +16,21 @@ settings.register_profile(
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
+def _cuda_runs_here():
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return True
+    try:
+        from numba import cuda
+    except ImportError:
+        return False
+    return cuda.is_available()
+
+
+# tests/cuda runs on a GPU, or under the simulator (tests/test_cuda_simulator.py
+# starts that run); elsewhere it is not collected at all.
+collect_ignore = [] if _cuda_runs_here() else ["cuda"]
+
+
 @pytest.fixture
 def rng(request):
     # A fixed seed per test, so a failure reproduces.

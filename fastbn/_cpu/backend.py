@@ -68,6 +68,7 @@ def _column_blocks(rows, nthreads):
 
 class CPUBackend:
     name = "cpu"
+    device = False
 
     # ----------------------------------------------------------------- statistics
     def _moments3(self, x3):

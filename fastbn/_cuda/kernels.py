@@ -1,0 +1,360 @@
+"""Numba CUDA kernels (numba-cuda), the GPU twins of ``fastbn._cpu.kernels``.
+
+Arrays are C-contiguous device arrays in the canonical (outer, C, inner)
+layout; a channel's ``n = outer * inner`` values are numbered ``e = o * inner + i``.
+Statistics follow CONTRACT section 5 as on the CPU: float64 accumulators,
+values taken relative to a per-channel shift (the channel's first value),
+Welford updates within a thread and Chan's merge between threads, blocks and
+parts, so there is no ``E[x^2] - E[x]^2`` anywhere.  Normalization subtracts
+the mean as ``(x - hi) - lo`` in the working dtype (float32 for float16 and
+float32, float64 otherwise).
+
+Block reductions go through shared memory with ``syncthreads`` (no warp
+shuffles), so every kernel also runs under Numba's CUDA simulator, where the
+test suite exercises them; every launch is single-block-synchronized (no grid
+sync).
+
+Kernel launches by ``fastbn._cuda.backend``:
+
+* ``fused_forward``: one block per channel whose values fit in shared memory
+  (``FUSED_MAX_VALUES``): load once, reduce, normalize from shared memory,
+  write.  One launch, one read and one write of ``x``.
+* otherwise ``partial_moments`` (grid C x parts), ``finish_forward`` (one
+  thread per channel: merge the parts, mean/var/invstd and the affine
+  parameters) and ``affine``: the channel is read twice, the second time
+  mostly from L2 when the parts of a channel run close together.
+* backward: ``partial_grad_sums`` (grid C x parts), ``finish_backward``, ``dx``.
+"""
+
+import math
+
+import numpy as np
+from numba import cuda
+
+THREADS = 256          # threads per block of the reductions and element-wise kernels
+FUSED_MAX_VALUES = 8192  # float32 values of one channel held in shared memory (32 KiB)
+
+
+# ----------------------------------------------------------------- device helpers
+
+@cuda.jit(device=True)
+def _chan(n, mean, m2, nb, meanb, m2b):
+    """Chan's merge of (nb, meanb, m2b) into (n, mean, m2); returns the merged triple."""
+    if nb == 0.0:
+        return n, mean, m2
+    if n == 0.0:
+        return nb, meanb, m2b
+    total = n + nb
+    delta = meanb - mean
+    return total, mean + delta * (nb / total), m2 + m2b + delta * delta * (n * nb / total)
+
+
+@cuda.jit(device=True)
+def _block_merge(sn, smean, sm2):
+    """Tree-merge the per-thread triples in shared memory; thread 0 ends with the total."""
+    t = cuda.threadIdx.x
+    stride = cuda.blockDim.x // 2
+    while stride > 0:
+        if t < stride:
+            n, mean, m2 = _chan(sn[t], smean[t], sm2[t], sn[t + stride], smean[t + stride],
+                                sm2[t + stride])
+            sn[t] = n
+            smean[t] = mean
+            sm2[t] = m2
+        cuda.syncthreads()
+        stride //= 2
+
+
+@cuda.jit(device=True)
+def _welford(cnt, mu, q, d):
+    """Add value ``d`` to a thread's (count, mean, M2)."""
+    cnt += 1.0
+    delta = d - mu
+    mu += delta / cnt
+    q += delta * (d - mu)
+    return cnt, mu, q
+
+
+@cuda.jit(device=True)
+def _block_moments(sn, smean, sm2, cnt, mu, q):
+    """Merge every thread's (count, mean, M2); the block's total ends in element 0."""
+    t = cuda.threadIdx.x
+    sn[t] = cnt
+    smean[t] = mu
+    sm2[t] = q
+    cuda.syncthreads()
+    _block_merge(sn, smean, sm2)
+
+
+@cuda.jit(device=True)
+def _two_sum(a, b):
+    """``(s, e)`` with ``s = fl(a + b)`` and ``s + e == a + b`` exactly."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+@cuda.jit(device=True)
+def _block_part(n, nparts):
+    """This block's channel, this thread's index, and the block's part [lo, hi) of the
+    channel's ``n`` values (grid C x nparts)."""
+    part = cuda.blockIdx.y
+    return cuda.blockIdx.x, cuda.threadIdx.x, part * n // nparts, (part + 1) * n // nparts
+
+
+@cuda.jit(device=True)
+def _unravel(k, channels, inner):
+    """(o, c, i) of flat index ``k`` in an (outer, C, inner) array."""
+    rest = k // inner
+    return rest // channels, rest % channels, k % inner
+
+
+@cuda.jit(device=True)
+def _block_sum2(sa, sb):
+    """Tree-sum two shared arrays; thread 0 ends with the totals."""
+    t = cuda.threadIdx.x
+    stride = cuda.blockDim.x // 2
+    while stride > 0:
+        if t < stride:
+            sa[t] += sa[t + stride]
+            sb[t] += sb[t + stride]
+        cuda.syncthreads()
+        stride //= 2
+
+
+@cuda.jit(device=True)
+def _invstd(var, eps):
+    v = var + eps
+    if v == 0.0:
+        return 0.0
+    return 1.0 / math.sqrt(v)
+
+
+# ----------------------------------------------------------------- forward
+
+@cuda.jit
+def fused_forward(x, weight, bias, eps, y, mean, var, invstd):
+    """One block per channel, the channel's values in shared memory (n <= FUSED_MAX_VALUES)."""
+    outer, channels, inner = x.shape
+    c = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    n = outer * inner
+    vals = cuda.shared.array(FUSED_MAX_VALUES, dtype=np.float32)
+    shared_bias = cuda.shared.array(1, dtype=np.float64)
+    sn = cuda.shared.array(THREADS, dtype=np.float64)
+    smean = cuda.shared.array(THREADS, dtype=np.float64)
+    sm2 = cuda.shared.array(THREADS, dtype=np.float64)
+    shift = np.float64(x[0, c, 0])
+    cnt = 0.0
+    mu = 0.0
+    m2 = 0.0
+    for e in range(t, n, nthreads):
+        v = x[e // inner, c, e % inner]
+        vals[e] = v
+        cnt, mu, m2 = _welford(cnt, mu, m2, np.float64(v) - shift)
+    _block_moments(sn, smean, sm2, cnt, mu, m2)
+    if t == 0:
+        v_ = sm2[0] / sn[0]
+        inv = _invstd(v_, eps)
+        hi, lo = _two_sum(shift, smean[0])
+        mean[c] = hi
+        var[c] = v_
+        invstd[c] = inv
+        sn[0] = hi
+        smean[0] = lo
+        sm2[0] = inv * weight[c]
+        shared_bias[0] = bias[c]
+    cuda.syncthreads()
+    hi32 = np.float32(sn[0])
+    lo32 = np.float32((sn[0] - np.float64(hi32)) + smean[0])
+    scale = np.float32(sm2[0])
+    b = np.float32(shared_bias[0])
+    for e in range(t, n, nthreads):
+        y[e // inner, c, e % inner] = ((vals[e] - hi32) - lo32) * scale + b
+
+
+@cuda.jit
+def partial_moments(x, nparts, count, mean_rel, m2):
+    """Grid (C, nparts): count, mean relative to the channel's first value, and M2 of
+    each part of each channel, arrays (C, nparts)."""
+    outer, channels, inner = x.shape
+    c, t, lo_e, hi_e = _block_part(outer * inner, nparts)
+    shift = np.float64(x[0, c, 0])
+    sn = cuda.shared.array(THREADS, dtype=np.float64)
+    smean = cuda.shared.array(THREADS, dtype=np.float64)
+    sm2 = cuda.shared.array(THREADS, dtype=np.float64)
+    cnt = 0.0
+    mu = 0.0
+    q = 0.0
+    for e in range(lo_e + t, hi_e, cuda.blockDim.x):
+        cnt, mu, q = _welford(cnt, mu, q, np.float64(x[e // inner, c, e % inner]) - shift)
+    _block_moments(sn, smean, sm2, cnt, mu, q)
+    if t == 0:
+        count[c, cuda.blockIdx.y] = sn[0]
+        mean_rel[c, cuda.blockIdx.y] = smean[0]
+        m2[c, cuda.blockIdx.y] = sm2[0]
+
+
+@cuda.jit(device=True)
+def _merge_parts(count, mean_rel, m2, c):
+    n = 0.0
+    mu = 0.0
+    q = 0.0
+    for p in range(count.shape[1]):
+        n, mu, q = _chan(n, mu, q, count[c, p], mean_rel[c, p], m2[c, p])
+    return n, mu, q
+
+
+@cuda.jit
+def finish_forward(x, count, mean_rel, m2, weight, bias, eps, mean, var, invstd, params):
+    """One thread per channel: merge the parts; mean, biased var, invstd and the
+    affine parameters ``(hi, lo, scale, shift)``."""
+    c = cuda.grid(1)
+    if c >= count.shape[0]:
+        return
+    n, mu, q = _merge_parts(count, mean_rel, m2, c)
+    shift = np.float64(x[0, c, 0])
+    v = q / n
+    inv = _invstd(v, eps)
+    hi, lo = _two_sum(shift, mu)
+    mean[c] = hi
+    var[c] = v
+    invstd[c] = inv
+    params[c, 0] = hi
+    params[c, 1] = (hi - np.float64(params[c, 0])) + lo
+    params[c, 2] = inv * weight[c]
+    params[c, 3] = bias[c]
+
+
+@cuda.jit
+def finish_stats(x, count, mean_rel, m2, ddof, mean, var):
+    """One thread per channel: merged mean and variance with ``ddof``."""
+    c = cuda.grid(1)
+    if c >= count.shape[0]:
+        return
+    n, mu, q = _merge_parts(count, mean_rel, m2, c)
+    mean[c] = np.float64(x[0, c, 0]) + mu
+    d = n - ddof
+    if d > 0:
+        var[c] = q / d
+    elif q == 0.0:
+        var[c] = math.nan  # 0 / 0, as np.var
+    else:
+        var[c] = math.inf
+
+
+@cuda.jit
+def inference_params(mean, var, weight, bias, eps, params):
+    """One thread per channel: ``(hi, lo, scale, shift)`` from given statistics."""
+    c = cuda.grid(1)
+    if c >= mean.shape[0]:
+        return
+    m = np.float64(mean[c])
+    params[c, 0] = m
+    params[c, 1] = m - np.float64(params[c, 0])
+    params[c, 2] = _invstd(np.float64(var[c]), eps) * weight[c]
+    params[c, 3] = bias[c]
+
+
+@cuda.jit
+def affine(x, params, y):
+    """``y = ((x - hi) - lo) * scale + shift`` per channel, grid-stride over all values."""
+    outer, channels, inner = x.shape
+    for k in range(cuda.grid(1), outer * channels * inner, cuda.gridsize(1)):
+        o, c, i = _unravel(k, channels, inner)
+        y[o, c, i] = ((x[o, c, i] - params[c, 0]) - params[c, 1]) * params[c, 2] + params[c, 3]
+
+
+@cuda.jit
+def update_running(running_mean, running_var, mean, var, n, momentum):
+    """``r = (1 - m) r + m s`` with the unbiased variance, one thread per channel."""
+    c = cuda.grid(1)
+    if c >= mean.shape[0]:
+        return
+    if running_mean.shape[0] > 0:
+        running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mean[c]
+    if running_var.shape[0] > 0:
+        running_var[c] = ((1.0 - momentum) * np.float64(running_var[c])
+                          + momentum * (var[c] * (n / (n - 1.0))))
+
+
+# ----------------------------------------------------------------- backward
+
+@cuda.jit
+def partial_grad_sums(dy, x, mean, nparts, s, sx):
+    """Grid (C, nparts): ``sum(dy)`` and ``sum(dy * (x - mean))`` per part, float64."""
+    outer, channels, inner = x.shape
+    c, t, lo_e, hi_e = _block_part(outer * inner, nparts)
+    m = mean[c]
+    sa = cuda.shared.array(THREADS, dtype=np.float64)
+    sb = cuda.shared.array(THREADS, dtype=np.float64)
+    a = 0.0
+    b = 0.0
+    for e in range(lo_e + t, hi_e, cuda.blockDim.x):
+        o = e // inner
+        i = e % inner
+        g = np.float64(dy[o, c, i])
+        a += g
+        b += g * (np.float64(x[o, c, i]) - m)
+    sa[t] = a
+    sb[t] = b
+    cuda.syncthreads()
+    _block_sum2(sa, sb)
+    if t == 0:
+        s[c, cuda.blockIdx.y] = sa[0]
+        sx[c, cuda.blockIdx.y] = sb[0]
+
+
+@cuda.jit
+def finish_backward(s, sx, mean, invstd, weight, n, sum_dy, sum_dy_xmu, params):
+    """One thread per channel: the sums, and ``(hi, lo, a, b, k)`` with
+    ``dx = ((dy - b) - ((x - hi) - lo) * k) * a``."""
+    c = cuda.grid(1)
+    if c >= s.shape[0]:
+        return
+    a = 0.0
+    b = 0.0
+    for p in range(s.shape[1]):
+        a += s[c, p]
+        b += sx[c, p]
+    sum_dy[c] = a
+    sum_dy_xmu[c] = b
+    params[c, 0] = mean[c]
+    params[c, 1] = mean[c] - np.float64(params[c, 0])
+    params[c, 2] = weight[c] * invstd[c]
+    params[c, 3] = a / n
+    params[c, 4] = invstd[c] * invstd[c] * b / n
+
+
+@cuda.jit
+def dx(dy, x, params, out):
+    """The training-mode input gradient, grid-stride over all values."""
+    outer, channels, inner = x.shape
+    for k in range(cuda.grid(1), outer * channels * inner, cuda.gridsize(1)):
+        o, c, i = _unravel(k, channels, inner)
+        out[o, c, i] = ((dy[o, c, i] - params[c, 3])
+                        - ((x[o, c, i] - params[c, 0]) - params[c, 1]) * params[c, 4]) * params[c, 2]
+
+
+@cuda.jit
+def cast(src, dst):
+    """``dst = src`` with conversion, flat, grid-stride."""
+    start, step = cuda.grid(1), cuda.gridsize(1)
+    for k in range(start, src.shape[0], step):
+        dst[k] = src[k]
+
+
+@cuda.jit
+def fill(dst, value):
+    start, step = cuda.grid(1), cuda.gridsize(1)
+    for k in range(start, dst.shape[0], step):
+        dst[k] = value
+
+
+@cuda.jit
+def multiply(a, b, out):
+    """``out = a * b`` element-wise (per-channel vectors)."""
+    c = cuda.grid(1)
+    if c < out.shape[0]:
+        out[c] = a[c] * b[c]

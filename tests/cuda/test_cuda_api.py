@@ -1,0 +1,155 @@
+"""The functional API on device arrays, against the same float64 reference as the CPU.
+
+Tiny shapes: under the simulator every GPU thread is a Python thread.  The
+shapes reach both forward paths: the fused one-block-per-channel kernel
+(float32 channels of at most FUSED_MAX_VALUES values) and the partial
+moments + affine kernels (larger channels, float64).
+"""
+
+import numpy as np
+import pytest
+
+import fastbn
+import reference as ref
+from conftest import host
+from helpers import assert_output, assert_stats, make
+
+# (shape, axis): fused path, parts path (n > FUSED_MAX_VALUES = 8192), channels-last, 2-D
+SHAPES = [((4, 3, 5), 1), ((3, 2, 3000), 1), ((6, 4, 3), -1), ((40, 5), 1)]
+DTYPES = (np.float16, np.float32, np.float64, np.int32)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_matches_reference(rng, dev, shape, axis, dtype):
+    x = make(rng, shape, dtype, offset=3.0, scale=2.0)
+    c = shape[axis]
+    w, b = rng.uniform(0.5, 2, c), rng.normal(size=c)
+    y, mean, invstd = fastbn.batch_norm_forward(dev(x), dev(w), dev(b), axis=axis)
+    y_ref, mean_ref, var_ref, inv_ref = ref.forward(x, w, b, axis=axis)
+    assert_output(host(y), y_ref, x.dtype, scale=2.0)
+    assert_stats(host(mean), mean_ref, x.dtype, np.sqrt(var_ref))
+    assert_stats(host(invstd), inv_ref, x.dtype, 0.0)
+    cpu = fastbn.batch_norm_forward(x, w, b, axis=axis)
+    assert host(y).dtype == cpu[0].dtype and host(mean).dtype == cpu[1].dtype
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES[:2])
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+def test_offset_of_1e4_standard_deviations(rng, dev, shape, axis, dtype):
+    std = 0.37
+    x = make(rng, shape, dtype, offset=1e4 * std, scale=std)
+    y, mean, invstd = fastbn.batch_norm_forward(dev(x), axis=axis, eps=0.0)
+    y_ref, mean_ref, var_ref, _ = ref.forward(x, axis=axis, eps=0.0)
+    np.testing.assert_allclose(host(y), y_ref, atol=1e-5 if dtype == np.float32 else 1e-12)
+    var = 1.0 / host(invstd).astype(np.float64) ** 2
+    assert_stats(var, var_ref, dtype, 0.0)
+
+
+def test_running_statistics_and_out_in_place(rng, dev):
+    x = make(rng, (5, 3, 7), np.float32, offset=1.0)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    rm_d, rv_d, x_d = dev(rm), dev(rv), dev(x)
+    y, mean, invstd = fastbn.batch_norm_forward(x_d, running_mean=rm_d, running_var=rv_d,
+                                                momentum=0.3, out=x_d)
+    assert y is x_d
+    rm_ref, rv_ref = rm.copy(), rv.copy()
+    y_ref = fastbn.batch_norm_forward(x, running_mean=rm_ref, running_var=rv_ref, momentum=0.3)[0]
+    np.testing.assert_allclose(host(x_d), y_ref, atol=1e-6)
+    np.testing.assert_allclose(host(rm_d), rm_ref, rtol=1e-6)
+    np.testing.assert_allclose(host(rv_d), rv_ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES)
+@pytest.mark.parametrize("dtype", (np.float16, np.float32, np.float64))
+def test_backward_matches_reference(rng, dev, shape, axis, dtype):
+    x = make(rng, shape, dtype, offset=2.0)
+    dy = make(rng, shape, dtype)
+    c = shape[axis]
+    w = rng.uniform(0.5, 2, c)
+    _, mean, invstd = fastbn.batch_norm_forward(x, axis=axis)
+    dx, dw, db = fastbn.batch_norm_backward(dev(dy), dev(x), dev(mean), dev(invstd), dev(w),
+                                            axis=axis)
+    dx_ref, dw_ref, db_ref = ref.backward(dy, x, mean, invstd, w, axis=axis)
+    assert_output(host(dx), dx_ref, dtype, scale=4.0)
+    tol = dict(rtol=1e-3, atol=1e-2) if dtype != np.float64 else dict(rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(host(dw), dw_ref, **tol)
+    np.testing.assert_allclose(host(db), db_ref, **tol)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES)
+@pytest.mark.parametrize("dtype", (np.float16, np.float32, np.float64))
+def test_inference_matches_reference(rng, dev, shape, axis, dtype):
+    x = make(rng, shape, dtype, offset=1.0)
+    c = shape[axis]
+    rm, rv = rng.normal(size=c), rng.uniform(0.5, 2, c)
+    w, b = rng.uniform(0.5, 2, c), rng.normal(size=c)
+    y = fastbn.batch_norm_inference(dev(x), dev(rm), dev(rv), dev(w), dev(b), axis=axis)
+    assert_output(host(y), ref.inference(x, rm, rv, w, b, axis=axis), dtype, scale=4.0)
+    y2 = fastbn.batch_norm(dev(x), dev(rm), dev(rv), dev(w), dev(b), training=False, axis=axis)
+    np.testing.assert_array_equal(host(y2), host(y))
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_batch_stats(rng, dev, ddof):
+    x = make(rng, (6, 3, 11), np.float64, offset=50.0)
+    n, mean, var = fastbn.batch_stats(dev(x), ddof=ddof)
+    n_ref, mean_ref, var_ref = ref.stats(x, 1, ddof)
+    assert n == n_ref
+    np.testing.assert_allclose(host(mean), mean_ref, rtol=1e-13)
+    np.testing.assert_allclose(host(var), var_ref, rtol=1e-12)
+
+
+def test_constant_channel_and_nan_stay_in_their_channel(dev):
+    x = np.ones((4, 3, 6), np.float32)
+    x[:, 1] = np.linspace(0, 1, 24, dtype=np.float32).reshape(4, 6)
+    x[2, 2, 3] = np.nan
+    b = np.array([0.5, 0.0, 0.0])
+    y, mean, invstd = fastbn.batch_norm_forward(dev(x), None, dev(b), eps=0.0)
+    y, invstd = host(y), host(invstd)
+    assert invstd[0] == 0.0 and np.all(y[:, 0] == 0.5)         # constant channel: bias
+    assert np.all(np.isfinite(y[:, 1]))                         # its neighbour is untouched
+    assert np.all(np.isnan(y[:, 2])) and np.isnan(host(mean)[2])
+
+
+def test_mixing_host_and_device_raises_before_writing(rng, dev):
+    x = make(rng, (4, 3, 5), np.float32)
+    with pytest.raises(TypeError, match="cannot mix"):
+        fastbn.batch_norm_forward(dev(x), np.ones(3))
+    with pytest.raises(TypeError, match="cannot mix"):
+        fastbn.batch_norm_inference(x, dev(np.zeros(3)), dev(np.ones(3)))
+
+
+def test_bad_arguments_write_nothing(rng, dev):
+    x = make(rng, (4, 3, 5), np.float32)
+    out = dev(np.full(x.shape, 7.0, np.float32))
+    rm = dev(np.zeros(3, np.float32))
+    for kwargs, error in [(dict(weight=dev(np.ones(4))), ValueError),
+                          (dict(eps=-1.0), ValueError),
+                          (dict(momentum=2.0), ValueError),
+                          (dict(running_var=dev(np.ones(2, np.float32))), ValueError),
+                          (dict(axis=5), np.exceptions.AxisError)]:
+        with pytest.raises(error):
+            fastbn.batch_norm_forward(dev(x), running_mean=rm, out=out, **kwargs)
+        assert np.all(host(out) == 7.0) and np.all(host(rm) == 0.0)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        fastbn.batch_norm_forward(dev(np.ones((1, 3), np.float32)), running_mean=rm)
+    with pytest.raises(ValueError, match="out must have dtype"):
+        fastbn.batch_norm_forward(dev(x), out=dev(np.empty(x.shape, np.float64)))
+
+
+def test_non_contiguous_device_input_is_refused_clearly(rng, dev):
+    x = dev(make(rng, (4, 6), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fastbn.batch_norm_forward(x[:, ::2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("library", ["cupy", "torch"])
+def test_results_keep_the_input_array_type(rng, library):
+    lib = pytest.importorskip(library)
+    x = make(rng, (8, 4, 33), np.float32, offset=2.0)
+    xd = lib.asarray(x) if library == "cupy" else lib.as_tensor(x, device="cuda")
+    y, mean, invstd = fastbn.batch_norm_forward(xd)
+    assert type(y) is type(xd) and type(mean) is type(xd)
+    np.testing.assert_allclose(host(y), fastbn.batch_norm_forward(x)[0], atol=1e-5)
