@@ -17,6 +17,7 @@ import numpy as np
 from numba import cuda
 
 from .. import _validate as v
+from .._layout import Layout
 from . import kernels as k
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
@@ -79,30 +80,94 @@ def _filled(n, value):
     return a
 
 
-class _Input:
-    """A validated device array: its Numba view, shape, dtype and channel axis."""
+def _stand_in(d):
+    """A NumPy array with ``d``'s shape, dtype and strides, never read: for ``Layout``."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, d.dtype), d.shape, d.strides)
 
-    def __init__(self, a, name, axis=None):
+
+def _flipped_axes(index):
+    return [ax for ax, sl in enumerate(index) if sl.step == -1]
+
+
+def _view(d, order, flips):
+    """``d.transpose(order)`` with the axes ``flips`` (numbered after the transpose)
+    reversed: a view sharing ``d``'s memory."""
+    if SIMULATOR:
+        t = d.transpose(order)
+        return t[tuple(slice(None, None, -1) if ax in flips else slice(None)
+                       for ax in range(t.ndim))]
+    cai = d.__cuda_array_interface__
+    ptr = cai["data"][0]
+    shape = [d.shape[a] for a in order]
+    strides = [d.strides[a] for a in order]
+    for ax in flips:
+        if shape[ax] > 0:
+            ptr += (shape[ax] - 1) * strides[ax]
+        strides[ax] = -strides[ax]
+    desc = {"shape": tuple(shape), "strides": tuple(strides), "data": (ptr, False),
+            "typestr": cai["typestr"], "version": 2}
+    return cuda.from_cuda_array_interface(desc, owner=d, sync=False)
+
+
+def _transformed(d, layout):
+    """``layout.transformed`` for a device array."""
+    flips = _flipped_axes(layout.index)
+    return _view(d, layout.order, [pos for pos, ax in enumerate(layout.order) if ax in flips])
+
+
+def _untransformed(t, layout):
+    """``layout.untransformed`` for a device array of shape ``layout.tshape``."""
+    return _view(t, tuple(int(a) for a in np.argsort(layout.order)), _flipped_axes(layout.index))
+
+
+class _Input:
+    """A validated device array: its Numba view, shape, dtype, channel axis and layout.
+
+    Like the CPU backend, any strides work when a permutation and flips of the
+    non-channel axes make the array contiguous (channels-last tensors, transposed
+    or reversed views); kernels then see a C-contiguous (outer, C, inner) view
+    without a copy.  Other strides (gaps between elements) are refused.
+    """
+
+    def __init__(self, a, name, axis=None, layout=None):
         d = _numba_view(a)
         if d.dtype.kind not in "biu" and d.dtype not in FLOATS:
             raise TypeError(f"{name} has unsupported dtype {d.dtype}: expected float16, "
                             "float32, float64, an integer or bool dtype")
         if d.ndim == 0:
             raise ValueError(f"{name} must have at least 1 dimension, got a 0-d array")
-        if not d.is_c_contiguous():
-            raise ValueError(f"{name}: device arrays must be C-contiguous (make a contiguous "
-                             "copy on the device first)")
         self.original, self.d, self.shape, self.dtype = a, d, tuple(d.shape), np.dtype(d.dtype)
-        if axis is not None:
-            self.axis = v.channel_axis(axis, d.ndim)
-            self.channels = self.shape[self.axis]
-            self.shape3 = (math.prod(self.shape[:self.axis]), self.channels,
-                           math.prod(self.shape[self.axis + 1:]))
+        if axis is None:
+            return
+        self.axis = v.channel_axis(axis, d.ndim)
+        self.channels = self.shape[self.axis]
+        self.layout = layout or Layout.of(_stand_in(d), self.axis)
+        self.shape3 = self.layout.shape3
+        self.view3 = _canonical_view(d, self.layout)
+        if self.view3 is None:
+            raise ValueError(f"{name}: this device array's strides leave gaps between its "
+                             "elements; make a contiguous copy on the device first")
 
     def work3(self, dtype):
-        """The (outer, C, inner) view in ``dtype``: a view, or a converted copy."""
-        d = self.d if self.dtype == dtype else _cast(self.d, dtype)
-        return d.reshape(self.shape3)
+        """The C-contiguous (outer, C, inner) view in ``dtype``: a view, or a converted copy."""
+        if self.dtype == dtype:
+            return self.view3
+        return _cast(self.view3, dtype)
+
+    def new(self, dtype):
+        """(work view (outer, C, inner), caller-facing array laid out like the input)."""
+        t = cuda.device_array(self.layout.tshape, dtype=dtype)
+        return t.reshape(self.shape3), _untransformed(t, self.layout)
+
+
+def _canonical_view(d, layout):
+    """The C-contiguous (outer, C, inner) view of ``d`` in ``layout``, or None."""
+    t = layout.transformed(_stand_in(d))
+    if not t.flags.c_contiguous:
+        return None
+    view = d if layout.order == tuple(range(d.ndim)) and not _flipped_axes(layout.index) \
+        else _transformed(d, layout)
+    return view.reshape(layout.shape3)
 
 
 def _per_channel(a, name, channels, default=None):
@@ -130,17 +195,19 @@ def _running(a, name, channels):
     return d
 
 
-def _out(out, shape, dtype):
+def _out(out, xi, dtype):
+    """``out`` as a C-contiguous (outer, C, inner) view in the input's layout."""
     if out is None:
         return None
     d = _numba_view(out)
-    if tuple(d.shape) != tuple(shape):
-        raise ValueError(f"out must have shape {tuple(shape)}, got {tuple(d.shape)}")
+    if tuple(d.shape) != xi.shape:
+        raise ValueError(f"out must have shape {xi.shape}, got {tuple(d.shape)}")
     if d.dtype != dtype:
         raise ValueError(f"out must have dtype {dtype}, got {d.dtype}")
-    if not d.is_c_contiguous():
-        raise ValueError("out: device arrays must be C-contiguous")
-    return d
+    view = _canonical_view(d, xi.layout)
+    if view is None:
+        raise ValueError("out must be laid out like x in device memory (same strides order)")
+    return view
 
 
 def _parts(shape3):
@@ -150,22 +217,25 @@ def _parts(shape3):
     return int(max(1, min(want, -(-n // (THREADS * 4)), 65535)))
 
 
-def _result(work3, out_d, shape, out_dtype):
-    """Deliver ``work3`` (work dtype) as the output array: ``out`` or a new array."""
-    if out_d is None:
-        if work3.dtype == out_dtype:
-            return work3.reshape(shape)
-        return _cast(work3, out_dtype).reshape(shape)
-    if work3.dtype != out_dtype:
-        k.cast[_blocks(work3.size), THREADS](work3.reshape(work3.size), out_d.reshape(out_d.size))
-    return out_d
+class _Output:
+    """Where kernels write (``y3``, work dtype) and what the caller gets (``result``)."""
 
+    def __init__(self, xi, out, out3, out_dtype, wd):
+        self.out, self.out3, self.out_dtype = out, out3, out_dtype
+        if out3 is not None and out3.dtype == wd:
+            self.y3 = out3
+        else:
+            self.y3 = cuda.device_array(xi.shape3, dtype=wd)
+        self.xi = xi
 
-def _output_work(out_d, shape3, wd):
-    """Where kernels write: ``out`` itself when it has the work dtype, else a temporary."""
-    if out_d is not None and out_d.dtype == wd:
-        return out_d.reshape(shape3)
-    return cuda.device_array(shape3, dtype=wd)
+    def finish(self, like):
+        if self.out3 is not None:
+            if self.y3 is not self.out3:
+                k.cast[_blocks(self.y3.size), THREADS](self.y3.reshape(self.y3.size),
+                                                       self.out3.reshape(self.out3.size))
+            return self.out
+        y3 = self.y3 if self.y3.dtype == self.out_dtype else _cast(self.y3, self.out_dtype)
+        return _wrap(_untransformed(y3.reshape(self.xi.layout.tshape), self.xi.layout), like)
 
 
 class CUDABackend:
@@ -194,12 +264,13 @@ class CUDABackend:
         momentum = v.real_scalar(momentum, "momentum", low=0.0, high=1.0)
         rm = _running(running_mean, "running_mean", c)
         rv = _running(running_var, "running_var", c)
-        out_d = _out(out, xi.shape, out_dtype)
+        out3 = _out(out, xi, out_dtype)
         n = v.require_training_batch(xi.shape, xi.axis)
 
         wd = _work_dtype(out_dtype)
         x3 = xi.work3(wd)
-        y3 = _output_work(out_d, xi.shape3, wd)
+        dest = _Output(xi, out, out3, out_dtype, wd)
+        y3 = dest.y3
         mean, var, inv = (cuda.device_array(c) for _ in range(3))
         if c:
             if wd == np.float32 and n <= k.FUSED_MAX_VALUES:
@@ -212,9 +283,8 @@ class CUDABackend:
                 k.affine[_blocks(x3.size), THREADS](x3, params, y3)
             if rm.shape[0] or rv.shape[0]:
                 k.update_running[_blocks(c), THREADS](rm, rv, mean, var, float(n), momentum)
-        y = _result(y3, out_d, xi.shape, out_dtype)
-        return (out if out is not None else _wrap(y, x),
-                _wrap(_cast(mean, stats_dtype), x), _wrap(_cast(inv, stats_dtype), x))
+        return (dest.finish(x), _wrap(_cast(mean, stats_dtype), x),
+                _wrap(_cast(inv, stats_dtype), x))
 
     def batch_norm_inference(self, x, running_mean, running_var, weight, bias, axis, eps, out):
         xi = _Input(x, "x", axis)
@@ -227,24 +297,24 @@ class CUDABackend:
         w = _per_channel(weight, "weight", c, 1.0)
         b = _per_channel(bias, "bias", c, 0.0)
         eps = v.real_scalar(eps, "eps", low=0.0)
-        out_d = _out(out, xi.shape, out_dtype)
+        out3 = _out(out, xi, out_dtype)
 
         wd = _work_dtype(out_dtype)
         x3 = xi.work3(wd)
-        y3 = _output_work(out_d, xi.shape3, wd)
+        dest = _Output(xi, out, out3, out_dtype, wd)
+        y3 = dest.y3
         if x3.size:
             params = cuda.device_array((c, 4), dtype=wd)
             k.inference_params[_blocks(c), THREADS](rm, rv, w, b, eps, params)
             k.affine[_blocks(x3.size), THREADS](x3, params, y3)
-        y = _result(y3, out_d, xi.shape, out_dtype)
-        return out if out is not None else _wrap(y, x)
+        return dest.finish(x)
 
     def batch_norm_backward(self, dy, x, mean, invstd, weight, axis, out):
         xi = _Input(x, "x", axis)
         gi = _Input(dy, "dy")
         if gi.shape != xi.shape:
             raise ValueError(f"dy and x must have the same shape, got {gi.shape} and {xi.shape}")
-        gi.axis, gi.channels, gi.shape3 = xi.axis, xi.channels, xi.shape3
+        gi = _Input(dy, "dy", axis, layout=xi.layout)
         c = xi.channels
         out_dtype = np.result_type(v.output_dtype(gi.dtype), v.output_dtype(xi.dtype))
         stats_dtype = v.stats_dtype(out_dtype)
@@ -253,12 +323,13 @@ class CUDABackend:
         mu = _per_channel(mean, "mean", c)
         inv = _per_channel(invstd, "invstd", c)
         w = _per_channel(weight, "weight", c, 1.0)
-        out_d = _out(out, xi.shape, out_dtype)
+        out3 = _out(out, xi, out_dtype)
         n = v.require_training_batch(xi.shape, xi.axis)
 
         wd = _work_dtype(out_dtype)
         x3, g3 = xi.work3(wd), gi.work3(wd)
-        d3 = _output_work(out_d, xi.shape3, wd)
+        dest = _Output(xi, out, out3, out_dtype, wd)
+        d3 = dest.y3
         sum_dy, sum_dy_xmu = cuda.device_array(c), cuda.device_array(c)
         if c:
             nparts = _parts(xi.shape3)
@@ -271,10 +342,8 @@ class CUDABackend:
         dweight = cuda.device_array(c)
         if c:
             k.multiply[_blocks(c), THREADS](sum_dy_xmu, inv, dweight)
-        result = _result(d3, out_d, xi.shape, out_dtype)
-        like = x
-        return (out if out is not None else _wrap(result, like),
-                _wrap(_cast(dweight, stats_dtype), like), _wrap(_cast(sum_dy, stats_dtype), like))
+        return (dest.finish(x), _wrap(_cast(dweight, stats_dtype), x),
+                _wrap(_cast(sum_dy, stats_dtype), x))
 
     def batch_stats(self, x, axis, ddof):
         xi = _Input(x, "x", axis)
