@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbn bench | floors | startup | warmup``."""
+"""Command line: ``python -m fastbn bench | floors | normalize | startup | warmup``."""
 
 import argparse
 import json
@@ -10,6 +10,12 @@ import numpy as np
 def _bench(args):
     from . import _bench
 
+    if args.out_of_core:
+        r = _bench.out_of_core(gb=args.out_of_core, repeats=args.repeats or 3)
+        print(f"out-of-core standardize of a {r['bytes'] / 1e9:.2f} GB float32 file (64 features, "
+              f"64 MiB chunks): {r['normalize_s']:.2f} s; reading it twice and writing it once: "
+              f"{r['io_floor_s']:.2f} s; ratio {r['ratio']:.2f}")
+        return
     repeats = args.repeats or (5 if args.quick else 11)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in _bench.machine_info().items()))
     cases = args.case or list(_bench.CASES)
@@ -78,6 +84,9 @@ def main(argv=None):
     b.add_argument("--no-peers", action="store_true", help="skip PyTorch even if installed")
     b.add_argument("--json", help="also write the numbers to this file")
     b.add_argument("--plot", help="also draw a bar chart into this PNG (needs matplotlib)")
+    b.add_argument("--out-of-core", type=float, metavar="GB", nargs="?", const=2.0,
+                   help="only time `normalize` on a file of GB gigabytes (default 2) against "
+                        "reading it twice and writing it once")
     b.set_defaults(func=_bench)
     f = sub.add_parser("floors", help="floors of the fused channel schedule by group size")
     f.add_argument("--case", default="nchw", choices=["nchw", "nchw-batch256", "small"])
@@ -85,14 +94,16 @@ def main(argv=None):
     f.add_argument("--repeats", type=int, default=11)
     f.add_argument("--quick", action="store_true")
     f.set_defaults(func=_floors)
+    from . import _normalize_cli
+
+    _normalize_cli.add_parser(sub)
     s = sub.add_parser("startup", help="cold compile and warm-cache start-up times")
     s.add_argument("--json")
     s.set_defaults(func=_startup)
     w = sub.add_parser("warmup", help="compile the common kernel signatures now")
     w.set_defaults(func=_warmup)
     args = parser.parse_args(argv)
-    args.func(args)
-    return 0
+    return args.func(args) or 0
 
 
 if __name__ == "__main__":

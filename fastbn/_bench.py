@@ -18,7 +18,7 @@ import tracemalloc
 import numba
 import numpy as np
 
-from . import api
+from . import api, preprocessing
 from ._cpu import kernels
 from ._cpu.backend import backend as cpu
 
@@ -154,8 +154,29 @@ def pattern_floors(a):
         x3, dy3, dst3 = (v.reshape(a.shape3) for v in (a.x, a.dy, a.copy_dst))
         forward = (GROUPED_READ_COPY, lambda: cpu.grouped_read_copy(x3, dst3))
         backward = (GROUPED_READ2_ADD, lambda: cpu.grouped_read2_add(x3, dy3, dst3))
-    return {"forward": forward, "inference": (FLOOR, None), "backward": backward,
-            "stats": (READ, lambda: cpu.read(a.x))}
+    floors = {"forward": forward, "inference": (FLOOR, None), "backward": backward,
+              "stats": (READ, lambda: cpu.read(a.x))}
+    if feature_last(a):  # a statistics pass, then a transform pass
+        floors["standardize"] = (READ_COPY, lambda: (cpu.read(a.x), cpu.copy(a.x, a.copy_dst)))
+    return floors
+
+
+def feature_last(a):
+    """Cases in scikit-learn's (samples, features) layout also time ``standardize``."""
+    return a.axis % a.x.ndim == a.x.ndim - 1
+
+
+def sklearn_contenders(a):
+    """scikit-learn's StandardScaler on the same data, reshaped to (samples, features)."""
+    try:
+        from sklearn.preprocessing import StandardScaler
+    except ImportError:
+        return {}
+    if not feature_last(a):
+        return {}
+    x2 = a.x.reshape(-1, a.x.shape[-1])
+    return {"standardize": {"sklearn StandardScaler().fit_transform":
+                            lambda: StandardScaler().fit_transform(x2)}}
 
 
 def fastbn_contenders(a):
@@ -181,6 +202,8 @@ def fastbn_contenders(a):
                 a.dy, a.x, a.mean, a.invstd, a.weight, axis=a.axis, out=a.out),
         },
         "stats": {"fastbn batch_stats": lambda: api.batch_stats(a.x, axis=a.axis)},
+        **({"standardize": {"fastbn standardize (out=)": lambda: preprocessing.standardize(
+            a.x, axis=a.axis, out=a.out)}} if feature_last(a) else {}),
     }
 
 
@@ -256,9 +279,11 @@ def _unpermute(t, axis):
     return np.moveaxis(arr, 1, axis)
 
 
-BYTES_MOVED = {"floor": 2, "forward": 2, "inference": 2, "backward": 3, "stats": 1}  # x sizes
+BYTES_MOVED = {"floor": 2, "forward": 2, "inference": 2, "backward": 3, "stats": 1,
+               "standardize": 2}  # x sizes
 BASELINE = {"forward": "fastbn forward (out=)", "inference": "fastbn inference (out=)",
-            "backward": "fastbn backward (out=)", "stats": "fastbn batch_stats"}
+            "backward": "fastbn backward (out=)", "stats": "fastbn batch_stats",
+            "standardize": "fastbn standardize (out=)"}
 
 
 def peak_memory(a):
@@ -286,6 +311,9 @@ def run_case(name, dtype=np.float32, quick=False, repeats=11, naive=True, peers=
     torch = _torch() if peers else None
     if torch is not None:
         for op, c in torch_contenders(torch, a).items():
+            groups[op].update(c)
+    if peers:
+        for op, c in sklearn_contenders(a).items():
             groups[op].update(c)
     flat = {name_: fn for c in groups.values() for name_, fn in c.items()}
     medians, _ = time_interleaved(flat, repeats=repeats)
@@ -390,3 +418,60 @@ def floor_sweep(name="nchw", dtype=np.float32, quick=False, repeats=11):
             lambda g=group: kernels.grouped_read2_add(x3, dy3, g, dst3))
     medians, _ = time_interleaved(fns, repeats=repeats)
     return [(n, s, s / medians[FLOOR]) for n, s in medians.items()]
+
+
+def out_of_core(gb=2.0, chunk_mb=64.0, repeats=3, directory=None):
+    """``python -m fastbn normalize`` on a (rows, 64) float32 file of ``gb`` GB, against
+    reading the file twice and writing it once with plain chunked file I/O.
+
+    Interleaved repeats, medians; the file is on the local disk and, on a machine
+    with enough memory, in the page cache (both contenders see the same cache).
+    Returns ``{"bytes", "normalize_s", "io_floor_s", "ratio"}``.
+    """
+    import argparse
+    import shutil
+    import tempfile
+
+    from . import _normalize_cli
+
+    tmp = tempfile.mkdtemp(prefix="fastbn-oocore-", dir=directory)
+    try:
+        src, dst, io_dst = (os.path.join(tmp, n) for n in ("in.npy", "out.npy", "io.npy"))
+        width = 64
+        rows = int(gb * 1e9) // (4 * width)
+        block = np.random.default_rng(0).standard_normal((1 << 16, width), dtype=np.float32)
+        with open(src, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<f4", "fortran_order": False, "shape": (rows, width)})
+            for start in range(0, rows, block.shape[0]):
+                block[:min(block.shape[0], rows - start)].tofile(f)
+        chunk = int(chunk_mb * (1 << 20))
+
+        def io_floor():
+            for _ in range(2):
+                with open(src, "rb") as f:
+                    while f.read(chunk):
+                        pass
+            with open(src, "rb") as f, open(io_dst, "wb") as g:
+                while True:
+                    data = f.read(chunk)
+                    if not data:
+                        break
+                    g.write(data)
+                g.flush()
+                os.fsync(g.fileno())
+
+        args = argparse.Namespace(input=src, output=dst, method="standard", axis=-1,
+                                  chunk_mb=chunk_mb, feature_range=(0.0, 1.0), clip=False,
+                                  save_stats=None, stats=None)
+
+        def normalize():
+            assert _normalize_cli.run(args) == 0
+
+        medians, _ = time_interleaved({"normalize": normalize, "read twice + write": io_floor},
+                                      repeats=repeats, warmup=1)
+        return {"bytes": os.path.getsize(src), "normalize_s": medians["normalize"],
+                "io_floor_s": medians["read twice + write"],
+                "ratio": medians["normalize"] / medians["read twice + write"]}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

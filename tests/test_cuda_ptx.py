@@ -37,6 +37,10 @@ def _signatures():
             ("partial_grad_sums", (x3, x3, v, I64, m, m)),
             ("finish_backward", (m, m, v, v, v, F64, v, v, p2)),
             ("dx", (x3, x3, p2, x3)),
+            ("partial_feature_stats", (x3, I64, m, m, m, m, m)),
+            ("standardize_params", (x3, m, m, m, p2)),
+            ("minmax_params", (m, m, F64, F64, p2)),
+            ("clip", (_arr(wd, 1), F64, F64)),
         ]
         for running in (F32, F64):
             r = _arr(running, 1)

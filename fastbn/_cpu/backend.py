@@ -10,6 +10,7 @@ import threading
 import numba
 import numpy as np
 
+from .. import _moments
 from .._layout import Layout, Output
 from . import kernels
 
@@ -96,6 +97,46 @@ class CPUBackend:
         n, hi, lo, m2 = self._moments3(x3)
         return n, hi + lo, m2
 
+    def feature_stats(self, x, axis, dtype, min_max=True):
+        """Per channel (feature) with NaN ignored: ``(count, mean, m2, min, max)``, float64.
+
+        Features with no value get count 0 and NaN elsewhere.  Without
+        ``min_max`` (min and max are then None), data without NaN take the
+        batch-statistics kernels, which are several times faster; only data
+        whose statistics come out non-finite go through the NaN-aware kernel.
+        """
+        if not min_max:
+            n, mean, m2 = self.moments(x, axis, dtype)
+            if np.isfinite(mean).all() and np.isfinite(m2).all():
+                return np.full(mean.shape, float(n)), mean, m2, None, None
+        layout = Layout.of(x, axis)
+        x3 = layout.work3(x, work_dtype(dtype))
+        outer, channels, inner = x3.shape
+        width = channels * inner
+        x2 = x3.reshape(outer, width)
+        nblocks = kernels.column_blocks(outer, numba.get_num_threads())
+        shift = np.zeros(width)
+        if outer:
+            first = x2[0].astype(np.float64)
+            shift = np.where(np.isfinite(first), first, 0.0)
+        parts = [np.empty((nblocks, width)) for _ in range(5)]
+        with _kernel_guard():
+            kernels.feature_moments(x2, nblocks, kernels.chunk_rows(width), shift, *parts)
+        count, mean_rel, m2, vmin, vmax = parts
+        # merge the blocks, then the inner columns of each channel
+        count, mean, m2 = _moments.merge_moments(count, mean_rel + shift, m2, axis=0)
+        vmin, vmax = vmin.min(axis=0), vmax.max(axis=0)
+        if inner > 1:
+            count, mean, m2 = _moments.merge_moments(count.reshape(channels, inner),
+                                                     mean.reshape(channels, inner),
+                                                     m2.reshape(channels, inner), axis=1)
+            vmin = vmin.reshape(channels, inner).min(axis=1)
+            vmax = vmax.reshape(channels, inner).max(axis=1)
+        empty = count == 0
+        vmin[empty] = np.nan
+        vmax[empty] = np.nan
+        return count, mean, m2, vmin, vmax
+
     # ----------------------------------------------------------------- forward
     def forward_train(self, x, axis, weight, bias, eps, out, out_dtype):
         """Batch statistics and ``y``, fused in one call where the plan allows.
@@ -181,6 +222,9 @@ class CPUBackend:
             kernels.parallel_add(x2.reshape(-1), x2.reshape(-1), y2.reshape(-1), 2)
             kernels.grouped_read_copy(x3, 2, y3)
             kernels.grouped_read2_add(x3, x3, 2, y3)
+            width = x2.shape[1]
+            kernels.feature_moments(x2, 2, 4, np.zeros(width),
+                                    *[np.empty((2, width)) for _ in range(5)])
 
     # ----------------------------------------------------------------- memory floor
     def copy(self, src, dst):

@@ -1314,3 +1314,75 @@ def run_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthr
     for c in range(channels):
         _dx_params(params, c, mean, invstd, weight, sum_dy, sum_dy_xmu, n)
     dx_channels(dy, x, params, run_blocks(outer, channels, nthreads), dx)
+
+
+# ---------------------------------------------------------------------------
+# Feature statistics for data normalization (fastbn.standardize, the scalers):
+# per column of a (rows, W) view, NaN ignored (scikit-learn's semantics), with
+# each column's count, mean (relative to ``shift``), M2, min and max.  Chunks of
+# rows stay in cache and are reduced exactly in two passes, then merged with
+# Chan's formula, so the result does not depend on the offset of the data.
+
+# Branch-free (selects) so that the column loops vectorize; NaN fails every comparison.
+@kernel()
+def _chunk_counts_sums(x, r0, r1, shift, c, s):
+    for r in range(r0, r1):
+        for j in range(np.uint64(0), np.uint64(x.shape[1])):
+            v = np.float64(x[r, j])
+            ok = v == v
+            c[j] += 1.0 if ok else 0.0
+            s[j] += (v - shift[j]) if ok else 0.0
+
+
+@kernel()
+def _chunk_m2_min_max(x, r0, r1, shift, mu, q, vmin, vmax):
+    for r in range(r0, r1):
+        for j in range(np.uint64(0), np.uint64(x.shape[1])):
+            v = np.float64(x[r, j])
+            d = (v - shift[j]) - mu[j]
+            q[j] += d * d if v == v else 0.0
+            vmin[j] = v if v < vmin[j] else vmin[j]
+            vmax[j] = v if v > vmax[j] else vmax[j]
+
+
+@kernel()
+def _feature_block(x, r0, r1, chunk_rows, shift, count, mean_rel, m2, vmin, vmax):
+    """Statistics of rows [r0, r1) of ``x`` (rows, W) into the (W,) arrays given."""
+    width = x.shape[1]
+    c = np.zeros(width)
+    s = np.zeros(width)
+    mu = np.zeros(width)
+    q = np.zeros(width)
+    count[:] = 0.0
+    mean_rel[:] = 0.0
+    m2[:] = 0.0
+    vmin[:] = np.inf
+    vmax[:] = -np.inf
+    for a in range(r0, r1, chunk_rows):
+        b = min(a + chunk_rows, r1)
+        c[:] = 0.0
+        s[:] = 0.0
+        q[:] = 0.0
+        _chunk_counts_sums(x, a, b, shift, c, s)
+        for j in range(width):
+            mu[j] = s[j] / c[j] if c[j] > 0.0 else 0.0
+        _chunk_m2_min_max(x, a, b, shift, mu, q, vmin, vmax)
+        for j in range(width):
+            if c[j] > 0.0:
+                n = count[j]
+                total = n + c[j]
+                delta = mu[j] - mean_rel[j]
+                mean_rel[j] += delta * (c[j] / total)
+                m2[j] += q[j] + delta * delta * (n * c[j] / total)
+                count[j] = total
+
+
+@kernel(parallel=True)
+def feature_moments(x, nblocks, chunk_rows, shift, count, mean_rel, m2, vmin, vmax):
+    """Per-(block of rows, column) statistics of ``x`` (rows, W) with NaN ignored:
+    arrays (nblocks, W) of count, mean relative to ``shift``, M2, min and max
+    (min/max are +inf/-inf where a block has no value)."""
+    rows = x.shape[0]
+    for blk in prange(nblocks):
+        _feature_block(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, chunk_rows, shift,
+                       count[blk], mean_rel[blk], m2[blk], vmin[blk], vmax[blk])

@@ -360,5 +360,44 @@ class CUDABackend:
             k.fill[_blocks(c), THREADS](var, math.nan)
         return n, _wrap(_cast(mean, stats_dtype), x), _wrap(_cast(var, stats_dtype), x)
 
+    # ----------------------------------------------------------------- data normalization
+    def _feature_stats(self, xi, x3):
+        channels = xi.channels
+        nparts = _parts(xi.shape3)
+        arrays = [cuda.device_array((channels, nparts)) for _ in range(5)]
+        k.partial_feature_stats[(channels, nparts), THREADS](x3, nparts, *arrays)
+        return arrays
+
+    def _normalize(self, x, axis, out, make_params, clip=None):
+        xi = _Input(x, "x", axis)
+        c = xi.channels
+        out_dtype = v.output_dtype(xi.dtype)
+        out3 = _out(out, xi, out_dtype)
+        wd = _work_dtype(out_dtype)
+        x3 = xi.work3(wd)
+        dest = _Output(xi, out, out3, out_dtype, wd)
+        if x3.size:
+            params = cuda.device_array((c, 4), dtype=wd)
+            make_params(xi, x3, params)
+            k.affine[_blocks(x3.size), THREADS](x3, params, dest.y3)
+            if clip is not None:
+                flat = dest.y3.reshape(dest.y3.size)
+                k.clip[_blocks(flat.size), THREADS](flat, clip[0], clip[1])
+        return dest.finish(x)
+
+    def standardize(self, x, axis, out):
+        def params(xi, x3, p):
+            count, mean_rel, m2, _, _ = self._feature_stats(xi, x3)
+            k.standardize_params[_blocks(xi.channels), THREADS](x3, count, mean_rel, m2, p)
+        return self._normalize(x, axis, out, params)
+
+    def minmax_scale(self, x, axis, feature_range, out, clip=False):
+        low, high = feature_range
+
+        def params(xi, x3, p):
+            _, _, _, vmin, vmax = self._feature_stats(xi, x3)
+            k.minmax_params[_blocks(xi.channels), THREADS](vmin, vmax, low, high, p)
+        return self._normalize(x, axis, out, params, (low, high) if clip else None)
+
 
 backend = CUDABackend()

@@ -358,3 +358,113 @@ def multiply(a, b, out):
     c = cuda.grid(1)
     if c < out.shape[0]:
         out[c] = a[c] * b[c]
+
+
+# ----------------------------------------------------------------- data normalization
+
+@cuda.jit(device=True)
+def _finite_shift(x, c):
+    """The channel's first value as the shift of its statistics, 0 if it is not finite."""
+    s = np.float64(x[0, c, 0])
+    return s if math.isfinite(s) else 0.0
+
+
+@cuda.jit
+def partial_feature_stats(x, nparts, count, mean_rel, m2, vmin, vmax):
+    """Grid (C, nparts): like ``partial_moments`` with NaN ignored, plus min and max
+    (+inf / -inf where a part has no value)."""
+    outer, channels, inner = x.shape
+    c, t, lo_e, hi_e = _block_part(outer * inner, nparts)
+    shift = _finite_shift(x, c)
+    sn = cuda.shared.array(THREADS, dtype=np.float64)
+    smean = cuda.shared.array(THREADS, dtype=np.float64)
+    sm2 = cuda.shared.array(THREADS, dtype=np.float64)
+    smin = cuda.shared.array(THREADS, dtype=np.float64)
+    smax = cuda.shared.array(THREADS, dtype=np.float64)
+    cnt = 0.0
+    mu = 0.0
+    q = 0.0
+    lo = math.inf
+    hi = -math.inf
+    for e in range(lo_e + t, hi_e, cuda.blockDim.x):
+        v = np.float64(x[e // inner, c, e % inner])
+        if v == v:
+            cnt, mu, q = _welford(cnt, mu, q, v - shift)
+            lo = min(lo, v)
+            hi = max(hi, v)
+    smin[t] = lo
+    smax[t] = hi
+    _block_moments(sn, smean, sm2, cnt, mu, q)  # synchronizes before merging
+    stride = cuda.blockDim.x // 2
+    while stride > 0:
+        if t < stride:
+            smin[t] = min(smin[t], smin[t + stride])
+            smax[t] = max(smax[t], smax[t + stride])
+        cuda.syncthreads()
+        stride //= 2
+    if t == 0:
+        p = cuda.blockIdx.y
+        count[c, p] = sn[0]
+        mean_rel[c, p] = smean[0]
+        m2[c, p] = sm2[0]
+        vmin[c, p] = smin[0]
+        vmax[c, p] = smax[0]
+
+
+@cuda.jit
+def standardize_params(x, count, mean_rel, m2, params):
+    """One thread per channel: ``(hi, lo, 1 / scale, 0)`` with scikit-learn's scale
+    (``sqrt(var)``, 1 for a feature within rounding of a constant)."""
+    c = cuda.grid(1)
+    if c >= count.shape[0]:
+        return
+    n, mu, q = _merge_parts(count, mean_rel, m2, c)
+    if n == 0.0:
+        hi, lo, var = math.nan, 0.0, math.nan
+    else:
+        hi, lo = _two_sum(_finite_shift(x, c), mu)
+        var = q / n
+    eps = 2.220446049250313e-16
+    mean = hi + lo
+    scale = math.sqrt(var)
+    if var <= n * eps * var + (n * mean * eps) ** 2:
+        scale = 1.0
+    params[c, 0] = hi
+    params[c, 1] = (hi - np.float64(params[c, 0])) + lo
+    params[c, 2] = 1.0 / scale
+    params[c, 3] = 0.0
+
+
+@cuda.jit
+def minmax_params(vmin, vmax, low, high, params):
+    """One thread per channel: ``(0, 0, scale_, min_)`` as scikit-learn's MinMaxScaler."""
+    c = cuda.grid(1)
+    if c >= vmin.shape[0]:
+        return
+    dmin = math.inf
+    dmax = -math.inf
+    for p in range(vmin.shape[1]):
+        dmin = min(dmin, vmin[c, p])
+        dmax = max(dmax, vmax[c, p])
+    if dmin > dmax:  # no value in this channel
+        dmin = math.nan
+        dmax = math.nan
+    data_range = dmax - dmin
+    if data_range < 10 * 2.220446049250313e-16:
+        data_range = 1.0
+    scale = (high - low) / data_range
+    params[c, 0] = 0.0
+    params[c, 1] = 0.0
+    params[c, 2] = scale
+    params[c, 3] = low - dmin * scale
+
+
+@cuda.jit
+def clip(y, low, high):
+    """Clip flat ``y`` to [low, high] (NaN kept)."""
+    for k in range(cuda.grid(1), y.shape[0], cuda.gridsize(1)):
+        v = y[k]
+        if v < low:
+            y[k] = low
+        elif v > high:
+            y[k] = high

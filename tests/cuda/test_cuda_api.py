@@ -175,3 +175,21 @@ def test_results_keep_the_input_array_type(rng, library):
     y, mean, invstd = fastbn.batch_norm_forward(xd)
     assert type(y) is type(xd) and type(mean) is type(xd)
     np.testing.assert_allclose(host(y), fastbn.batch_norm_forward(x)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+@pytest.mark.parametrize("shape,axis", [((300, 5), -1), ((4, 3, 7), 1)])
+def test_standardize_and_minmax_on_device(rng, dev, dtype, shape, axis):
+    x = make(rng, shape, np.float64, offset=1e4 * 0.37, scale=0.37)
+    xm = np.moveaxis(x, axis, -1)
+    xm[..., 1] = 5.0                       # a constant feature
+    xm.reshape(-1, shape[axis])[::7, 2] = np.nan
+    x = x.astype(dtype)
+    tol = dict(atol=2e-5) if dtype == np.float32 else dict(atol=1e-10)
+    y = host(fastbn.standardize(dev(x), axis=axis))
+    np.testing.assert_allclose(y, fastbn.standardize(x, axis=axis), **tol)
+    for rng_ in [(0.0, 1.0), (-1.0, 2.0)]:
+        y = host(fastbn.minmax_scale(dev(x), axis=axis, feature_range=rng_))
+        np.testing.assert_allclose(y, fastbn.minmax_scale(x, axis=axis, feature_range=rng_), **tol)
+    out = dev(np.zeros_like(x))
+    assert fastbn.standardize(dev(x), axis=axis, out=out) is out

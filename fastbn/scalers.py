@@ -1,0 +1,276 @@
+"""Streaming scalers with scikit-learn's semantics (CONTRACT section 3), on any feature axis.
+
+``StandardScaler`` and ``MinMaxScaler`` keep float64 per-feature state
+(count, mean, M2, min, max) that ``partial_fit`` merges with Chan's formula,
+so fitting k chunks equals fitting their concatenation.  Statistics come from
+one pass of a compiled kernel per call (NaN ignored, as scikit-learn does);
+``transform`` is one fused multiply-add pass (NaN kept).
+"""
+
+import numpy as np
+
+from . import _moments
+from . import _validate as v
+from ._dispatch import backend_for
+
+__all__ = ["StandardScaler", "MinMaxScaler"]
+
+_EPS = np.finfo(np.float64).eps
+
+
+def _input(x, name="x"):
+    backend = backend_for(**{name: x})
+    if backend.device:
+        raise TypeError(f"{name} is a CUDA device array: the scalers compute on the host "
+                        "(fastbn.standardize and fastbn.minmax_scale accept device arrays)")
+    return backend, v.as_input(x, name)
+
+
+def _feature_count(xa, axis):
+    ax = v.channel_axis(axis, xa.ndim)
+    return ax, xa.shape[ax]
+
+
+class _Scaler:
+    """Shared state and plumbing: per-feature float64 (count, mean, M2, min, max)."""
+
+    _needs_min_max = True
+
+    def __init__(self, axis):
+        self.axis = axis
+        self._reset()
+
+    def _reset(self):
+        self._count = None
+
+    @property
+    def n_features_in_(self):
+        self._check_fitted()
+        return self._count.shape[0]
+
+    def _check_fitted(self):
+        if self._count is None:
+            raise ValueError(f"this {type(self).__name__} is not fitted yet: call fit or "
+                             "partial_fit first")
+
+    def fit(self, x):
+        """Reset, then compute the statistics of ``x``.  Returns ``self``."""
+        self._reset()
+        return self.partial_fit(x)
+
+    def partial_fit(self, x):
+        """Merge the statistics of ``x`` (a chunk of samples) into the fitted state.
+
+        Returns ``self``.  NaN values are ignored (counted per feature).
+        """
+        backend, xa = _input(x)
+        ax, features = _feature_count(xa, self.axis)
+        if self._count is not None and features != self._count.shape[0]:
+            raise ValueError(f"x has {features} features along axis {self.axis}, but this "
+                             f"scaler was fitted with {self._count.shape[0]}")
+        rows = v.channel_count(xa.shape, ax)
+        count, mean, m2, vmin, vmax = backend.feature_stats(xa, ax, v.output_dtype(xa.dtype),
+                                                            min_max=self._needs_min_max)
+        if self._count is None:
+            self._count, self._mean, self._m2 = count, mean, np.where(count > 0, m2, 0.0)
+            self._min, self._max, self._rows = vmin, vmax, rows
+        else:
+            n, mu, q = _moments.merge_moments(np.stack([self._count, count]),
+                                              np.stack([self._mean, mean]),
+                                              np.stack([self._m2, m2]), axis=0)
+            self._count, self._mean, self._m2 = n, mu, np.where(n > 0, q, 0.0)
+            if vmin is not None:
+                self._min = np.fmin(self._min, vmin)
+                self._max = np.fmax(self._max, vmax)
+            self._rows += rows
+        self._update_attributes()
+        return self
+
+    def fit_transform(self, x, out=None):
+        """``fit(x)`` then ``transform(x, out)``."""
+        return self.fit(x).transform(x, out=out)
+
+    def _affine(self, x, mean, scale, shift, out, name="x"):
+        """``(x - mean) * scale + shift`` per feature, one fused pass (float64 parameters)."""
+        self._check_fitted()
+        backend, xa = _input(x, name)
+        ax, features = _feature_count(xa, self.axis)
+        if features != self._count.shape[0]:
+            raise ValueError(f"{name} has {features} features along axis {self.axis}, but this "
+                             f"scaler was fitted with {self._count.shape[0]}")
+        out_dtype = v.output_dtype(xa.dtype)
+        out = v.out_array(out, xa.shape, out_dtype)
+        if xa.size == 0:
+            return out if out is not None else np.empty(xa.shape, out_dtype)
+        return backend.affine(xa, ax, mean, scale, shift, out, out_dtype)
+
+    # ----------------------------------------------------------------- state
+    def to_dict(self):
+        """The fitted state as plain Python data (JSON-serializable): ``from_dict`` restores it."""
+        self._check_fitted()
+        arrays = {"count": self._count, "mean": self._mean, "m2": self._m2,
+                  "min": self._min, "max": self._max}
+        return {"scaler": type(self).__name__, "params": self._params(), "rows": int(self._rows),
+                **{k: None if a is None else [None if not np.isfinite(x) else float(x) for x in a]
+                   for k, a in arrays.items()}}
+
+    @classmethod
+    def from_dict(cls, state):
+        """A fitted scaler from ``to_dict()``'s output."""
+        if state.get("scaler") != cls.__name__:
+            raise ValueError(f"state is for {state.get('scaler')!r}, not {cls.__name__}")
+        scaler = cls(**state["params"])
+        def as_array(key):
+            if state.get(key) is None:
+                return None
+            return np.array([np.nan if x is None else x for x in state[key]], dtype=np.float64)
+
+        scaler._count, scaler._mean, scaler._m2 = as_array("count"), as_array("mean"), as_array("m2")
+        scaler._min, scaler._max, scaler._rows = as_array("min"), as_array("max"), state["rows"]
+        scaler._update_attributes()
+        return scaler
+
+    def _n_samples_seen(self):
+        counts = self._count.astype(np.int64)
+        return int(self._rows) if np.all(counts == self._rows) else counts
+
+
+def _handle_zeros_in_scale(scale, constant_mask=None):
+    """scikit-learn's rule: a zero (or numerically constant) scale becomes 1."""
+    scale = np.array(scale, dtype=np.float64)
+    if constant_mask is None:
+        constant_mask = scale < 10 * _EPS
+    scale[constant_mask] = 1.0
+    return scale
+
+
+class StandardScaler(_Scaler):
+    """Standardize features to mean 0 and variance 1, as ``sklearn.preprocessing.StandardScaler``.
+
+    Parameters
+    ----------
+    axis : int, default -1
+        The feature axis (kept); statistics reduce over every other axis.
+    with_mean, with_std : bool, default True
+        Center, and scale to unit variance.
+
+    Attributes
+    ----------
+    mean_, var_, scale_ : ndarray of shape (n_features,) or None
+        Per-feature mean, biased variance and scale (``sqrt(var_)``, 1 for a
+        constant feature), float64; None as in scikit-learn when not used.
+    n_samples_seen_ : int or ndarray
+        Samples seen; per feature (int array) when NaNs made the counts differ.
+    """
+
+    _needs_min_max = False  # min and max stay None
+
+    def __init__(self, *, axis=-1, with_mean=True, with_std=True):
+        self.with_mean, self.with_std = bool(with_mean), bool(with_std)
+        super().__init__(axis)
+
+    def _reset(self):
+        super()._reset()
+        self.mean_ = self.var_ = self.scale_ = self.n_samples_seen_ = None
+
+    def _params(self):
+        return {"axis": self.axis, "with_mean": self.with_mean, "with_std": self.with_std}
+
+    def _update_attributes(self):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = np.where(self._count > 0, self._m2 / self._count, np.nan)
+            mean = np.where(self._count > 0, self._mean, np.nan)
+        any_stat = self.with_mean or self.with_std
+        self.mean_ = mean if any_stat else None
+        self.var_ = var if self.with_std else None
+        if self.with_std:
+            # scikit-learn's _is_constant_feature: within rounding of a constant
+            upper = self._count * _EPS * var + (self._count * mean * _EPS) ** 2
+            self.scale_ = _handle_zeros_in_scale(np.sqrt(var), var <= upper)
+        else:
+            self.scale_ = None
+        self.n_samples_seen_ = self._n_samples_seen()
+
+    def _center_and_scale(self):
+        mean = self.mean_ if self.with_mean else np.zeros_like(self._mean)
+        scale = self.scale_ if self.with_std else np.ones_like(self._mean)
+        return mean, scale
+
+    def transform(self, x, out=None):
+        """``(x - mean_) / scale_`` per feature (NaN kept); ``out`` may be ``x``."""
+        self._check_fitted()
+        mean, scale = self._center_and_scale()
+        return self._affine(x, mean, 1.0 / scale, np.zeros_like(mean), out)
+
+    def inverse_transform(self, y, out=None):
+        """``y * scale_ + mean_`` per feature."""
+        self._check_fitted()
+        mean, scale = self._center_and_scale()
+        return self._affine(y, np.zeros_like(mean), scale, mean, out, name="y")
+
+
+class MinMaxScaler(_Scaler):
+    """Scale features to ``feature_range``, as ``sklearn.preprocessing.MinMaxScaler``.
+
+    Parameters
+    ----------
+    feature_range : (min, max), default (0.0, 1.0)
+        Desired range; ``min < max``.
+    axis : int, default -1
+        The feature axis (kept).
+    clip : bool, default False
+        Clip transformed values to ``feature_range``.
+
+    Attributes
+    ----------
+    data_min_, data_max_, data_range_, scale_, min_ : ndarray of shape (n_features,)
+        ``transform(x) = x * scale_ + min_``; a zero range gets scale 1.
+    n_samples_seen_ : int
+    """
+
+    def __init__(self, feature_range=(0.0, 1.0), *, axis=-1, clip=False):
+        self.feature_range = _feature_range(feature_range)
+        self.clip = bool(clip)
+        super().__init__(axis)
+
+    def _reset(self):
+        super()._reset()
+        self.data_min_ = self.data_max_ = self.data_range_ = None
+        self.scale_ = self.min_ = self.n_samples_seen_ = None
+
+    def _params(self):
+        return {"feature_range": list(self.feature_range), "axis": self.axis, "clip": self.clip}
+
+    def _update_attributes(self):
+        fmin, fmax = self.feature_range
+        self.data_min_, self.data_max_ = self._min.copy(), self._max.copy()
+        self.data_range_ = self.data_max_ - self.data_min_
+        self.scale_ = (fmax - fmin) / _handle_zeros_in_scale(self.data_range_)
+        self.min_ = fmin - self.data_min_ * self.scale_
+        self.n_samples_seen_ = int(self._rows)
+
+    def transform(self, x, out=None):
+        """``x * scale_ + min_`` per feature (NaN kept), clipped when ``clip``."""
+        self._check_fitted()
+        zeros = np.zeros_like(self.scale_)
+        y = self._affine(x, zeros, self.scale_, self.min_, out)
+        if self.clip:
+            np.clip(y, self.feature_range[0], self.feature_range[1], out=y)
+        return y
+
+    def inverse_transform(self, y, out=None):
+        """``(y - min_) / scale_`` per feature."""
+        self._check_fitted()
+        return self._affine(y, self.min_, 1.0 / self.scale_, np.zeros_like(self.scale_), out,
+                            name="y")
+
+
+def _feature_range(value):
+    try:
+        low, high = (float(b) for b in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"feature_range must be a pair (min, max), got {value!r}") from None
+    if not (np.isfinite(low) and np.isfinite(high)) or low >= high:
+        raise ValueError("Minimum of desired feature range must be smaller than maximum. "
+                         f"Got {tuple(value)!r}.")
+    return low, high

@@ -1,0 +1,156 @@
+"""Data normalization (CONTRACT section 3) against scikit-learn, the float64 oracle here."""
+
+import numpy as np
+import pytest
+
+import fastbn
+
+sklearn_pre = pytest.importorskip("sklearn.preprocessing")
+
+
+def _data(rng, shape=(600, 7), dtype=np.float64, nan=True):
+    """Offsets of 1e4 standard deviations, a constant feature, NaNs in two features."""
+    std = 0.37
+    x = rng.normal(1e4 * std, std, shape)
+    x[:, 2] = 5.0                      # constant
+    x[:, -1] = rng.normal(-3.0, 2.0, shape[0])
+    if nan:
+        x[::50, 1] = np.nan
+        x[3, -2] = np.nan
+    return x.astype(dtype)
+
+
+def _sk64(cls, x, **kw):
+    """scikit-learn fitted in float64 (its float32 transform rounds more than ours)."""
+    return cls(**kw).fit(x.astype(np.float64))
+
+
+def _roundtrip_tol(dtype):
+    # a float32 round trip rounds twice at the scale of the data (values near 0 included)
+    return dict(rtol=1e-6, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+def _tol(dtype):
+    return dict(rtol=1e-12, atol=1e-9) if dtype == np.float64 else dict(rtol=2e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_standard_scaler_matches_sklearn(rng, dtype):
+    x = _data(rng, dtype=dtype)
+    ours = fastbn.StandardScaler().fit(x)
+    ref = _sk64(sklearn_pre.StandardScaler, x)
+    np.testing.assert_allclose(ours.mean_, ref.mean_, rtol=1e-13)
+    np.testing.assert_allclose(ours.var_, ref.var_, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ours.scale_, ref.scale_, rtol=1e-9)
+    assert ours.scale_[2] == 1.0                       # constant feature
+    np.testing.assert_array_equal(ours.n_samples_seen_, ref.n_samples_seen_)
+    y = ours.transform(x)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, ref.transform(x.astype(np.float64)), **_tol(dtype))
+    assert np.isnan(y[::50, 1]).all() and np.isnan(y[3, -2])  # NaN kept
+    np.testing.assert_allclose(ours.inverse_transform(y), x, **_roundtrip_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("feature_range,clip", [((0.0, 1.0), False), ((-2.0, 3.0), True)])
+def test_minmax_scaler_matches_sklearn(rng, dtype, feature_range, clip):
+    x = _data(rng, dtype=dtype)
+    ours = fastbn.MinMaxScaler(feature_range, clip=clip).fit(x)
+    ref = _sk64(sklearn_pre.MinMaxScaler, x, feature_range=feature_range, clip=clip)
+    for name in ("data_min_", "data_max_", "data_range_", "scale_", "min_"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(ref, name), rtol=1e-12)
+    assert ours.n_samples_seen_ == ref.n_samples_seen_
+    x2 = x * dtype(1.5)  # outside the fitted range: clip matters
+    np.testing.assert_allclose(ours.transform(x2), ref.transform(x2.astype(np.float64)),
+                               rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+    y = ours.transform(x)
+    np.testing.assert_allclose(ours.inverse_transform(y), x, **_roundtrip_tol(dtype))
+
+
+@pytest.mark.parametrize("cls", [fastbn.StandardScaler, fastbn.MinMaxScaler])
+def test_partial_fit_over_uneven_chunks_equals_fit(rng, cls):
+    x = _data(rng, (300, 5))
+    whole = cls().fit(x)
+    parts = cls()
+    bounds = [0, 1, 2, 9, 10, 11, 150, 151, 299, 300]  # 1-row chunks included
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        parts.partial_fit(x[a:b])
+    names = (["mean_", "var_", "scale_"] if cls is fastbn.StandardScaler
+             else ["data_min_", "data_max_", "scale_", "min_"])
+    for name in names:
+        np.testing.assert_allclose(getattr(parts, name), getattr(whole, name), rtol=1e-12)
+    np.testing.assert_array_equal(parts.n_samples_seen_, whole.n_samples_seen_)
+
+
+def test_any_feature_axis_and_float16_and_integers(rng):
+    x = rng.normal(5.0, 2.0, (4, 3, 6, 5))
+    ref = sklearn_pre.StandardScaler().fit(np.moveaxis(x, 1, -1).reshape(-1, 3))
+    ours = fastbn.StandardScaler(axis=1).fit(x)
+    np.testing.assert_allclose(ours.mean_, ref.mean_, rtol=1e-13)
+    np.testing.assert_allclose(ours.var_, ref.var_, rtol=1e-12)
+    y = ours.transform(x)
+    expected = np.moveaxis(ref.transform(np.moveaxis(x, 1, -1).reshape(-1, 3))
+                           .reshape(4, 6, 5, 3), -1, 1)
+    np.testing.assert_allclose(y, expected, atol=1e-12)
+    h = x.astype(np.float16)
+    assert fastbn.standardize(h, axis=1).dtype == np.float16
+    i = (x * 10).astype(np.int32)
+    yi = fastbn.minmax_scale(i, axis=1)
+    assert yi.dtype == np.float64
+    np.testing.assert_allclose([yi.min(), yi.max()], [0.0, 1.0], atol=1e-15)
+
+
+def test_functions_match_sklearn_functions(rng):
+    x = _data(rng, (200, 6))
+    np.testing.assert_allclose(fastbn.standardize(x), sklearn_pre.scale(x), atol=1e-9)
+    np.testing.assert_allclose(fastbn.minmax_scale(x, feature_range=(-1, 1)),
+                               sklearn_pre.minmax_scale(x, feature_range=(-1, 1)), atol=1e-12)
+
+
+def test_out_in_place_and_input_untouched(rng):
+    x = _data(rng, (100, 4), nan=False)
+    copy = x.copy()
+    y = fastbn.standardize(x)
+    np.testing.assert_array_equal(x, copy)
+    out = np.empty_like(x)
+    assert fastbn.standardize(x, out=out) is out
+    np.testing.assert_array_equal(out, y)
+    assert fastbn.minmax_scale(x, out=x) is x
+    np.testing.assert_allclose(x, sklearn_pre.minmax_scale(copy), atol=1e-12)
+
+
+def test_bad_arguments(rng):
+    x = _data(rng, (50, 3), nan=False)
+    with pytest.raises(ValueError, match="Minimum of desired feature range"):
+        fastbn.MinMaxScaler((1.0, 1.0))
+    with pytest.raises(ValueError, match="feature_range"):
+        fastbn.MinMaxScaler("ab")
+    with pytest.raises(ValueError, match="not fitted"):
+        fastbn.StandardScaler().transform(x)
+    sc = fastbn.StandardScaler().fit(x)
+    with pytest.raises(ValueError, match="features"):
+        sc.transform(x[:, :2])
+    with pytest.raises(ValueError, match="features"):
+        sc.partial_fit(x[:, :2])
+    out = np.full((50, 3), 7.0)
+    with pytest.raises(ValueError, match="out must have shape"):
+        fastbn.standardize(x, out=out[:, :2])
+    with pytest.raises(TypeError, match="dtype"):
+        fastbn.standardize(x.astype(complex))
+    with pytest.raises(np.exceptions.AxisError):
+        fastbn.standardize(x, axis=3)
+    assert np.all(out == 7.0)
+
+
+def test_all_nan_feature_and_no_mean_no_std(rng):
+    x = _data(rng, (40, 3), nan=False)
+    x[:, 1] = np.nan
+    sc = fastbn.StandardScaler().fit(x)
+    assert np.isnan(sc.mean_[1]) and np.isnan(sc.var_[1])
+    assert list(sc.n_samples_seen_) == [40, 0, 40]
+    plain = fastbn.StandardScaler(with_mean=False, with_std=False).fit(x)
+    assert plain.mean_ is None and plain.var_ is None and plain.scale_ is None
+    np.testing.assert_array_equal(plain.transform(x), x)
+    centered = fastbn.StandardScaler(with_std=False).fit(x)
+    assert centered.scale_ is None and centered.var_ is None
+    np.testing.assert_allclose(np.mean(centered.transform(x)[:, [0, 2]], axis=0), 0, atol=1e-9)
