@@ -46,3 +46,15 @@ def test_batch_stats(benchmark, inputs):
     a = inputs
     n, mean, var = benchmark(fastbn.batch_stats, a.x, axis=a.axis)
     assert n == a.x.size // a.x.shape[a.axis] and np.all(var > 0)
+
+
+def test_standardize(benchmark, inputs):
+    a = inputs
+    y = benchmark(fastbn.standardize, a.x, axis=a.axis, out=a.out)
+    assert y is a.out and np.all(np.isfinite(y))
+
+
+def test_minmax_scale(benchmark, inputs):
+    a = inputs
+    y = benchmark(fastbn.minmax_scale, a.x, axis=a.axis, out=a.out)
+    assert y is a.out and float(y.min()) >= -1e-6 and float(y.max()) <= 1 + 1e-6

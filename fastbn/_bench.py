@@ -463,7 +463,7 @@ def out_of_core(gb=2.0, chunk_mb=64.0, repeats=3, directory=None):
 
         args = argparse.Namespace(input=src, output=dst, method="standard", axis=-1,
                                   chunk_mb=chunk_mb, feature_range=(0.0, 1.0), clip=False,
-                                  save_stats=None, stats=None)
+                                  save_stats=None, stats=None, quiet=True)
 
         def normalize():
             assert _normalize_cli.run(args) == 0

@@ -102,7 +102,9 @@ class AtomicNpyWriter:
             os.remove(self.temp)
 
 
-def _progress(total, desc):
+def _progress(total, desc, quiet=False):
+    if quiet:
+        return _PlainProgress(total, desc, quiet=True)
     try:
         from tqdm import tqdm
     except ImportError:
@@ -113,11 +115,14 @@ def _progress(total, desc):
 class _PlainProgress:
     """A progress line on stderr when tqdm is not installed."""
 
-    def __init__(self, total, desc):
+    def __init__(self, total, desc, quiet=False):
         self.total, self.desc, self.done, self._last = max(total, 1), desc, 0, -1
+        self.quiet = quiet
 
     def update(self, n):
         self.done += n
+        if self.quiet:
+            return
         pct = 100 * self.done // self.total
         if pct // 10 != self._last // 10:
             print(f"{self.desc}: {pct}%", file=sys.stderr)
@@ -190,7 +195,7 @@ def run(args):
 def _normalize(reader, writer, args, axis, rows, given):
     total = reader.shape[0]
     if axis == 0:  # each chunk holds whole features: fit and transform it in one pass
-        bar = _progress(total, "normalize")
+        bar = _progress(total, "normalize", args.quiet)
         states = []
         for start, chunk in reader.chunks(rows):
             scaler = (_sliced(given, start, start + len(chunk)) if given
@@ -208,12 +213,12 @@ def _normalize(reader, writer, args, axis, rows, given):
     scaler = given
     if scaler is None:
         scaler = _make_scaler(args, axis)
-        bar = _progress(total, "statistics")
+        bar = _progress(total, "statistics", args.quiet)
         for _, chunk in reader.chunks(rows):
             scaler.partial_fit(chunk)
             bar.update(len(chunk))
         bar.close()
-    bar = _progress(total, "transform")
+    bar = _progress(total, "transform", args.quiet)
     for _, chunk in reader.chunks(rows):
         writer.write(scaler.transform(chunk))
         bar.update(len(chunk))
@@ -236,6 +241,7 @@ def add_parser(sub):
     p.add_argument("--save-stats", metavar="FILE.json", help="write the fitted statistics here")
     p.add_argument("--stats", metavar="FILE.json",
                    help="use these statistics (from --save-stats) instead of fitting")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
     return p
 

@@ -148,3 +148,11 @@ def test_memory_stays_at_a_few_chunks(tmp_path, rng):
             block.tofile(f)
     growth_mib = (peak_kib(big) - peak_kib(small)) / 1024
     assert growth_mib < 64, f"peak RSS grew by {growth_mib:.0f} MiB for a 256 MB file"
+
+
+def test_out_of_core_benchmark_runs(capsys):
+    import fastbn.__main__ as cli
+
+    assert cli.main(["bench", "--out-of-core", "0.01", "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "reading it twice and writing it once" in printed and "ratio" in printed
