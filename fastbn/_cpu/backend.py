@@ -186,6 +186,21 @@ class CPUBackend:
         wd = work_dtype(dtype)
         return self._grad_sums3(layout.work3(dy, wd), layout.work3(x, wd), mean)
 
+    def dx_from_sums(self, dy, x, axis, mean, invstd, weight, sum_dy, sum_dy_xmu, n, out,
+                     out_dtype):
+        """Training-mode ``dx`` for per-channel sums over ``n`` values taken elsewhere
+        (synchronized batch norm: over every rank's batch)."""
+        layout = Layout.of(x, axis)
+        wd = work_dtype(out_dtype)
+        x3 = layout.work3(x, wd)
+        dy3 = layout.work3(dy, wd)
+        dest = Output(layout, out, out_dtype, wd, [x3, dy3])
+        if x3.size:
+            with _kernel_guard():
+                kernels.run_dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, float(n),
+                               dest.y3, numba.get_num_threads(), MIN_RUN)
+        return dest.finish()
+
     def backward_train(self, dy, x, axis, mean, invstd, weight, out, out_dtype):
         """Training-mode ``dx`` and ``(sum(dy), sum(dy * (x - mean)))``, fused where possible."""
         layout = Layout.of(x, axis)
@@ -222,6 +237,7 @@ class CPUBackend:
             kernels.parallel_add(x2.reshape(-1), x2.reshape(-1), y2.reshape(-1), 2)
             kernels.grouped_read_copy(x3, 2, y3)
             kernels.grouped_read2_add(x3, x3, 2, y3)
+            kernels.run_dx(x3, x3, zeros, ones, ones, zeros, zeros, 2.0, y3, 2, MIN_RUN)
             width = x2.shape[1]
             kernels.feature_moments(x2, 2, 4, np.zeros(width),
                                     *[np.empty((2, width)) for _ in range(5)])

@@ -1386,3 +1386,38 @@ def feature_moments(x, nblocks, chunk_rows, shift, count, mean_rel, m2, vmin, vm
     for blk in prange(nblocks):
         _feature_block(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, chunk_rows, shift,
                        count[blk], mean_rel[blk], m2[blk], vmin[blk], vmax[blk])
+
+
+# ---------------------------------------------------------------------------
+# dx from given sums (synchronized batch norm: the sums come from every rank).
+
+@kernel(parallel=True)
+def dx_columns(dy, x, params, inner, nblocks, dx):
+    """``dx = ((dy - b) - ((x - hi) - lo) * k) * a`` over rows of (rows, C * inner) arrays,
+    ``params`` (C, 5), in ``nblocks`` tasks of contiguous rows."""
+    rows, width = x.shape
+    cols = np.empty((5, width), x.dtype)
+    for j in range(width):
+        for k in range(5):
+            cols[k, j] = params[j // inner, k]
+    for blk in prange(nblocks):
+        for r in range(blk * rows // nblocks, (blk + 1) * rows // nblocks):
+            for j in range(np.uint64(0), np.uint64(width)):
+                dx[r, j] = ((dy[r, j] - cols[3, j])
+                            - ((x[r, j] - cols[0, j]) - cols[1, j]) * cols[4, j]) * cols[2, j]
+
+
+@kernel()
+def run_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, n, dx, nthreads, min_run):
+    """The training-mode ``dx`` of (outer, C, inner) arrays for sums over ``n`` values
+    per channel computed elsewhere (float64 per-channel inputs)."""
+    outer, channels, inner = x.shape
+    params = np.empty((channels, 5), x.dtype)
+    for c in range(channels):
+        _dx_params(params, c, mean, invstd, weight, sum_dy, sum_dy_xmu, n)
+    if inner < min_run:
+        width = channels * inner
+        dx_columns(dy.reshape(outer, width), x.reshape(outer, width), params, inner,
+                   column_blocks(outer, nthreads), dx.reshape(outer, width))
+    else:
+        dx_channels(dy, x, params, run_blocks(outer, channels, nthreads), dx)
