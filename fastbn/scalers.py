@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _moments
 from . import _validate as v
+from . import dask as fastbn_dask
 from ._dispatch import backend_for
 
 __all__ = ["StandardScaler", "MinMaxScaler"]
@@ -61,16 +62,13 @@ class _Scaler:
     def partial_fit(self, x):
         """Merge the statistics of ``x`` (a chunk of samples) into the fitted state.
 
-        Returns ``self``.  NaN values are ignored (counted per feature).
+        Returns ``self``.  NaN values are ignored (counted per feature).  A
+        ``dask.array`` is reduced on its scheduler (fastbn.dask) and merged here.
         """
-        backend, xa = _input(x)
-        ax, features = _feature_count(xa, self.axis)
+        features, rows, count, mean, m2, vmin, vmax = self._statistics(x)
         if self._count is not None and features != self._count.shape[0]:
             raise ValueError(f"x has {features} features along axis {self.axis}, but this "
                              f"scaler was fitted with {self._count.shape[0]}")
-        rows = v.channel_count(xa.shape, ax)
-        count, mean, m2, vmin, vmax = backend.feature_stats(xa, ax, v.output_dtype(xa.dtype),
-                                                            min_max=self._needs_min_max)
         if self._count is None:
             self._count, self._mean, self._m2 = count, mean, np.where(count > 0, m2, 0.0)
             self._min, self._max, self._rows = vmin, vmax, rows
@@ -86,23 +84,51 @@ class _Scaler:
         self._update_attributes()
         return self
 
+    def _statistics(self, x):
+        """``(features, rows, count, mean, m2, min, max)`` of ``x``, float64 per feature."""
+        if fastbn_dask.is_dask_array(x):
+            stats = fastbn_dask.feature_stats(x, self.axis).compute()
+            ax = v.channel_axis(self.axis, x.ndim)
+            rows = v.channel_count(x.shape, ax)
+            count = stats["count"]
+            empty = count == 0
+            vmin = np.where(empty, np.nan, stats["min"])
+            vmax = np.where(empty, np.nan, stats["max"])
+            return (stats.shape[0], rows, count, np.where(empty, np.nan, stats["mean"]),
+                    np.where(empty, np.nan, stats["m2"]), vmin, vmax)
+        backend, xa = _input(x)
+        ax, features = _feature_count(xa, self.axis)
+        rows = v.channel_count(xa.shape, ax)
+        count, mean, m2, vmin, vmax = backend.feature_stats(xa, ax, v.output_dtype(xa.dtype),
+                                                            min_max=self._needs_min_max)
+        return features, rows, count, mean, m2, vmin, vmax
+
     def fit_transform(self, x, out=None):
         """``fit(x)`` then ``transform(x, out)``."""
         return self.fit(x).transform(x, out=out)
 
     def _affine(self, x, mean, scale, shift, out, name="x"):
-        """``(x - mean) * scale + shift`` per feature, one fused pass (float64 parameters)."""
+        """``(x - mean) * scale + shift`` per feature, one fused pass (float64 parameters);
+        lazy for a ``dask.array``."""
         self._check_fitted()
-        backend, xa = _input(x, name)
-        ax, features = _feature_count(xa, self.axis)
+        if fastbn_dask.is_dask_array(x):
+            if out is not None:
+                raise ValueError("out= is not supported for dask arrays (the result is lazy)")
+            features = x.shape[v.channel_axis(self.axis, x.ndim)]
+        else:
+            backend, x = _input(x, name)
+            features = x.shape[v.channel_axis(self.axis, x.ndim)]
         if features != self._count.shape[0]:
             raise ValueError(f"{name} has {features} features along axis {self.axis}, but this "
                              f"scaler was fitted with {self._count.shape[0]}")
-        out_dtype = v.output_dtype(xa.dtype)
-        out = v.out_array(out, xa.shape, out_dtype)
-        if xa.size == 0:
-            return out if out is not None else np.empty(xa.shape, out_dtype)
-        return backend.affine(xa, ax, mean, scale, shift, out, out_dtype)
+        if fastbn_dask.is_dask_array(x):
+            return fastbn_dask.affine(x, self.axis, mean, scale, shift)
+        ax = v.channel_axis(self.axis, x.ndim)
+        out_dtype = v.output_dtype(x.dtype)
+        out = v.out_array(out, x.shape, out_dtype)
+        if x.size == 0:
+            return out if out is not None else np.empty(x.shape, out_dtype)
+        return backend.affine(x, ax, mean, scale, shift, out, out_dtype)
 
     # ----------------------------------------------------------------- state
     def to_dict(self):
@@ -255,6 +281,8 @@ class MinMaxScaler(_Scaler):
         zeros = np.zeros_like(self.scale_)
         y = self._affine(x, zeros, self.scale_, self.min_, out)
         if self.clip:
+            if fastbn_dask.is_dask_array(y):
+                return y.clip(self.feature_range[0], self.feature_range[1])
             np.clip(y, self.feature_range[0], self.feature_range[1], out=y)
         return y
 

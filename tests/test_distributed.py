@@ -76,3 +76,18 @@ def test_sync_batch_norm_under_mpirun(ranks):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(line for line in result.stdout.splitlines() if line.endswith(" ok")) == \
         [f"rank {r} ok" for r in range(ranks)]
+
+
+def test_sync_benchmark_script_runs():
+    pytest.importorskip("mpi4py")
+    mpirun = _mpirun()
+    if mpirun is None:
+        pytest.skip("no mpirun")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               NUMBA_NUM_THREADS="1")
+    script = os.path.join(os.path.dirname(HERE), "bench", "sync_bn_bench.py")
+    result = subprocess.run([mpirun, "-n", "2", "--oversubscribe", sys.executable, script,
+                             "--batch", "4", "--repeats", "1"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "synchronized" in result.stdout
