@@ -3,6 +3,7 @@
 import math
 import numbers
 import operator
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -122,3 +123,40 @@ def out_array(out, shape, dtype, name="out"):
 def same_shape(a, b, name_a, name_b):
     if a.shape != b.shape:
         raise ValueError(f"{name_a} and {name_b} must have the same shape, got {a.shape} and {b.shape}")
+
+
+def forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum, out):
+    """Validated arguments of a training forward on host arrays (the batch size is the
+    caller's to check: synchronized batch norm checks the global one)."""
+    xa = as_input(x, "x")
+    ax = channel_axis(axis, xa.ndim)
+    channels = xa.shape[ax]
+    out_dtype = output_dtype(xa.dtype)
+    w = per_channel(weight, "weight", channels)
+    b = per_channel(bias, "bias", channels)
+    return SimpleNamespace(
+        x=xa, axis=ax, channels=channels, out_dtype=out_dtype, stats_dtype=stats_dtype(xa.dtype),
+        weight=np.ones(channels) if w is None else w, bias=np.zeros(channels) if b is None else b,
+        eps=real_scalar(eps, "eps", low=0.0),
+        momentum=real_scalar(momentum, "momentum", low=0.0, high=1.0),
+        running_mean=running_stat(running_mean, "running_mean", channels),
+        running_var=running_stat(running_var, "running_var", channels),
+        out=out_array(out, xa.shape, out_dtype))
+
+
+def backward_args(dy, x, mean, invstd, weight, axis, out):
+    """Validated arguments of a training backward on host arrays."""
+    xa = as_input(x, "x")
+    dya = as_input(dy, "dy")
+    same_shape(dya, xa, "dy", "x")
+    ax = channel_axis(axis, xa.ndim)
+    channels = xa.shape[ax]
+    out_dtype = np.result_type(output_dtype(dya.dtype), output_dtype(xa.dtype))
+    if mean is None or invstd is None:
+        raise ValueError("mean and invstd are required: pass the ones the forward returned")
+    w = per_channel(weight, "weight", channels)
+    return SimpleNamespace(
+        dy=dya, x=xa, axis=ax, channels=channels, out_dtype=out_dtype,
+        stats_dtype=stats_dtype(out_dtype), mean=per_channel(mean, "mean", channels),
+        invstd=per_channel(invstd, "invstd", channels),
+        weight=np.ones(channels) if w is None else w, out=out_array(out, xa.shape, out_dtype))

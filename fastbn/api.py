@@ -95,23 +95,13 @@ def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_m
     if backend.device:
         return backend.batch_norm_forward(x, weight, bias, axis, eps, running_mean, running_var,
                                           momentum, out)
-    xa = v.as_input(x, "x")
-    ax = v.channel_axis(axis, xa.ndim)
-    channels = xa.shape[ax]
-    out_dtype, stats_dtype = v.output_dtype(xa.dtype), v.stats_dtype(xa.dtype)
-    w = v.per_channel(weight, "weight", channels)
-    b = v.per_channel(bias, "bias", channels)
-    eps = v.real_scalar(eps, "eps", low=0.0)
-    momentum = v.real_scalar(momentum, "momentum", low=0.0, high=1.0)
-    rm = v.running_stat(running_mean, "running_mean", channels)
-    rv = v.running_stat(running_var, "running_var", channels)
-    out = v.out_array(out, xa.shape, out_dtype)
-    n = v.require_training_batch(xa.shape, ax)
+    a = v.forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum, out)
+    n = v.require_training_batch(a.x.shape, a.axis)
 
-    y, mean, var, invstd = backend.forward_train(
-        xa, ax, _ones_or(w, channels), _zeros_or(b, channels), eps, out, out_dtype)
-    update_running_stats(rm, rv, mean, var, n, momentum)
-    return y, mean.astype(stats_dtype), invstd.astype(stats_dtype)
+    y, mean, var, invstd = backend.forward_train(a.x, a.axis, a.weight, a.bias, a.eps, a.out,
+                                                 a.out_dtype)
+    update_running_stats(a.running_mean, a.running_var, mean, var, n, a.momentum)
+    return y, mean.astype(a.stats_dtype), invstd.astype(a.stats_dtype)
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
@@ -142,24 +132,12 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
     backend = backend_for(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight, out=out)
     if backend.device:
         return backend.batch_norm_backward(dy, x, mean, invstd, weight, axis, out)
-    xa = v.as_input(x, "x")
-    dya = v.as_input(dy, "dy")
-    v.same_shape(dya, xa, "dy", "x")
-    ax = v.channel_axis(axis, xa.ndim)
-    channels = xa.shape[ax]
-    out_dtype = np.result_type(v.output_dtype(dya.dtype), v.output_dtype(xa.dtype))
-    stats_dtype = v.stats_dtype(out_dtype)
-    if mean is None or invstd is None:
-        raise ValueError("mean and invstd are required: pass the ones batch_norm_forward returned")
-    mu = v.per_channel(mean, "mean", channels)
-    inv = v.per_channel(invstd, "invstd", channels)
-    w = v.per_channel(weight, "weight", channels)
-    out = v.out_array(out, xa.shape, out_dtype)
-    v.require_training_batch(xa.shape, ax)
+    a = v.backward_args(dy, x, mean, invstd, weight, axis, out)
+    v.require_training_batch(a.x.shape, a.axis)
 
-    dx, sum_dy, sum_dy_xmu = backend.backward_train(
-        dya, xa, ax, mu, inv, _ones_or(w, channels), out, out_dtype)
-    return dx, (sum_dy_xmu * inv).astype(stats_dtype), sum_dy.astype(stats_dtype)
+    dx, sum_dy, sum_dy_xmu = backend.backward_train(a.dy, a.x, a.axis, a.mean, a.invstd,
+                                                    a.weight, a.out, a.out_dtype)
+    return dx, (sum_dy_xmu * a.invstd).astype(a.stats_dtype), sum_dy.astype(a.stats_dtype)
 
 
 def batch_norm_inference(x, running_mean, running_var, weight=None, bias=None, *, axis=1,

@@ -100,17 +100,8 @@ def sync_batch_norm_forward(x, weight=None, bias=None, *, comm, axis=1, eps=1e-5
     """
     backend = _host_backend(x=x, weight=weight, bias=bias, running_mean=running_mean,
                             running_var=running_var, out=out)
-    xa = v.as_input(x, "x")
-    ax = v.channel_axis(axis, xa.ndim)
-    channels = xa.shape[ax]
-    out_dtype, stats_dtype = v.output_dtype(xa.dtype), v.stats_dtype(xa.dtype)
-    w = v.per_channel(weight, "weight", channels)
-    b = v.per_channel(bias, "bias", channels)
-    eps = v.real_scalar(eps, "eps", low=0.0)
-    momentum = v.real_scalar(momentum, "momentum", low=0.0, high=1.0)
-    rm = v.running_stat(running_mean, "running_mean", channels)
-    rv = v.running_stat(running_var, "running_var", channels)
-    out = v.out_array(out, xa.shape, out_dtype)
+    a = v.forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum, out)
+    xa, ax, channels = a.x, a.axis, a.channels
 
     n, mean, m2 = _local_moments(backend, xa, ax, channels)
     gathered = comm.allgather(np.concatenate([[n], mean, m2]))
@@ -125,17 +116,15 @@ def sync_batch_norm_forward(x, weight=None, bias=None, *, comm, axis=1, eps=1e-5
         raise ValueError("Expected more than 1 value per channel when training, got a global "
                          f"batch of {total:g} values per channel")
     var = m2 / total
-    invstd = _moments.invstd(var, eps)
-    weight64 = np.ones(channels) if w is None else w
-    shift = np.zeros(channels) if b is None else b
+    invstd = _moments.invstd(var, a.eps)
     if xa.size:
-        y = backend.affine(xa, ax, mean, invstd * weight64, shift, out, out_dtype)
+        y = backend.affine(xa, ax, mean, invstd * a.weight, a.bias, a.out, a.out_dtype)
     else:
-        y = out if out is not None else np.empty(xa.shape, out_dtype)
+        y = a.out if a.out is not None else np.empty(xa.shape, a.out_dtype)
     from .api import update_running_stats
 
-    update_running_stats(rm, rv, mean, var, total, momentum)
-    return y, mean.astype(stats_dtype), invstd.astype(stats_dtype)
+    update_running_stats(a.running_mean, a.running_var, mean, var, total, a.momentum)
+    return y, mean.astype(a.stats_dtype), invstd.astype(a.stats_dtype)
 
 
 def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, axis=1, out=None):
@@ -147,24 +136,12 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, axis=1, 
     every rank.
     """
     backend = _host_backend(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight, out=out)
-    xa = v.as_input(x, "x")
-    dya = v.as_input(dy, "dy")
-    v.same_shape(dya, xa, "dy", "x")
-    ax = v.channel_axis(axis, xa.ndim)
-    channels = xa.shape[ax]
-    out_dtype = np.result_type(v.output_dtype(dya.dtype), v.output_dtype(xa.dtype))
-    stats_dtype = v.stats_dtype(out_dtype)
-    if mean is None or invstd is None:
-        raise ValueError("mean and invstd are required: pass the ones the forward returned")
-    mu = v.per_channel(mean, "mean", channels)
-    inv = v.per_channel(invstd, "invstd", channels)
-    w = v.per_channel(weight, "weight", channels)
-    weight64 = np.ones(channels) if w is None else w
-    out = v.out_array(out, xa.shape, out_dtype)
+    a = v.backward_args(dy, x, mean, invstd, weight, axis, out)
+    dya, xa, ax, channels, mu, inv = a.dy, a.x, a.axis, a.channels, a.mean, a.invstd
 
     n = v.channel_count(xa.shape, ax)
     if n and channels:
-        sum_dy, sum_dy_xmu = backend.grad_sums(dya, xa, ax, mu, out_dtype)
+        sum_dy, sum_dy_xmu = backend.grad_sums(dya, xa, ax, mu, a.out_dtype)
     else:
         sum_dy, sum_dy_xmu = np.zeros(channels), np.zeros(channels)
     reduced = comm.allreduce_sum(np.concatenate([[float(n)], sum_dy, sum_dy_xmu]))
@@ -173,9 +150,9 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, axis=1, 
     if total < 2:
         raise ValueError("Expected more than 1 value per channel when training, got a global "
                          f"batch of {total:g} values per channel")
-    dx = backend.dx_from_sums(dya, xa, ax, mu, inv, weight64, sum_dy, sum_dy_xmu, total, out,
-                              out_dtype)
-    return dx, (sum_dy_xmu * inv).astype(stats_dtype), sum_dy.astype(stats_dtype)
+    dx = backend.dx_from_sums(dya, xa, ax, mu, inv, a.weight, sum_dy, sum_dy_xmu, total, a.out,
+                              a.out_dtype)
+    return dx, (sum_dy_xmu * inv).astype(a.stats_dtype), sum_dy.astype(a.stats_dtype)
 
 
 def _host_backend(**arrays):
