@@ -55,9 +55,13 @@ class _Scaler:
                              "partial_fit first")
 
     def fit(self, x):
-        """Reset, then compute the statistics of ``x``.  Returns ``self``."""
+        """Compute the statistics of ``x``, replacing any fitted state.  Returns ``self``.
+
+        A bad ``x`` raises before the previous state is touched.
+        """
+        stats = self._statistics(x)
         self._reset()
-        return self.partial_fit(x)
+        return self._merge(*stats)
 
     def partial_fit(self, x):
         """Merge the statistics of ``x`` (a chunk of samples) into the fitted state.
@@ -65,7 +69,9 @@ class _Scaler:
         Returns ``self``.  NaN values are ignored (counted per feature).  A
         ``dask.array`` is reduced on its scheduler (fastbn.dask) and merged here.
         """
-        features, rows, count, mean, m2, vmin, vmax = self._statistics(x)
+        return self._merge(*self._statistics(x))
+
+    def _merge(self, features, rows, count, mean, m2, vmin, vmax):
         if self._count is not None and features != self._count.shape[0]:
             raise ValueError(f"x has {features} features along axis {self.axis}, but this "
                              f"scaler was fitted with {self._count.shape[0]}")

@@ -154,3 +154,18 @@ def test_all_nan_feature_and_no_mean_no_std(rng):
     centered = fastbn.StandardScaler(with_std=False).fit(x)
     assert centered.scale_ is None and centered.var_ is None
     np.testing.assert_allclose(np.mean(centered.transform(x)[:, [0, 2]], axis=0), 0, atol=1e-9)
+
+
+@pytest.mark.parametrize("cls", [fastbn.StandardScaler, fastbn.MinMaxScaler])
+def test_a_bad_fit_or_partial_fit_leaves_the_fitted_state_alone(rng, cls):
+    x = _data(rng, (60, 4), nan=False)
+    sc = cls().fit(x)
+    before = sc.to_dict()
+    for bad in (x.astype(complex), np.ones(())):
+        with pytest.raises((TypeError, ValueError)):
+            sc.fit(bad)
+        with pytest.raises((TypeError, ValueError)):
+            sc.partial_fit(bad)
+    with pytest.raises(ValueError, match="features"):
+        sc.partial_fit(x[:, :3])
+    assert sc.to_dict() == before
