@@ -290,6 +290,34 @@ def _add_accumulators(context, builder, sig, args, cols, accs, positions, vty):
             builder.store(builder.fadd(builder.load(p, align=8), builder.load(acc[k])), p, align=8)
 
 
+def _tile_sums(context, builder, sig, args, vectors, first_row, column, per_column, step):
+    """Two sums per column over rows [args[first_row], args[first_row + 1]) of a tile of
+    ``8 * vectors`` columns starting at ``args[column]``, in vector registers.
+
+    ``per_column`` are argument positions of per-column arrays loaded once for the
+    tile; ``step(r, k, c, columns)`` returns the two float64-vector terms of row ``r``
+    for the tile's vector ``k`` (columns from ``c``).  The sums are added to the last
+    two arguments.
+    """
+    vty = ir.VectorType(ir.DoubleType(), TILE_LANES)
+    cols = _tile_columns(context, builder, args[column], vectors)
+    loaded = [[builder.load(_vector_at(context, builder, sig.args[p], args[p], c, vty)[1],
+                            align=8) for c in cols] for p in per_column]
+    zero = ir.Constant(vty, [0.0] * TILE_LANES)
+    acc1 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
+    acc2 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
+    r0, r1 = args[first_row], args[first_row + 1]
+    with cgutils.for_range(builder, builder.sub(r1, r0)) as loop:
+        r = builder.add(r0, loop.index)
+        for k, c in enumerate(cols):
+            a, b = step(r, k, c, [vecs[k] for vecs in loaded])
+            builder.store(builder.fadd(builder.load(acc1[k]), a), acc1[k])
+            builder.store(builder.fadd(builder.load(acc2[k]), b), acc2[k])
+    n = len(sig.args)
+    _add_accumulators(context, builder, sig, args, cols, (acc1, acc2), (n - 2, n - 1), vty)
+    return context.get_dummy_value()
+
+
 def _make_tile_dev_sums(vectors):
     @intrinsic
     def tile_dev_sums(typingctx, x, r0, r1, j, shift, mu, s1, s2):
@@ -298,24 +326,12 @@ def _make_tile_dev_sums(vectors):
         def codegen(context, builder, sig, args):
             vty = ir.VectorType(ir.DoubleType(), TILE_LANES)
             load = _tile_loader(context, builder, sig.args[0], args[0], vty)
-            cols = _tile_columns(context, builder, args[3], vectors)
-            sh = [builder.load(_vector_at(context, builder, sig.args[4], args[4], c, vty)[1],
-                               align=8) for c in cols]
-            mu_ = [builder.load(_vector_at(context, builder, sig.args[5], args[5], c, vty)[1],
-                                align=8) for c in cols]
-            zero = ir.Constant(vty, [0.0] * TILE_LANES)
-            acc1 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
-            acc2 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
-            count = builder.sub(args[2], args[1])
-            with cgutils.for_range(builder, count) as loop:
-                r = builder.add(args[1], loop.index)
-                for k, c in enumerate(cols):
-                    d = builder.fsub(builder.fsub(load(r, c), sh[k]), mu_[k])
-                    builder.store(builder.fadd(builder.load(acc1[k]), d), acc1[k])
-                    builder.store(builder.fadd(builder.load(acc2[k]), builder.fmul(d, d)),
-                                  acc2[k])
-            _add_accumulators(context, builder, sig, args, cols, (acc1, acc2), (6, 7), vty)
-            return context.get_dummy_value()
+
+            def step(r, k, c, columns):
+                sh, mu_ = columns
+                d = builder.fsub(builder.fsub(load(r, c), sh), mu_)
+                return d, builder.fmul(d, d)
+            return _tile_sums(context, builder, sig, args, vectors, 1, 3, (4, 5), step)
         return types.void(x, types.intp, types.intp, types.intp, shift, mu, s1, s2), codegen
     return tile_dev_sums
 
@@ -329,22 +345,12 @@ def _make_tile_grad_sums(vectors):
             vty = ir.VectorType(ir.DoubleType(), TILE_LANES)
             load_g = _tile_loader(context, builder, sig.args[0], args[0], vty)
             load_x = _tile_loader(context, builder, sig.args[1], args[1], vty)
-            cols = _tile_columns(context, builder, args[4], vectors)
-            mean_ = [builder.load(_vector_at(context, builder, sig.args[5], args[5], c, vty)[1],
-                                  align=8) for c in cols]
-            zero = ir.Constant(vty, [0.0] * TILE_LANES)
-            acc1 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
-            acc2 = [cgutils.alloca_once_value(builder, zero) for _ in cols]
-            count = builder.sub(args[3], args[2])
-            with cgutils.for_range(builder, count) as loop:
-                r = builder.add(args[2], loop.index)
-                for k, c in enumerate(cols):
-                    g = load_g(r, c)
-                    builder.store(builder.fadd(builder.load(acc1[k]), g), acc1[k])
-                    prod = builder.fmul(g, builder.fsub(load_x(r, c), mean_[k]))
-                    builder.store(builder.fadd(builder.load(acc2[k]), prod), acc2[k])
-            _add_accumulators(context, builder, sig, args, cols, (acc1, acc2), (6, 7), vty)
-            return context.get_dummy_value()
+
+            def step(r, k, c, columns):
+                (mean_,) = columns
+                g = load_g(r, c)
+                return g, builder.fmul(g, builder.fsub(load_x(r, c), mean_))
+            return _tile_sums(context, builder, sig, args, vectors, 2, 4, (5,), step)
         return types.void(dy, x, types.intp, types.intp, types.intp, mean, s, sx), codegen
     return tile_grad_sums
 
