@@ -37,6 +37,8 @@ ADD = "floor: a + b (2 reads, 1 write)"
 READ2_ADD = "floor: read x, dy + (x + dy)"
 GROUPED_READ_COPY = "floor: per channel group, read + copy from cache"
 GROUPED_READ2_ADD = "floor: per channel group, read x, dy + (x + dy) from cache"
+PIPELINED_READ_COPY = "floor: pipelined, read channel c+1 + copy c from cache"
+PIPELINED_READ2_ADD = "floor: pipelined, read x, dy of c+1 + (x + dy) of c from cache"
 EPS = 1e-5
 
 
@@ -133,11 +135,18 @@ def fused_channel_path(a):
     return channel_plan(a.shape3, a.x.itemsize, numba.get_num_threads())[1] == 1
 
 
+def pipelined(shape3, bytes_per_value, out, nthreads):
+    from ._cpu.backend import pipelined
+
+    return pipelined(shape3, bytes_per_value, out, nthreads)
+
+
 def pattern_floors(a):
     """Floors of the memory traffic each op must do on this case's kernel path.
 
-    The fused channel path reads a group of channels once and re-reads it from
-    cache (the grouped floors run that schedule with no arithmetic); the column
+    The fused channel path reads each channel once and re-reads it from cache:
+    pipelined (channel c written while c + 1 is read) or by groups (read a
+    group, then write it); its floors run that schedule with no arithmetic.  The column
     path must read its input twice (statistics of a channel need every row
     before the first output).  Each floor runs the same traffic with nothing
     else: read-only passes, a copy (read + write), ``a + b`` (two reads + one
@@ -154,6 +163,11 @@ def pattern_floors(a):
         x3, dy3, dst3 = (v.reshape(a.shape3) for v in (a.x, a.dy, a.copy_dst))
         forward = (GROUPED_READ_COPY, lambda: cpu.grouped_read_copy(x3, dst3))
         backward = (GROUPED_READ2_ADD, lambda: cpu.grouped_read2_add(x3, dy3, dst3))
+        nthreads = numba.get_num_threads()
+        if pipelined(a.shape3, a.x.itemsize, dst3, nthreads):
+            forward = (PIPELINED_READ_COPY, lambda: cpu.pipelined_read_copy(x3, dst3))
+        if pipelined(a.shape3, 2 * a.x.itemsize, dst3, nthreads):
+            backward = (PIPELINED_READ2_ADD, lambda: cpu.pipelined_read2_add(x3, dy3, dst3))
     floors = {"forward": forward, "inference": (FLOOR, None), "backward": backward,
               "stats": (READ, lambda: cpu.read(a.x))}
     if feature_last(a):  # a statistics pass, then a transform pass
@@ -394,9 +408,10 @@ def plot(results, path):
 
 
 def floor_sweep(name="nchw", dtype=np.float32, quick=False, repeats=11):
-    """The fused channel path's floors over group sizes, against the copy and fastbn.
+    """The fused channel path's floors, pipelined and over group sizes, against the copy
+    and fastbn.
 
-    Answers "could another group size get under a target?": each row is the
+    Answers "could another schedule get under a target?": each row is the
     fastest possible kernel on that schedule (the traffic and nothing else).
     Returns ``[(contender, median seconds, time / copy)]``.
     """
@@ -409,6 +424,10 @@ def floor_sweep(name="nchw", dtype=np.float32, quick=False, repeats=11):
         "fastbn forward (out=)": fastbn_contenders(a)["forward"]["fastbn forward (out=)"],
         "fastbn backward (out=)": fastbn_contenders(a)["backward"]["fastbn backward (out=)"],
     })
+    fns["read + copy, pipelined"] = lambda: kernels.pipelined_read_copy(
+        x3, numba.get_num_threads(), dst3)
+    fns["read x, dy + add, pipelined"] = lambda: kernels.pipelined_read2_add(
+        x3, dy3, numba.get_num_threads(), dst3)
     for group in sorted({max(1, min(a.shape3[1], (mb << 20) // channel_bytes))
                          for mb in (1, 2, 4, 8, 16)}):
         mib = group * channel_bytes / 2**20

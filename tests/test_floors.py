@@ -8,10 +8,10 @@ import fastbn.__main__ as cli
 from fastbn._cpu.backend import backend as cpu
 
 # (outer, C, inner): a small case and one whose outputs take the streaming stores
-SHAPES = [(3, 5, 7), (4, 16, 40_000)]
+SHAPES = [(3, 5, 7), (4, 16, 40_000), (3, 8, 70_001)]
 
 
-@pytest.fixture(params=SHAPES, ids=["small", "streamed"])
+@pytest.fixture(params=SHAPES, ids=["small", "streamed", "streamed-unaligned-runs"])
 def arrays(request):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(request.param, dtype=np.float32)
@@ -36,6 +36,20 @@ def test_grouped_floors(arrays):
     dst[...] = np.nan
     cpu.grouped_read2_add(x, dy, dst)
     np.testing.assert_array_equal(dst, x + dy)
+
+
+def test_pipelined_floors(arrays):
+    x, dy, dst = arrays
+    total = cpu.pipelined_read_copy(x, dst)
+    np.testing.assert_array_equal(dst, x)
+    assert total == pytest.approx(x.sum(dtype=np.float64), rel=1e-9, abs=1e-6)
+    dst[...] = np.nan
+    total = cpu.pipelined_read2_add(x, dy, dst)
+    np.testing.assert_array_equal(dst, x + dy)
+    expected = x.sum(dtype=np.float64) + dy.sum(dtype=np.float64)
+    # x + dy is added in float32 before the float64 sum
+    size = np.abs(x).sum(dtype=np.float64) + np.abs(dy).sum(dtype=np.float64)
+    assert total == pytest.approx(expected, rel=0, abs=1e-6 * size)
 
 
 def test_floors_command(capsys):

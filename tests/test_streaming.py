@@ -18,7 +18,11 @@ CASES = [
     ((12_000, 100), -1, np.float32),     # column path, rows not whole lines
     ((6_000, 100), -1, np.float64),
     ((6_000, 16, 16), 1, np.float32),    # column path, inner 16: whole lines
+    ((3, 8, 70_001), 1, np.float32),     # pipelined channel path, runs not whole lines
+    ((2, 6, 50_001), 1, np.float64),
 ]
+# Cases that must take the pipelined channel path (forward and backward).
+PIPELINED = [((8, 16, 9216), 4), ((4, 16, 9216), 8), ((3, 8, 70_001), 4), ((2, 6, 50_001), 8)]
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
 
@@ -71,3 +75,34 @@ def test_forward_inference_backward_streamed(case, where, rng):
     dx, _, _ = fastbn.batch_norm_backward(g, x, mean, invstd, w, axis=axis, out=out)
     scale = max(1.0, float(np.abs(dx_ref).max()))
     np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=tol * 4 * scale)
+
+
+@pytest.mark.parametrize("shape3, itemsize", PIPELINED)
+def test_pipelined_path_is_taken(shape3, itemsize):
+    """The channel-path cases above exercise the pipelined kernels, not only the grouped ones."""
+    out = np.empty(int(np.prod(shape3)), dtype=f"f{itemsize}")
+    assert kernels.pipelined(*shape3, itemsize, 2, out)
+    assert kernels.pipelined(*shape3, 2 * itemsize, 2, out)
+    assert not kernels.pipelined(*shape3, itemsize, 2, out[:1024])  # small: not streamed
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pipelined_hard_cases(dtype, rng):
+    """Large offset, a constant channel and a NaN on the pipelined path: statistics as
+    exact as the reference's, NaN confined to its channel, the constant channel 0."""
+    shape = (3, 8, 70_001)
+    x = (1e4 + rng.standard_normal(shape)).astype(dtype)
+    x[:, 2, :] = dtype(7.5)
+    x[1, 5, 123] = np.nan
+    assert kernels.pipelined(*shape, x.itemsize, 2, np.empty_like(x))
+    y, mean, invstd = fastbn.batch_norm_forward(x)
+    y_ref, mean_ref, var_ref, inv_ref = ref.forward(x, np.ones(8), np.zeros(8), axis=1)
+    ok = np.arange(8) != 5
+    np.testing.assert_allclose(mean[ok], mean_ref[ok], rtol=1e-12 if dtype == np.float64 else 1e-7)
+    np.testing.assert_allclose(invstd[ok], inv_ref[ok], rtol=1e-9 if dtype == np.float64 else 1e-5)
+    assert np.isnan(mean[5]) and np.isnan(invstd[5]) and np.isnan(y[:, 5]).all()
+    assert np.all(y[:, 2] == 0)
+    np.testing.assert_allclose(y[:, ok], y_ref[:, ok], rtol=0, atol=TOL[dtype] * 4)
+    dy = rng.standard_normal(shape).astype(dtype)
+    dx = fastbn.batch_norm_backward(dy, x, mean, invstd)[0]
+    assert np.isnan(dx[:, 5]).all() and np.isfinite(dx[:, ok]).all()

@@ -63,6 +63,11 @@ def channel_plan(shape3, bytes_per_value, nthreads):
     return kernels.channel_plan(*shape3, bytes_per_value, nthreads)
 
 
+def pipelined(shape3, bytes_per_value, out, nthreads):
+    """Whether the fused channel path runs pipelined for this shape and output."""
+    return kernels.pipelined(*shape3, bytes_per_value, nthreads, out)
+
+
 def _column_blocks(rows, nthreads):
     return kernels.column_blocks(rows, nthreads)
 
@@ -237,6 +242,8 @@ class CPUBackend:
             kernels.parallel_add(x2.reshape(-1), x2.reshape(-1), y2.reshape(-1), 2)
             kernels.grouped_read_copy(x3, 2, y3)
             kernels.grouped_read2_add(x3, x3, 2, y3)
+            kernels.pipelined_read_copy(x3, 2, y3)
+            kernels.pipelined_read2_add(x3, x3, 2, y3)
             kernels.run_dx(x3, x3, zeros, ones, ones, zeros, zeros, 2.0, y3, 2, MIN_RUN)
             width = x2.shape[1]
             kernels.feature_moments(x2, 2, 4, np.zeros(width),
@@ -273,6 +280,18 @@ class CPUBackend:
         group, _ = channel_plan(a3.shape, 2 * a3.itemsize, numba.get_num_threads())
         with _kernel_guard():
             kernels.grouped_read2_add(a3, b3, group, out3)
+
+    def pipelined_read_copy(self, x3, y3):
+        """The pipelined forward's traffic, no arithmetic: along each thread's chain of
+        channels, copy channel c from cache while reading channel c + 1."""
+        with _kernel_guard():
+            return kernels.pipelined_read_copy(x3, numba.get_num_threads(), y3)
+
+    def pipelined_read2_add(self, a3, b3, out3):
+        """The pipelined backward's traffic, no arithmetic: ``out3 = a3 + b3`` for channel
+        c from cache while reading channel c + 1 of both."""
+        with _kernel_guard():
+            return kernels.pipelined_read2_add(a3, b3, numba.get_num_threads(), out3)
 
 
 backend = CPUBackend()
