@@ -154,6 +154,29 @@ def _line_affine(typingctx, x, i, out, hi, lo, scale, shift):
 
 
 @intrinsic
+def _line_affine_split(typingctx, x, i, out, split, hi0, lo0, scale0, shift0, hi1, lo1, scale1,
+                       shift1):
+    """``_line_affine`` for a line shared by two channels: its first ``split`` values take
+    the first parameters, the others the second."""
+    def codegen(context, builder, sig, args):
+        vty = _line_type(context, sig.args[0].dtype)
+        v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
+        first = _scalar_params(context, builder, sig, args, 4, 4, vty)
+        second = _scalar_params(context, builder, sig, args, 8, 4, vty)
+        ity = ir.IntType(64)
+        lanes = ir.Constant(ir.VectorType(ity, vty.count), list(range(vty.count)))
+        cut = _splat(context, builder, args[3], sig.args[3], types.int64,
+                     ir.VectorType(ity, vty.count))
+        mask = builder.icmp_signed("<", lanes, cut)
+        params = [builder.select(mask, a, b) for a, b in zip(first, second)]
+        _store_line_nt(context, builder, sig.args[2], args[2], args[1],
+                       _affine_expr(builder, v, *params))
+        return context.get_dummy_value()
+    return types.void(x, types.intp, out, types.intp, hi0, lo0, scale0, shift0, hi1, lo1, scale1,
+                      shift1), codegen
+
+
+@intrinsic
 def _line_affine_cols(typingctx, x, i, out, params, j):
     """Column form: parameters are rows of ``params`` (4, W) at column ``j``."""
     def codegen(context, builder, sig, args):
@@ -733,6 +756,42 @@ def channel_forward(x, group, weight, bias, eps, y, mean, var, invstd):
         _store_fence()
 
 
+@kernel()
+def _affine_scalar(xf, yf, start, stop, channels, inner, params):
+    for i in range(start, stop):
+        c = (i // inner) % channels
+        yf[i] = ((xf[i] - params[c, 0]) - params[c, 1]) * params[c, 2] + params[c, 3]
+
+
+@kernel()
+def _affine_span(xf, yf, start, stop, channels, inner, params):
+    """Flat ``[start, stop)`` of the (outer, C, inner) runs, normalized as one stream of
+    whole lines: a run's parameters switch within a line where two runs share it (runs
+    of ``inner >= lanes`` values), so no line is written twice and every run boundary
+    costs a compare, not a call with a scalar head and tail."""
+    first, last = _stream_span(yf, start, stop)
+    _affine_scalar(xf, yf, start, first, channels, inner, params)
+    lanes = LINE_BYTES // yf.itemsize
+    t = first // inner
+    c = t % channels
+    run_end = (t + 1) * inner
+    i = first
+    while i < last:
+        hi, lo, scale, shift = params[c, 0], params[c, 1], params[c, 2], params[c, 3]
+        whole = i + (min(run_end, last) - i) // lanes * lanes
+        for k in range(i, whole, lanes):
+            _line_affine(xf, k, yf, hi, lo, scale, shift)
+        i = whole
+        n = c + 1 if c + 1 < channels else 0
+        if i < run_end and i < last:
+            _line_affine_split(xf, i, yf, run_end - i, hi, lo, scale, shift, params[n, 0],
+                               params[n, 1], params[n, 2], params[n, 3])
+            i += lanes
+        c = n
+        run_end += inner
+    _affine_scalar(xf, yf, max(first, last), stop, channels, inner, params)
+
+
 @kernel(parallel=True)
 def affine_channels(x, params, nblocks, y):
     """``y = ((x - hi) - lo) * scale + shift`` per channel, ``params`` of shape (C, 4).
@@ -740,6 +799,14 @@ def affine_channels(x, params, nblocks, y):
     ``nblocks`` tasks, each a contiguous range of the (outer, C) runs.
     """
     outer, channels, inner = x.shape
+    if _streams(y) and inner >= LINE_BYTES // y.itemsize:
+        xf = x.reshape(x.size)
+        yf = y.reshape(y.size)
+        for blk in prange(nblocks):
+            _affine_span(xf, yf, blk * x.size // nblocks, (blk + 1) * x.size // nblocks,
+                         channels, inner, params)
+            _store_fence()
+        return
     runs = outer * channels
     for blk in prange(nblocks):
         t0 = blk * runs // nblocks
