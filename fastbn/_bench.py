@@ -82,8 +82,10 @@ def _torch():
     return torch
 
 
-def time_interleaved(contenders, repeats=11, warmup=2):
-    """Median seconds per contender; order rotated every repeat, warm-up untimed."""
+def time_interleaved(contenders, repeats=11, warmup=2, calls=1):
+    """Median seconds per call of each contender; order rotated every repeat, warm-up
+    untimed.  A sample times ``calls`` back-to-back calls (tiny cases: a single call of a
+    few microseconds is mostly timer and cache noise left by the previous contender)."""
     names = list(contenders)
     for _ in range(warmup):
         for name in names:
@@ -92,10 +94,21 @@ def time_interleaved(contenders, repeats=11, warmup=2):
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            fn = contenders[name]
             t0 = time.perf_counter()
-            contenders[name]()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls)
     return {name: statistics.median(ts) for name, ts in times.items()}, times
+
+
+# Inputs below this size are timed CALLS_PER_SAMPLE calls at a time.
+CACHE_RESIDENT_BYTES = 4 << 20
+CALLS_PER_SAMPLE = 20
+
+
+def calls_per_sample(a):
+    return CALLS_PER_SAMPLE if a.x.nbytes < CACHE_RESIDENT_BYTES else 1
 
 
 class Inputs:
@@ -330,7 +343,8 @@ def run_case(name, dtype=np.float32, quick=False, repeats=11, naive=True, peers=
         for op, c in sklearn_contenders(a).items():
             groups[op].update(c)
     flat = {name_: fn for c in groups.values() for name_, fn in c.items()}
-    medians, _ = time_interleaved(flat, repeats=repeats)
+    calls = calls_per_sample(a)
+    medians, _ = time_interleaved(flat, repeats=repeats, calls=calls)
     floor_s = medians[FLOOR]
     patterns = {op: name_ for op, (name_, _) in pattern_floors(a).items()}
     rows = []
@@ -351,14 +365,16 @@ def run_case(name, dtype=np.float32, quick=False, repeats=11, naive=True, peers=
                 "x_fastbn": sec / medians[base] if base else float("nan"),
             })
     return {"case": name, "shape": list(shape), "axis": axis, "dtype": np.dtype(dtype).name,
-            "rows": rows, "memory": peak_memory(a)}
+            "calls_per_sample": calls, "rows": rows, "memory": peak_memory(a)}
 
 
 def format_case(result, repeats):
     rows = result["rows"]
     width = max(len(r["contender"]) for r in rows)
+    calls = result.get("calls_per_sample", 1)
+    per = f" of {calls} calls each, per call" if calls > 1 else ""
     head = (f"{result['case']}: {tuple(result['shape'])} {result['dtype']}, axis={result['axis']} "
-            f"(median of {repeats} interleaved repeats)")
+            f"(median of {repeats} interleaved repeats{per})")
     lines = [head, f"  {'contender':<{width}}  {'median ms':>10}  {'GB/s':>7}  {'/ floor':>8}  "
                    f"{'/ pattern':>9}  {'/ fastbn':>8}"]
     for r in rows:

@@ -18,13 +18,18 @@ def _is_device_array(a):
     return hasattr(a, "__cuda_array_interface__") or type(a).__module__.startswith("numba.cuda")
 
 
+def host_backend():
+    """The CPU backend (its kernels module loads on first use)."""
+    from ._cpu.backend import backend
+
+    return backend
+
+
 def backend_for(**arrays):
     """The backend for these arrays; ``TypeError`` when host and device arrays are mixed."""
     device = [name for name, a in arrays.items() if _is_device_array(a)]
     if not device:
-        from ._cpu.backend import backend
-
-        return backend
+        return host_backend()
     host = [name for name, a in arrays.items() if a is not None and not _is_device_array(a)]
     if host:
         raise TypeError(

@@ -183,6 +183,7 @@ def run(args):
                 state["params"]["axis"] = args.axis
                 with open(args.save_stats, "w") as f:
                     json.dump(state, f)
+            _check_stop()
             writer.commit()
         except BaseException:
             writer.abort()
@@ -203,6 +204,7 @@ def _normalize(reader, writer, args, axis, rows, given):
             writer.write(scaler.transform(chunk))
             states.append(scaler.to_dict())
             bar.update(len(chunk))
+            _check_stop()
         bar.close()
         merged = states[0]
         for s in states[1:]:
@@ -217,11 +219,13 @@ def _normalize(reader, writer, args, axis, rows, given):
         for _, chunk in reader.chunks(rows):
             scaler.partial_fit(chunk)
             bar.update(len(chunk))
+            _check_stop()
         bar.close()
     bar = _progress(total, "transform", args.quiet)
     for _, chunk in reader.chunks(rows):
         writer.write(scaler.transform(chunk))
         bar.update(len(chunk))
+        _check_stop()
     bar.close()
     return scaler
 
@@ -250,8 +254,10 @@ def main(args):
     if args.chunk_mb <= 0:
         print("fastbn normalize: error: --chunk-mb must be > 0", file=sys.stderr)
         return 2
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _Stop.requested = False
+    for sig in previous:
+        signal.signal(sig, _request_stop)
     try:
         return run(args)
     except UsageError as exc:
@@ -264,8 +270,21 @@ def main(args):
         print("fastbn normalize: interrupted; no output written", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
+# SIGINT and SIGTERM only set a flag, checked between chunks and before the output is
+# committed: a KeyboardInterrupt raised straight from the handler can land in a
+# finalizer, where Python prints and swallows it, and the run would go on to commit.
+class _Stop:
+    requested = False
+
+
+def _request_stop(signum, frame):
+    _Stop.requested = True
+
+
+def _check_stop():
+    if _Stop.requested:
+        raise KeyboardInterrupt

@@ -160,3 +160,46 @@ def backward_args(dy, x, mean, invstd, weight, axis, out):
         stats_dtype=stats_dtype(out_dtype), mean=per_channel(mean, "mean", channels),
         invstd=per_channel(invstd, "invstd", channels),
         weight=np.ones(channels) if w is None else w, out=out_array(out, xa.shape, out_dtype))
+
+
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
+def _plain_vector(a, channels):
+    return a is None or (type(a) is np.ndarray and a.dtype is F64 and a.shape == (channels,)
+                         and a.flags.c_contiguous)
+
+
+def plain_forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum, out):
+    """The arguments of the common host call, checked in O(1): C-contiguous float32/float64
+    ``x``, float64 C-contiguous ``weight``/``bias`` or None, Python float ``eps`` and
+    ``momentum`` in range, running statistics as ``running_stat`` takes them, a C-contiguous ``out`` of ``x``'s dtype that is ``x`` or does not overlap
+    it.  Returns ``(axis, channels, n)``, or None: the call then takes ``forward_args``,
+    which checks (and converts) everything and raises the errors.  Never raises.
+    """
+    if type(x) is not np.ndarray or type(axis) is not int or type(eps) is not float:
+        return None
+    dt = x.dtype
+    ndim = x.ndim
+    if (dt is not F32 and dt is not F64) or ndim < 2 or not x.flags.c_contiguous:
+        return None
+    if not (-ndim <= axis < ndim and 0.0 <= eps < math.inf):
+        return None
+    if type(momentum) is not float or not 0.0 <= momentum <= 1.0:
+        return None
+    axis %= ndim
+    channels = x.shape[axis]
+    if channels == 0 or x.size // channels < 2:
+        return None
+    if not (_plain_vector(weight, channels) and _plain_vector(bias, channels)):
+        return None
+    for r in (running_mean, running_var):
+        if r is not None and not (type(r) is np.ndarray and (r.dtype is F32 or r.dtype is F64)
+                                  and r.shape == (channels,) and r.flags.writeable):
+            return None
+    if out is not None and not (
+            type(out) is np.ndarray and out.dtype is dt and out.shape == x.shape
+            and out.flags.c_contiguous and out.flags.writeable
+            and (out is x or not np.may_share_memory(out, x))):
+        return None
+    return axis, channels, x.size // channels

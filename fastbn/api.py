@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _moments
 from . import _validate as v
-from ._dispatch import backend_for
+from ._dispatch import backend_for, host_backend
 
 __all__ = [
     "batch_norm_forward",
@@ -90,6 +90,15 @@ def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_m
     >>> bool(abs(y.mean()) < 1e-5)
     True
     """
+    plain = v.plain_forward_args(x, weight, bias, axis, eps, running_mean, running_var,
+                                 momentum, out)
+    if plain is not None:  # host arrays in the common form: no conversions to make
+        ax, channels, n = plain
+        y, mean, var, invstd = host_backend().forward_train_contiguous(
+            x, ax, _ones_or(weight, channels), _zeros_or(bias, channels), eps, out)
+        update_running_stats(running_mean, running_var, mean, var, n, momentum)
+        sd = np.float32 if x.dtype is v.F32 else np.float64
+        return y, mean.astype(sd), invstd.astype(sd)
     backend = backend_for(x=x, weight=weight, bias=bias, running_mean=running_mean,
                           running_var=running_var, out=out)
     if backend.device:

@@ -173,3 +173,53 @@ def test_inputs_are_never_modified(rng, name, dtype, shape):
     ALL_CALLS[name](args)
     for key, value in args.items():
         np.testing.assert_array_equal(value, before[key], err_msg=f"{name} modified {key}")
+
+
+@pytest.mark.parametrize("momentum", [1.5, float("nan"), None, "0.1"])
+def test_bad_momentum_raises_without_running_stats(state, momentum):
+    """The O(1) common-call path must not skip a check the general path makes."""
+    with pytest.raises((ValueError, TypeError), match="momentum"):
+        fastbn.batch_norm_forward(state["x"], momentum=momentum)
+
+
+@pytest.mark.parametrize("eps", [float("inf"), float("nan"), -0.0 - 1e-300])
+def test_bad_eps_raises_on_the_common_path(state, eps):
+    with pytest.raises(ValueError, match="eps"):
+        fastbn.batch_norm_forward(state["x"], eps=eps)
+
+
+def _general_path_variants(x, w, b):
+    """Calls equal to (x, w, b) that the O(1) path must leave to the general one."""
+    xf = np.asfortranarray(x)
+    return {
+        "fortran x": dict(x=xf),
+        "list weight": dict(weight=list(w)),
+        "float32 bias": dict(bias=b.astype(np.float32)),
+        "strided weight": dict(weight=np.repeat(w, 2)[::2]),
+        "numpy eps": dict(eps=np.float64(1e-5)),
+        "int axis as numpy": dict(axis=np.int64(1)),
+    }
+
+
+def test_common_path_matches_general_path(state, rng):
+    from fastbn import _validate
+
+    x = state["x"]
+    w, b = rng.uniform(0.5, 2, C), rng.normal(size=C)
+    base = dict(x=x, weight=w, bias=b, eps=1e-5, axis=1)
+    assert _validate.plain_forward_args(x, w, b, 1, 1e-5, None, None, 0.1, None) == (1, C, 30)
+    y0, m0, i0 = fastbn.batch_norm_forward(**base)
+    for label, change in _general_path_variants(x, w, b).items():
+        kw = {**base, **change}
+        args = (kw["x"], kw["weight"], kw["bias"], kw["axis"], kw["eps"], None, None, 0.1, None)
+        assert _validate.plain_forward_args(*args) is None, label
+        y, m, i = fastbn.batch_norm_forward(**kw)
+        np.testing.assert_allclose(y, y0, rtol=0, atol=1e-6, err_msg=label)
+        np.testing.assert_allclose(m, m0, rtol=1e-7, err_msg=label)
+        np.testing.assert_allclose(i, i0, rtol=1e-6, err_msg=label)
+    # an out= that overlaps x at other positions goes through a temporary
+    buf = np.concatenate([x.ravel(), x.ravel()[:5]])
+    xs, out = buf[5:].reshape(x.shape), buf[:-5].reshape(x.shape)
+    assert _validate.plain_forward_args(xs, w, b, 1, 1e-5, None, None, 0.1, out) is None
+    expected = fastbn.batch_norm_forward(xs.copy(), w, b)[0]
+    np.testing.assert_array_equal(fastbn.batch_norm_forward(xs, w, b, out=out)[0], expected)

@@ -5,6 +5,7 @@ supported dtype, per-channel vectors are float64 of length C.  Every method
 returns float64 per-channel results; the API casts them to the stats dtype.
 """
 
+import math
 import threading
 
 import numba
@@ -158,6 +159,20 @@ class CPUBackend:
             kernels.run_forward_train(x3, weight, bias, float(eps), dest.y3, mean, var, inv,
                                       numba.get_num_threads(), MIN_RUN)
         return dest.finish(), mean, var, inv
+
+    def forward_train_contiguous(self, x, axis, weight, bias, eps, out):
+        """``forward_train`` for a C-contiguous float32/float64 ``x`` and an ``out`` that is
+        None, ``x``, or a C-contiguous array of its dtype that does not overlap it."""
+        shape = x.shape
+        channels = shape[axis]
+        outer = math.prod(shape[:axis])
+        shape3 = (outer, channels, x.size // (outer * channels))
+        y = np.empty_like(x) if out is None else out
+        mean, var, inv = np.empty(channels), np.empty(channels), np.empty(channels)
+        with _kernel_guard():
+            kernels.run_forward_train(x.reshape(shape3), weight, bias, eps, y.reshape(shape3),
+                                      mean, var, inv, numba.get_num_threads(), MIN_RUN)
+        return y, mean, var, inv
 
     def affine(self, x, axis, mean, scale, shift, out, out_dtype):
         """``y = (x - mean) * scale + shift`` per channel (inference, eval backward)."""

@@ -411,6 +411,17 @@ def _prefetch(context, builder, aryty, ary, index):
     builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
 
 
+def _add_lane_sums(context, builder, accs, acc_ty, acc):
+    """``acc[j] += sum of the lanes of vector accumulator j`` (float64)."""
+    for j, a in enumerate(accs):
+        vec = builder.load(a)
+        total = builder.extract_element(vec, ir.IntType(32)(0))
+        for lane in range(1, vec.type.count):
+            total = builder.fadd(total, builder.extract_element(vec, ir.IntType(32)(lane)))
+        ptr = _item_pointer(context, builder, acc_ty, acc, context.get_constant(types.intp, j))
+        builder.store(builder.fadd(builder.load(ptr), total), ptr)
+
+
 def _pipelined_lines(context, builder, sig, args, ninputs, reduce, write):
     """Lines ``k`` of a pipelined run: ``reduce`` the inputs' lines at ``nxt + k`` (float64
     vectors) into two sums, ``write`` ``out[cur + k]`` from the inputs' lines at ``cur + k``.
@@ -442,14 +453,7 @@ def _pipelined_lines(context, builder, sig, args, ninputs, reduce, write):
         i = builder.add(cur, k)
         lines = [_load_line(context, builder, tys[n], vals[n], i, vty) for n in range(ninputs)]
         _store_line_nt(context, builder, tys[ninputs], vals[ninputs], i, write(lines, extras))
-    acc_ty, acc_val = tys[-1], vals[-1]
-    for j, acc in enumerate(accs):
-        vec = builder.load(acc)
-        total = builder.extract_element(vec, ir.IntType(32)(0))
-        for lane in range(1, lanes):
-            total = builder.fadd(total, builder.extract_element(vec, ir.IntType(32)(lane)))
-        ptr = _item_pointer(context, builder, acc_ty, acc_val, intp(j))
-        builder.store(builder.fadd(builder.load(ptr), total), ptr)
+    _add_lane_sums(context, builder, accs, tys[-1], vals[-1])
     return context.get_dummy_value()
 
 
@@ -519,6 +523,36 @@ def _pipe_sum2_add(typingctx, a, b, out, nxt, cur, nlines, pf, wrap, jump, acc):
                                 lambda lines, extras: (lines[0], lines[1]),
                                 lambda lines, extras: builder.fadd(lines[0], lines[1]))
     return types.void(a, b, out, *_PIPE_GEOMETRY, acc), codegen
+
+
+@intrinsic
+def _strided_dev_sums(typingctx, xf, start, nruns, stride, nlines, center, acc):
+    """Runs ``r < nruns`` of flat ``xf`` at ``start + r * stride``, their first ``nlines``
+    whole lines: with ``d = x - center``, add ``sum(d)`` and ``sum(d*d)`` to ``acc[0]``,
+    ``acc[1]``.  The sums stay in vector registers across runs, so a short run costs no
+    horizontal reduction (a channel of 8x8 images is 64-value runs)."""
+    def codegen(context, builder, sig, args):
+        xty = sig.args[0]
+        x, start_, nruns_, stride_, nlines_, center_, acc_ = args
+        vty = _line_type(context, xty.dtype)
+        lanes = vty.count
+        dvty = ir.VectorType(ir.DoubleType(), lanes)
+        intp = context.get_value_type(types.intp)
+        c = _splat(context, builder, center_, types.float64, types.float64, dvty)
+        zero = ir.Constant(dvty, [0.0] * lanes)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(2)]
+        with cgutils.for_range(builder, nruns_) as runs:
+            base = builder.add(start_, builder.mul(runs.index, stride_))
+            with cgutils.for_range(builder, nlines_) as line:
+                i = builder.add(base, builder.mul(line.index, intp(lanes)))
+                v = _load_line(context, builder, xty, x, i, vty)
+                d = builder.fsub(v if xty.dtype == types.float64 else builder.fpext(v, dvty), c)
+                builder.store(builder.fadd(builder.load(accs[0]), d), accs[0])
+                builder.store(builder.fadd(builder.load(accs[1]), builder.fmul(d, d)), accs[1])
+        _add_lane_sums(context, builder, accs, sig.args[-1], acc_)
+        return context.get_dummy_value()
+    return types.void(xf, types.intp, types.intp, types.intp, types.intp, types.float64,
+                      acc), codegen
 
 
 @kernel()
@@ -634,25 +668,30 @@ def _accumulate_rows(x, o0, o1, c0, c1, shift, n, mean_rel, m2):
                     _accumulate(x, o, o + 1, i0, min(i0 + CHUNK, inner), c, shift[c], c - c0,
                                 n, mean_rel, m2)
     elif o1 > o0:
-        # Row-major: the group's runs in a row are adjacent in memory, while one
-        # channel's runs are C * inner apart and alias in L1.
+        # Channel by channel over a batch of rows, sums in registers across runs.
         for c in range(c0, c1):
             _accumulate(x, o0, o0 + 1, 0, inner, c, shift[c], c - c0, n, mean_rel, m2)
         rows = max(1, CHUNK // inner)
-        s1 = np.empty(c1 - c0)
-        s2 = np.empty(c1 - c0)
+        channels = x.shape[1]
+        xf = x.reshape(x.size)
+        lanes = LINE_BYTES // x.itemsize
+        whole = inner // lanes * lanes
+        acc = np.empty(2)
         for b0 in range(o0 + 1, o1, rows):
             b1 = min(b0 + rows, o1)
-            s1[:] = 0.0
-            s2[:] = 0.0
-            for o in range(b0, b1):
-                for c in range(c0, c1):
-                    a, b = _run_dev_sums(x, o, o + 1, c, 0, inner, shift[c] + mean_rel[c - c0])
-                    s1[c - c0] += a
-                    s2[c - c0] += b
             m = float((b1 - b0) * inner)
-            for j in range(c1 - c0):
-                _merge_piece(s1[j], s2[j], m, j, n, mean_rel, m2)
+            for c in range(c0, c1):
+                center = shift[c] + mean_rel[c - c0]
+                acc[0] = 0.0
+                acc[1] = 0.0
+                _strided_dev_sums(xf, (b0 * channels + c) * inner, b1 - b0, channels * inner,
+                                  inner // lanes, center, acc)
+                a1, a2 = acc[0], acc[1]
+                if whole < inner:
+                    b1_, b2_ = _run_dev_sums(x, b0, b1, c, whole, inner, center)
+                    a1 += b1_
+                    a2 += b2_
+                _merge_piece(a1, a2, m, c - c0, n, mean_rel, m2)
 
 
 @kernel()
