@@ -424,22 +424,25 @@ def _add_lane_sums(context, builder, accs, acc_ty, acc):
 
 def _pipelined_lines(context, builder, sig, args, ninputs, reduce, write):
     """Lines ``k`` of a pipelined run: ``reduce`` the inputs' lines at ``nxt + k`` (float64
-    vectors) into two sums, ``write`` ``out[cur + k]`` from the inputs' lines at ``cur + k``.
+    vectors) into two sums for ``k < nreduce``, ``write`` ``out[cur + k]`` from the inputs'
+    lines at ``cur + k`` for ``k < nwrite <= nreduce``.
 
-    Arguments: ``inputs..., out, nxt, cur, nlines, pf, wrap, jump, extras..., acc``; the
-    line at ``nxt + k`` also prefetches the inputs at ``pf + k`` (plus ``jump`` once
-    ``k >= wrap``).  The two sums are added to ``acc[0]`` and ``acc[1]`` (float64).
+    Arguments: ``inputs..., out, nxt, cur, nreduce, nwrite, pf, wrap, jump, extras...,
+    acc``; the line at ``nxt + k`` also prefetches the inputs at ``pf + k`` (plus ``jump``
+    once ``k >= wrap``).  The two sums are added to ``acc[0]`` and ``acc[1]`` (float64).
+    The reduced lines start at their run's start, whatever the output's alignment (which
+    places the written lines), so the sums do not depend on where the output lies.
     """
     tys, vals = sig.args, args
-    nxt, cur, nlines, pf, wrap, jump = vals[ninputs + 1:ninputs + 7]
-    extras = list(range(ninputs + 7, len(vals) - 1))
+    nxt, cur, nreduce, nwrite, pf, wrap, jump = vals[ninputs + 1:ninputs + 8]
+    extras = list(range(ninputs + 8, len(vals) - 1))
     vty = _line_type(context, tys[0].dtype)
     lanes = vty.count
     dvty = ir.VectorType(ir.DoubleType(), lanes)
     intp = context.get_value_type(types.intp)
     zero = ir.Constant(dvty, [0.0] * lanes)
     accs = [cgutils.alloca_once_value(builder, zero) for _ in range(2)]
-    with cgutils.for_range(builder, nlines) as loop:
+    with cgutils.for_range(builder, nreduce) as loop:
         k = builder.mul(loop.index, intp(lanes))
         ahead = builder.add(builder.add(pf, k),
                             builder.select(builder.icmp_signed("<", k, wrap), intp(0), jump))
@@ -450,19 +453,22 @@ def _pipelined_lines(context, builder, sig, args, ninputs, reduce, write):
             ahead_lines.append(v if tys[n].dtype == types.float64 else builder.fpext(v, dvty))
         for acc, term in zip(accs, reduce(ahead_lines, extras)):
             builder.store(builder.fadd(builder.load(acc), term), acc)
-        i = builder.add(cur, k)
-        lines = [_load_line(context, builder, tys[n], vals[n], i, vty) for n in range(ninputs)]
-        _store_line_nt(context, builder, tys[ninputs], vals[ninputs], i, write(lines, extras))
+        with builder.if_then(builder.icmp_signed("<", loop.index, nwrite), likely=True):
+            i = builder.add(cur, k)
+            lines = [_load_line(context, builder, tys[n], vals[n], i, vty)
+                     for n in range(ninputs)]
+            _store_line_nt(context, builder, tys[ninputs], vals[ninputs], i,
+                           write(lines, extras))
     _add_lane_sums(context, builder, accs, tys[-1], vals[-1])
     return context.get_dummy_value()
 
 
-_PIPE_GEOMETRY = (types.intp,) * 6  # nxt, cur, nlines, pf, wrap, jump
+_PIPE_GEOMETRY = (types.intp,) * 7  # nxt, cur, nreduce, nwrite, pf, wrap, jump
 
 
 @intrinsic
-def _pipe_dev_sums_affine(typingctx, x, y, nxt, cur, nlines, pf, wrap, jump, center, hi, lo,
-                          scale, shift, acc):
+def _pipe_dev_sums_affine(typingctx, x, y, nxt, cur, nreduce, nwrite, pf, wrap, jump, center,
+                          hi, lo, scale, shift, acc):
     """Pipelined forward run: ``d = x[nxt + k] - center`` adds ``sum(d)``, ``sum(d*d)``
     to ``acc``; ``y[cur + k] = ((x[cur + k] - hi) - lo) * scale + shift``, streamed."""
     def codegen(context, builder, sig, args):
@@ -484,8 +490,8 @@ def _pipe_dev_sums_affine(typingctx, x, y, nxt, cur, nlines, pf, wrap, jump, cen
 
 
 @intrinsic
-def _pipe_grad_sums_dx(typingctx, dy, x, dx, nxt, cur, nlines, pf, wrap, jump, mean, hi, lo,
-                       a, b, k, acc):
+def _pipe_grad_sums_dx(typingctx, dy, x, dx, nxt, cur, nreduce, nwrite, pf, wrap, jump, mean,
+                       hi, lo, a, b, k, acc):
     """Pipelined backward run: adds ``sum(dy)`` and ``sum(dy * (x - mean))`` over the lines
     at ``nxt`` to ``acc``; ``dx[cur + k] = ((dy - b) - ((x - hi) - lo) * k) * a``, streamed."""
     def codegen(context, builder, sig, args):
@@ -506,7 +512,7 @@ def _pipe_grad_sums_dx(typingctx, dy, x, dx, nxt, cur, nlines, pf, wrap, jump, m
 
 
 @intrinsic
-def _pipe_sum_copy(typingctx, x, y, nxt, cur, nlines, pf, wrap, jump, acc):
+def _pipe_sum_copy(typingctx, x, y, nxt, cur, nreduce, nwrite, pf, wrap, jump, acc):
     """The pipelined forward's traffic alone: sum the lines at ``nxt``, copy those at ``cur``."""
     def codegen(context, builder, sig, args):
         return _pipelined_lines(context, builder, sig, args, 1,
@@ -516,7 +522,7 @@ def _pipe_sum_copy(typingctx, x, y, nxt, cur, nlines, pf, wrap, jump, acc):
 
 
 @intrinsic
-def _pipe_sum2_add(typingctx, a, b, out, nxt, cur, nlines, pf, wrap, jump, acc):
+def _pipe_sum2_add(typingctx, a, b, out, nxt, cur, nreduce, nwrite, pf, wrap, jump, acc):
     """The pipelined backward's traffic alone: sum two inputs at ``nxt``, add them at ``cur``."""
     def codegen(context, builder, sig, args):
         return _pipelined_lines(context, builder, sig, args, 2,
@@ -1414,14 +1420,15 @@ def grouped_read2_add(a, b, group, out):
 
 @kernel()
 def _pipe_geometry(out, nxt, cur, inner, next_run):
-    """Streamed lines of ``out[cur:cur + inner]`` and where to prefetch: returns
-    ``(first, last, nlines, pf, wrap, jump)`` for the pipelined intrinsics, the prefetch
-    stream continuing at flat offset ``next_run`` after the run at ``nxt``."""
+    """Geometry of a pipelined run for the intrinsics: ``(first, last, nreduce, nwrite, pf,
+    wrap, jump)``.  ``out[first:last]`` are the whole lines of ``out[cur:cur + inner]``
+    (``nwrite`` of them); the run at ``nxt`` is reduced in ``nreduce`` whole lines from its
+    start; prefetches run ahead in that stream and continue at flat offset ``next_run``."""
     first, last = _stream_span(out, cur, cur + inner)
-    head = first - cur
+    lanes = LINE_BYTES // out.itemsize
     ahead = PREFETCH_BYTES // out.itemsize
-    return (first, last, (last - first) * out.itemsize // LINE_BYTES, nxt + head + ahead,
-            inner - head - ahead, next_run - (nxt + inner))
+    return (first, last, inner // lanes, (last - first) // lanes, nxt + ahead, inner - ahead,
+            next_run - (nxt + inner))
 
 
 @kernel()
@@ -1459,17 +1466,16 @@ def _flat_grad_sums(gf, xf, lo, hi, mean):
 def _pipelined_forward_row(xf, yf, nxt, cur, inner, next_run, center, params, c, acc):
     """Deviation sums about ``center`` of the run at ``nxt``; the run at ``cur`` normalized
     with row ``c`` of ``params``."""
-    first, last, nlines, pf, wrap, jump = _pipe_geometry(yf, nxt, cur, inner, next_run)
+    first, last, nreduce, nwrite, pf, wrap, jump = _pipe_geometry(yf, nxt, cur, inner, next_run)
     hi, lo, scale, shift = params[c, 0], params[c, 1], params[c, 2], params[c, 3]
     acc[0] = 0.0
     acc[1] = 0.0
-    _pipe_dev_sums_affine(xf, yf, nxt + (first - cur), first, nlines, pf, wrap, jump, center,
+    _pipe_dev_sums_affine(xf, yf, nxt, first, nreduce, nwrite, pf, wrap, jump, center,
                           hi, lo, scale, shift, acc)
-    a1, a2 = _flat_dev_sums(xf, nxt, nxt + (first - cur), center)
-    b1, b2 = _flat_dev_sums(xf, nxt + (last - cur), nxt + inner, center)
+    t1, t2 = _flat_dev_sums(xf, nxt + nreduce * (LINE_BYTES // yf.itemsize), nxt + inner, center)
     _affine_stream(xf, yf, cur, first, hi, lo, scale, shift)
     _affine_stream(xf, yf, last, cur + inner, hi, lo, scale, shift)
-    return acc[0] + a1 + b1, acc[1] + a2 + b2
+    return acc[0] + t1, acc[1] + t2
 
 
 @kernel()
@@ -1517,17 +1523,17 @@ def pipelined_forward(x, ntasks, weight, bias, eps, y, mean, var, invstd):
 def _pipelined_backward_row(gf, xf, df, nxt, cur, inner, next_run, mean, params, c, acc):
     """``sum(dy)``, ``sum(dy * (x - mean))`` of the runs at ``nxt``; ``dx`` of the run at
     ``cur`` with row ``c`` of ``params``."""
-    first, last, nlines, pf, wrap, jump = _pipe_geometry(df, nxt, cur, inner, next_run)
+    first, last, nreduce, nwrite, pf, wrap, jump = _pipe_geometry(df, nxt, cur, inner, next_run)
     hi, lo, a, b, k = params[c, 0], params[c, 1], params[c, 2], params[c, 3], params[c, 4]
     acc[0] = 0.0
     acc[1] = 0.0
-    _pipe_grad_sums_dx(gf, xf, df, nxt + (first - cur), first, nlines, pf, wrap, jump, mean,
+    _pipe_grad_sums_dx(gf, xf, df, nxt, first, nreduce, nwrite, pf, wrap, jump, mean,
                        hi, lo, a, b, k, acc)
-    a1, a2 = _flat_grad_sums(gf, xf, nxt, nxt + (first - cur), mean)
-    b1, b2 = _flat_grad_sums(gf, xf, nxt + (last - cur), nxt + inner, mean)
+    t1, t2 = _flat_grad_sums(gf, xf, nxt + nreduce * (LINE_BYTES // df.itemsize), nxt + inner,
+                             mean)
     _dx_stream(gf, xf, df, cur, first, hi, lo, a, b, k)
     _dx_stream(gf, xf, df, last, cur + inner, hi, lo, a, b, k)
-    return acc[0] + a1 + b1, acc[1] + a2 + b2
+    return acc[0] + t1, acc[1] + t2
 
 
 @kernel()
@@ -1590,12 +1596,11 @@ def _pipelined_copy_chain(x, c0, c1, y, acc):
         _copy_span(xf, yf, c * inner, (c + 1) * inner)
         for o in range(1, outer):
             cur = (o * channels + c) * inner
-            first, last, nlines, pf, wrap, jump = _pipe_geometry(
+            first, last, nreduce, nwrite, pf, wrap, jump = _pipe_geometry(
                 yf, cur + inner, cur, inner, _next_run(channels, inner, outer, o, c))
-            _pipe_sum_copy(xf, yf, cur + inner + (first - cur), first, nlines, pf, wrap, jump,
-                           acc)
-            acc[0] += (_flat_sum(xf, cur + inner, first + inner)
-                       + _flat_sum(xf, last + inner, cur + 2 * inner))
+            _pipe_sum_copy(xf, yf, cur + inner, first, nreduce, nwrite, pf, wrap, jump, acc)
+            acc[0] += _flat_sum(xf, cur + inner + nreduce * (LINE_BYTES // yf.itemsize),
+                                cur + 2 * inner)
             _copy_span(xf, yf, cur, first)
             _copy_span(xf, yf, last, cur + inner)
     for o in range(outer):
@@ -1628,12 +1633,11 @@ def _pipelined_add_chain(a, b, c0, c1, out, acc):
         _add_span(af, bf, of, c * inner, (c + 1) * inner)
         for o in range(1, outer):
             cur = (o * channels + c) * inner
-            first, last, nlines, pf, wrap, jump = _pipe_geometry(
+            first, last, nreduce, nwrite, pf, wrap, jump = _pipe_geometry(
                 of, cur + inner, cur, inner, _next_run(channels, inner, outer, o, c))
-            _pipe_sum2_add(af, bf, of, cur + inner + (first - cur), first, nlines, pf, wrap,
-                           jump, acc)
-            acc[0] += (_flat_sum2(af, bf, cur + inner, first + inner)
-                       + _flat_sum2(af, bf, last + inner, cur + 2 * inner))
+            _pipe_sum2_add(af, bf, of, cur + inner, first, nreduce, nwrite, pf, wrap, jump, acc)
+            acc[0] += _flat_sum2(af, bf, cur + inner + nreduce * (LINE_BYTES // of.itemsize),
+                                 cur + 2 * inner)
             _add_span(af, bf, of, cur, first)
             _add_span(af, bf, of, last, cur + inner)
     for o in range(outer):
