@@ -164,42 +164,95 @@ def backward_args(dy, x, mean, invstd, weight, axis, out):
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 
+# The common host call, checked in O(1): the functions below return None for anything
+# else, and the call then takes the general checks above, which convert what they
+# can and raise the errors.  They never raise.
 
-def _plain_vector(a, channels):
-    return a is None or (type(a) is np.ndarray and a.dtype is F64 and a.shape == (channels,)
-                         and a.flags.c_contiguous)
+
+def _plain_array(a):
+    return (type(a) is np.ndarray and (a.dtype is F32 or a.dtype is F64)
+            and a.flags.c_contiguous)
+
+
+def _plain_vectors(channels, *vectors):
+    for a in vectors:
+        if a is not None and not (type(a) is np.ndarray and (a.dtype is F32 or a.dtype is F64)
+                                  and a.shape == (channels,)):
+            return False
+    return True
+
+
+def _plain_out(out, x, inputs):
+    return out is None or (
+        _plain_array(out) and out.dtype is x.dtype and out.shape == x.shape
+        and out.flags.writeable
+        and all(out is a or not np.may_share_memory(out, a) for a in inputs))
+
+
+def _plain_axis(x, axis):
+    if not _plain_array(x) or type(axis) is not int or not -x.ndim <= axis < x.ndim:
+        return None
+    return axis % x.ndim
+
+
+def as_float64(a):
+    """A per-channel vector the plain checks accepted, as C-contiguous float64."""
+    if a is None or (a.dtype is F64 and a.flags.c_contiguous):
+        return a
+    return np.ascontiguousarray(a, dtype=np.float64)
 
 
 def plain_forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum, out):
-    """The arguments of the common host call, checked in O(1): C-contiguous float32/float64
-    ``x``, float64 C-contiguous ``weight``/``bias`` or None, Python float ``eps`` and
-    ``momentum`` in range, running statistics as ``running_stat`` takes them, a C-contiguous ``out`` of ``x``'s dtype that is ``x`` or does not overlap
-    it.  Returns ``(axis, channels, n)``, or None: the call then takes ``forward_args``,
-    which checks (and converts) everything and raises the errors.  Never raises.
-    """
-    if type(x) is not np.ndarray or type(axis) is not int or type(eps) is not float:
+    """``(axis, channels, n)`` for a common training forward: C-contiguous float32/float64
+    ``x`` with at least 2 values per channel, float32/float64 vectors of shape (C,),
+    Python float ``eps`` and ``momentum`` in range, writable running statistics, an
+    ``out`` that is ``x`` or a C-contiguous array of its dtype not overlapping it; or None."""
+    ax = _plain_axis(x, axis)
+    if ax is None or type(eps) is not float or type(momentum) is not float:
         return None
-    dt = x.dtype
-    ndim = x.ndim
-    if (dt is not F32 and dt is not F64) or ndim < 2 or not x.flags.c_contiguous:
+    if not (0.0 <= eps < math.inf and 0.0 <= momentum <= 1.0):
         return None
-    if not (-ndim <= axis < ndim and 0.0 <= eps < math.inf):
-        return None
-    if type(momentum) is not float or not 0.0 <= momentum <= 1.0:
-        return None
-    axis %= ndim
-    channels = x.shape[axis]
+    channels = x.shape[ax]
     if channels == 0 or x.size // channels < 2:
         return None
-    if not (_plain_vector(weight, channels) and _plain_vector(bias, channels)):
+    if not _plain_vectors(channels, weight, bias, running_mean, running_var):
         return None
     for r in (running_mean, running_var):
-        if r is not None and not (type(r) is np.ndarray and (r.dtype is F32 or r.dtype is F64)
-                                  and r.shape == (channels,) and r.flags.writeable):
+        if r is not None and not r.flags.writeable:
             return None
-    if out is not None and not (
-            type(out) is np.ndarray and out.dtype is dt and out.shape == x.shape
-            and out.flags.c_contiguous and out.flags.writeable
-            and (out is x or not np.may_share_memory(out, x))):
+    if not _plain_out(out, x, (x,)):
         return None
-    return axis, channels, x.size // channels
+    return ax, channels, x.size // channels
+
+
+def plain_inference_args(x, running_mean, running_var, weight, bias, axis, eps, out):
+    """``(axis, channels)`` for a common inference call (as ``plain_forward_args``, the
+    running statistics required), or None."""
+    ax = _plain_axis(x, axis)
+    if ax is None or type(eps) is not float or not 0.0 <= eps < math.inf or x.size == 0:
+        return None
+    channels = x.shape[ax]
+    if running_mean is None or running_var is None:
+        return None
+    if not _plain_vectors(channels, running_mean, running_var, weight, bias):
+        return None
+    if not _plain_out(out, x, (x,)):
+        return None
+    return ax, channels
+
+
+def plain_backward_args(dy, x, mean, invstd, weight, axis, out):
+    """``(axis, channels)`` for a common backward: ``dy`` and ``x`` C-contiguous, of one
+    float dtype and shape, at least 2 values per channel, float32/float64 vectors, an
+    ``out`` that is ``dy``, ``x`` or overlaps neither; or None."""
+    ax = _plain_axis(x, axis)
+    if ax is None or not _plain_array(dy) or dy.dtype is not x.dtype or dy.shape != x.shape:
+        return None
+    channels = x.shape[ax]
+    if channels == 0 or x.size // channels < 2 or mean is None or invstd is None:
+        return None
+    if not _plain_vectors(channels, mean, invstd, weight):
+        return None
+    if not _plain_out(out, x, (dy, x)):
+        return None
+    return ax, channels

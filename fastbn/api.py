@@ -95,7 +95,8 @@ def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_m
     if plain is not None:  # host arrays in the common form: no conversions to make
         ax, channels, n = plain
         y, mean, var, invstd = host_backend().forward_train_contiguous(
-            x, ax, _ones_or(weight, channels), _zeros_or(bias, channels), eps, out)
+            x, ax, _ones_or(v.as_float64(weight), channels),
+            _zeros_or(v.as_float64(bias), channels), eps, out)
         update_running_stats(running_mean, running_var, mean, var, n, momentum)
         sd = np.float32 if x.dtype is v.F32 else np.float64
         return y, mean.astype(sd), invstd.astype(sd)
@@ -138,6 +139,14 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
     dweight, dbias : ndarray of shape (C,)
         ``sum(dy * (x - mean) * invstd)`` and ``sum(dy)`` over each channel.
     """
+    plain = v.plain_backward_args(dy, x, mean, invstd, weight, axis, out)
+    if plain is not None:
+        ax, channels = plain
+        inv64 = v.as_float64(invstd)
+        dx, sum_dy, sum_dy_xmu = host_backend().backward_train_contiguous(
+            dy, x, ax, v.as_float64(mean), inv64, _ones_or(v.as_float64(weight), channels), out)
+        sd = np.float32 if x.dtype is v.F32 else np.float64
+        return dx, (sum_dy_xmu * inv64).astype(sd), sum_dy.astype(sd)
     backend = backend_for(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight, out=out)
     if backend.device:
         return backend.batch_norm_backward(dy, x, mean, invstd, weight, axis, out)
@@ -157,6 +166,13 @@ def batch_norm_inference(x, running_mean, running_var, weight=None, bias=None, *
     fused pass.  Parameters are those of :func:`batch_norm_forward`; the
     statistics are only read.  An empty ``x`` gives an empty output.
     """
+    plain = v.plain_inference_args(x, running_mean, running_var, weight, bias, axis, eps, out)
+    if plain is not None:
+        ax, channels = plain
+        return host_backend().inference_contiguous(
+            x, ax, v.as_float64(running_mean), v.as_float64(running_var),
+            _ones_or(v.as_float64(weight), channels), _zeros_or(v.as_float64(bias), channels),
+            eps, out)
     backend = backend_for(x=x, running_mean=running_mean, running_var=running_var,
                           weight=weight, bias=bias, out=out)
     if backend.device:

@@ -125,3 +125,17 @@ def test_results_do_not_depend_on_the_outputs_address(shape3, itemsize, rng):
             np.testing.assert_array_equal(a, b)
         for a, b in zip(fastbn.batch_norm_backward(dy, x, first[1], first[2], out=out), back):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape3, itemsize", PIPELINED[:2])
+def test_pipelined_backward_in_place_into_x(shape3, itemsize, rng):
+    dtype = np.dtype(f"f{itemsize}")
+    x = (5.0 + rng.standard_normal(shape3)).astype(dtype)
+    dy = rng.standard_normal(shape3).astype(dtype)
+    _, mean, invstd = fastbn.batch_norm_forward(x)
+    want = fastbn.batch_norm_backward(dy, x, mean, invstd)
+    xx = x.copy()
+    got = fastbn.batch_norm_backward(dy, xx, mean, invstd, out=xx)
+    assert got[0] is xx
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)

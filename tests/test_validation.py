@@ -194,11 +194,16 @@ def _general_path_variants(x, w, b):
     return {
         "fortran x": dict(x=xf),
         "list weight": dict(weight=list(w)),
-        "float32 bias": dict(bias=b.astype(np.float32)),
-        "strided weight": dict(weight=np.repeat(w, 2)[::2]),
+        "float16 bias": dict(bias=b.astype(np.float16)),
         "numpy eps": dict(eps=np.float64(1e-5)),
         "int axis as numpy": dict(axis=np.int64(1)),
     }
+
+
+def _common_path_variants(w, b):
+    """Calls the O(1) path takes, converting the vectors itself."""
+    return {"float32 bias": dict(bias=b.astype(np.float32)),
+            "strided weight": dict(weight=np.repeat(w, 2)[::2])}
 
 
 def test_common_path_matches_general_path(state, rng):
@@ -209,10 +214,15 @@ def test_common_path_matches_general_path(state, rng):
     base = dict(x=x, weight=w, bias=b, eps=1e-5, axis=1)
     assert _validate.plain_forward_args(x, w, b, 1, 1e-5, None, None, 0.1, None) == (1, C, 30)
     y0, m0, i0 = fastbn.batch_norm_forward(**base)
-    for label, change in _general_path_variants(x, w, b).items():
+    b = b.astype(np.float16).astype(np.float64)  # exact in every variant
+    base["bias"] = b
+    y0, m0, i0 = fastbn.batch_norm_forward(**base)
+    variants = {**_general_path_variants(x, w, b), **_common_path_variants(w, b)}
+    for label, change in variants.items():
         kw = {**base, **change}
         args = (kw["x"], kw["weight"], kw["bias"], kw["axis"], kw["eps"], None, None, 0.1, None)
-        assert _validate.plain_forward_args(*args) is None, label
+        plain = _validate.plain_forward_args(*args)
+        assert (plain is None) == (label in _general_path_variants(x, w, b)), label
         y, m, i = fastbn.batch_norm_forward(**kw)
         np.testing.assert_allclose(y, y0, rtol=0, atol=1e-6, err_msg=label)
         np.testing.assert_allclose(m, m0, rtol=1e-7, err_msg=label)
@@ -223,3 +233,36 @@ def test_common_path_matches_general_path(state, rng):
     assert _validate.plain_forward_args(xs, w, b, 1, 1e-5, None, None, 0.1, out) is None
     expected = fastbn.batch_norm_forward(xs.copy(), w, b)[0]
     np.testing.assert_array_equal(fastbn.batch_norm_forward(xs, w, b, out=out)[0], expected)
+
+
+def test_common_inference_and_backward_match_general_path(state, rng):
+    """The O(1) paths of inference and backward against the general ones (forced with
+    Fortran-ordered copies, which only the general path takes)."""
+    from fastbn import _validate
+
+    x, dy = state["x"], state["dy"]
+    w, b = rng.uniform(0.5, 2, C), rng.normal(size=C)
+    rm, rv = rng.normal(size=C).astype(np.float32), rng.uniform(0.5, 2, C).astype(np.float32)
+    assert _validate.plain_inference_args(x, rm, rv, w, b, 1, 1e-5, None) == (1, C)
+    xf, dyf = np.asfortranarray(x), np.asfortranarray(dy)
+    assert _validate.plain_inference_args(xf, rm, rv, w, b, 1, 1e-5, None) is None
+    np.testing.assert_allclose(fastbn.batch_norm_inference(x, rm, rv, w, b),
+                               fastbn.batch_norm_inference(xf, rm, rv, w, b), rtol=0, atol=1e-6)
+    _, mean, invstd = fastbn.batch_norm_forward(x, w, b)
+    assert _validate.plain_backward_args(dy, x, mean, invstd, w, 1, None) == (1, C)
+    assert _validate.plain_backward_args(dyf, x, mean, invstd, w, 1, None) is None
+    assert _validate.plain_backward_args(dy, x.astype(np.float64), mean, invstd, w, 1, None) is None
+    for got, want in zip(fastbn.batch_norm_backward(dy, x, mean, invstd, w),
+                         fastbn.batch_norm_backward(dyf, xf, mean, invstd, w)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # in place into dy, and into x, as the general path allows
+    for target in ("dy", "x"):
+        d, xx = dy.copy(), x.copy()
+        out = d if target == "dy" else xx
+        dx = fastbn.batch_norm_backward(d, xx, mean, invstd, w, out=out)[0]
+        np.testing.assert_allclose(dx, fastbn.batch_norm_backward(dy, x, mean, invstd, w)[0],
+                                   rtol=1e-6, atol=1e-6)
+    # running variance 0 with eps 0 gives scale 0, not a division warning
+    with np.errstate(all="raise"):
+        y = fastbn.batch_norm_inference(x, rm, np.zeros(C, np.float32), eps=0.0)
+    assert np.all(y == 0)

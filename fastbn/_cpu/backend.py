@@ -69,6 +69,13 @@ def pipelined(shape3, bytes_per_value, out, nthreads):
     return kernels.pipelined(*shape3, bytes_per_value, nthreads, out)
 
 
+def _shape3(shape, axis):
+    """(outer, C, inner) of a C-contiguous array with channel axis ``axis``."""
+    outer = math.prod(shape[:axis])
+    channels = shape[axis]
+    return outer, channels, math.prod(shape[axis + 1:])
+
+
 def _column_blocks(rows, nthreads):
     return kernels.column_blocks(rows, nthreads)
 
@@ -160,19 +167,38 @@ class CPUBackend:
                                       numba.get_num_threads(), MIN_RUN)
         return dest.finish(), mean, var, inv
 
+    # The common host call (``fastbn._validate.plain_*_args``): C-contiguous float32/float64
+    # arrays, float64 per-channel vectors, an ``out`` that is None, an input, or a
+    # C-contiguous array of the dtype overlapping no input.  No layout or output plumbing.
+
     def forward_train_contiguous(self, x, axis, weight, bias, eps, out):
-        """``forward_train`` for a C-contiguous float32/float64 ``x`` and an ``out`` that is
-        None, ``x``, or a C-contiguous array of its dtype that does not overlap it."""
-        shape = x.shape
-        channels = shape[axis]
-        outer = math.prod(shape[:axis])
-        shape3 = (outer, channels, x.size // (outer * channels))
+        shape3 = _shape3(x.shape, axis)
         y = np.empty_like(x) if out is None else out
+        channels = shape3[1]
         mean, var, inv = np.empty(channels), np.empty(channels), np.empty(channels)
         with _kernel_guard():
             kernels.run_forward_train(x.reshape(shape3), weight, bias, eps, y.reshape(shape3),
                                       mean, var, inv, numba.get_num_threads(), MIN_RUN)
         return y, mean, var, inv
+
+    def inference_contiguous(self, x, axis, mean, var, weight, bias, eps, out):
+        shape3 = _shape3(x.shape, axis)
+        y = np.empty_like(x) if out is None else out
+        scale = kernels.inference_scale(var, eps, weight)
+        with _kernel_guard():
+            kernels.run_affine(x.reshape(shape3), mean, np.zeros(shape3[1]), scale, bias,
+                               y.reshape(shape3), numba.get_num_threads(), MIN_RUN)
+        return y
+
+    def backward_train_contiguous(self, dy, x, axis, mean, invstd, weight, out):
+        shape3 = _shape3(x.shape, axis)
+        dx = np.empty_like(x) if out is None else out
+        s, sx = np.empty(shape3[1]), np.empty(shape3[1])
+        with _kernel_guard():
+            kernels.run_backward_train(dy.reshape(shape3), x.reshape(shape3), mean, invstd,
+                                       weight, dx.reshape(shape3), s, sx,
+                                       numba.get_num_threads(), MIN_RUN)
+        return dx, s, sx
 
     def affine(self, x, axis, mean, scale, shift, out, out_dtype):
         """``y = (x - mean) * scale + shift`` per channel (inference, eval backward)."""

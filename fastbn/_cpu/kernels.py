@@ -1750,6 +1750,15 @@ def merged_channel_moments(x, nthreads, hi, lo, m2):
 
 
 @kernel()
+def inference_scale(var, eps, weight):
+    """``weight / sqrt(var + eps)`` per channel, 0 where ``var + eps == 0`` (float64)."""
+    scale = np.empty(var.shape[0])
+    for c in range(var.shape[0]):
+        scale[c] = _invstd(var[c], eps) * weight[c]
+    return scale
+
+
+@kernel()
 def run_affine(x, hi64, lo64, scale, shift, y, nthreads, min_run):
     """``y = (x - (hi64 + lo64)) * scale + shift`` per channel; float64 parameters."""
     outer, channels, inner = x.shape
