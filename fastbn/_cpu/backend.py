@@ -276,6 +276,7 @@ class CPUBackend:
             kernels.run_forward_train(x3, ones, zeros, 1e-5, y3, *per_channel, 2, MIN_RUN)
             kernels.run_backward_train(x3, x3, zeros, ones, ones, y3, *per_channel[:2], 2, MIN_RUN)
             kernels.run_affine(x3, zeros, zeros, ones, zeros, y3, 2, MIN_RUN)
+            kernels.inference_scale(ones, 1e-5, ones)
             kernels.merged_channel_moments(x3, 2, *per_channel)
             kernels.column_forward(x2, 4, 2, 4, False, zeros, zeros, 0.0, y2, *per_channel)
             kernels.parallel_copy(x2.reshape(-1), y2.reshape(-1), 2)
