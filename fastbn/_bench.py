@@ -21,6 +21,7 @@ import numpy as np
 from . import api, preprocessing
 from ._cpu import kernels
 from ._cpu.backend import backend as cpu
+from ._cpu.backend import pipelined
 
 # name: (shape, channel axis), full size and --quick size
 CASES = {
@@ -148,12 +149,6 @@ def fused_channel_path(a):
     return channel_plan(a.shape3, a.x.itemsize, numba.get_num_threads())[1] == 1
 
 
-def pipelined(shape3, bytes_per_value, out, nthreads):
-    from ._cpu.backend import pipelined
-
-    return pipelined(shape3, bytes_per_value, out, nthreads)
-
-
 def pattern_floors(a):
     """Floors of the memory traffic each op must do on this case's kernel path.
 
@@ -177,9 +172,9 @@ def pattern_floors(a):
         forward = (GROUPED_READ_COPY, lambda: cpu.grouped_read_copy(x3, dst3))
         backward = (GROUPED_READ2_ADD, lambda: cpu.grouped_read2_add(x3, dy3, dst3))
         nthreads = numba.get_num_threads()
-        if pipelined(a.shape3, a.x.itemsize, dst3, nthreads):
+        if pipelined(a.shape3, a.x.itemsize, nthreads, dst3):
             forward = (PIPELINED_READ_COPY, lambda: cpu.pipelined_read_copy(x3, dst3))
-        if pipelined(a.shape3, 2 * a.x.itemsize, dst3, nthreads):
+        if pipelined(a.shape3, 2 * a.x.itemsize, nthreads, dst3):
             backward = (PIPELINED_READ2_ADD, lambda: cpu.pipelined_read2_add(x3, dy3, dst3))
     floors = {"forward": forward, "inference": (FLOOR, None), "backward": backward,
               "stats": (READ, lambda: cpu.read(a.x))}

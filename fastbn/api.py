@@ -9,7 +9,6 @@ import warnings
 
 import numpy as np
 
-from . import _moments
 from . import _validate as v
 from ._dispatch import backend_for, host_backend
 
@@ -98,8 +97,7 @@ def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_m
             x, ax, _ones_or(v.as_float64(weight), channels),
             _zeros_or(v.as_float64(bias), channels), eps, out)
         update_running_stats(running_mean, running_var, mean, var, n, momentum)
-        sd = np.float32 if x.dtype is v.F32 else np.float64
-        return y, mean.astype(sd), invstd.astype(sd)
+        return y, mean.astype(x.dtype), invstd.astype(x.dtype)  # float32/64 keep theirs
     backend = backend_for(x=x, weight=weight, bias=bias, running_mean=running_mean,
                           running_var=running_var, out=out)
     if backend.device:
@@ -145,8 +143,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
         inv64 = v.as_float64(invstd)
         dx, sum_dy, sum_dy_xmu = host_backend().backward_train_contiguous(
             dy, x, ax, v.as_float64(mean), inv64, _ones_or(v.as_float64(weight), channels), out)
-        sd = np.float32 if x.dtype is v.F32 else np.float64
-        return dx, (sum_dy_xmu * inv64).astype(sd), sum_dy.astype(sd)
+        return dx, (sum_dy_xmu * inv64).astype(x.dtype), sum_dy.astype(x.dtype)
     backend = backend_for(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight, out=out)
     if backend.device:
         return backend.batch_norm_backward(dy, x, mean, invstd, weight, axis, out)
@@ -193,7 +190,7 @@ def batch_norm_inference(x, running_mean, running_var, weight=None, bias=None, *
     if xa.size == 0:
         return _empty_result(out, xa.shape, out_dtype)
 
-    scale = _moments.invstd(rv, eps) * _ones_or(w, channels)
+    scale = backend.inference_scale(rv, eps, _ones_or(w, channels))
     return backend.affine(xa, ax, rm, scale, _zeros_or(b, channels), out, out_dtype)
 
 

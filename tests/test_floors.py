@@ -28,26 +28,17 @@ def test_flat_floors(arrays):
     assert cpu.read(x) == pytest.approx(x.sum(dtype=np.float64), rel=1e-9, abs=1e-6)
 
 
-def test_grouped_floors(arrays):
+@pytest.mark.parametrize("schedule", ["grouped", "pipelined"])
+def test_channel_path_floors(arrays, schedule):
     x, dy, dst = arrays
-    total = cpu.grouped_read_copy(x, dst)
+    total = getattr(cpu, f"{schedule}_read_copy")(x, dst)
     np.testing.assert_array_equal(dst, x)
     assert total == pytest.approx(x.sum(dtype=np.float64), rel=1e-9, abs=1e-6)
     dst[...] = np.nan
-    cpu.grouped_read2_add(x, dy, dst)
+    total = getattr(cpu, f"{schedule}_read2_add")(x, dy, dst)
     np.testing.assert_array_equal(dst, x + dy)
-
-
-def test_pipelined_floors(arrays):
-    x, dy, dst = arrays
-    total = cpu.pipelined_read_copy(x, dst)
-    np.testing.assert_array_equal(dst, x)
-    assert total == pytest.approx(x.sum(dtype=np.float64), rel=1e-9, abs=1e-6)
-    dst[...] = np.nan
-    total = cpu.pipelined_read2_add(x, dy, dst)
-    np.testing.assert_array_equal(dst, x + dy)
-    expected = x.sum(dtype=np.float64) + dy.sum(dtype=np.float64)
     # x + dy is added in float32 before the float64 sum
+    expected = x.sum(dtype=np.float64) + dy.sum(dtype=np.float64)
     size = np.abs(x).sum(dtype=np.float64) + np.abs(dy).sum(dtype=np.float64)
     assert total == pytest.approx(expected, rel=0, abs=1e-6 * size)
 

@@ -64,7 +64,7 @@ def channel_plan(shape3, bytes_per_value, nthreads):
     return kernels.channel_plan(*shape3, bytes_per_value, nthreads)
 
 
-def pipelined(shape3, bytes_per_value, out, nthreads):
+def pipelined(shape3, bytes_per_value, nthreads, out):
     """Whether the fused channel path runs pipelined for this shape and output."""
     return kernels.pipelined(*shape3, bytes_per_value, nthreads, out)
 
@@ -181,10 +181,14 @@ class CPUBackend:
                                       mean, var, inv, numba.get_num_threads(), MIN_RUN)
         return y, mean, var, inv
 
+    def inference_scale(self, var, eps, weight):
+        """``weight / sqrt(var + eps)`` per channel (float64), 0 where ``var + eps == 0``."""
+        return kernels.inference_scale(var, float(eps), weight)
+
     def inference_contiguous(self, x, axis, mean, var, weight, bias, eps, out):
         shape3 = _shape3(x.shape, axis)
         y = np.empty_like(x) if out is None else out
-        scale = kernels.inference_scale(var, eps, weight)
+        scale = self.inference_scale(var, eps, weight)
         with _kernel_guard():
             kernels.run_affine(x.reshape(shape3), mean, np.zeros(shape3[1]), scale, bias,
                                y.reshape(shape3), numba.get_num_threads(), MIN_RUN)
@@ -318,10 +322,10 @@ class CPUBackend:
 
     def grouped_read2_add(self, a3, b3, out3):
         """The fused backward's traffic, no arithmetic: per group, read ``a3`` and ``b3``,
-        then ``out3 = a3 + b3`` from cache."""
+        then ``out3 = a3 + b3`` from cache; returns the sum of both."""
         group, _ = channel_plan(a3.shape, 2 * a3.itemsize, numba.get_num_threads())
         with _kernel_guard():
-            kernels.grouped_read2_add(a3, b3, group, out3)
+            return kernels.grouped_read2_add(a3, b3, group, out3)
 
     def pipelined_read_copy(self, x3, y3):
         """The pipelined forward's traffic, no arithmetic: along each thread's chain of
