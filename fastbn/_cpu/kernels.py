@@ -113,6 +113,19 @@ def _store_line_nt(context, builder, aryty, ary, index, value):
     store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
 
 
+def _store_line(context, builder, aryty, ary, index, value, stream):
+    """Store a line: streamed (aligned, non-temporal) where the i1 ``stream`` is true, else
+    an ordinary store at any item-aligned address, for an output that stays in cache.
+    Callers pass a constant, which LLVM folds: no branch is left in their loops."""
+    with builder.if_else(stream, likely=True) as (streamed, cached):
+        with streamed:
+            _store_line_nt(context, builder, aryty, ary, index, value)
+        with cached:
+            ptr = _item_pointer(context, builder, aryty, ary, index)
+            builder.store(value, builder.bitcast(ptr, value.type.as_pointer()),
+                          align=aryty.dtype.bitwidth // 8)
+
+
 def _affine_expr(builder, v, hi, lo, scale, shift):
     return builder.fadd(builder.fmul(builder.fsub(builder.fsub(v, hi), lo), scale), shift)
 
@@ -142,15 +155,15 @@ def _scalar_params(context, builder, sig, args, first, count, vty):
 
 
 @intrinsic
-def _line_affine(typingctx, x, i, out, hi, lo, scale, shift):
-    """``out[i:i+L] = ((x[i:i+L] - hi) - lo) * scale + shift``, one line, streamed."""
+def _line_affine(typingctx, x, i, out, hi, lo, scale, shift, stream):
+    """``out[i:i+L] = ((x[i:i+L] - hi) - lo) * scale + shift``, one line (``_store_line``)."""
     def codegen(context, builder, sig, args):
         vty = _line_type(context, sig.args[0].dtype)
         v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
         r = _affine_expr(builder, v, *_scalar_params(context, builder, sig, args, 3, 4, vty))
-        _store_line_nt(context, builder, sig.args[2], args[2], args[1], r)
+        _store_line(context, builder, sig.args[2], args[2], args[1], r, args[7])
         return context.get_dummy_value()
-    return types.void(x, types.intp, out, hi, lo, scale, shift), codegen
+    return types.void(x, types.intp, out, hi, lo, scale, shift, types.boolean), codegen
 
 
 @intrinsic
@@ -189,16 +202,16 @@ def _line_affine_cols(typingctx, x, i, out, params, j):
 
 
 @intrinsic
-def _line_dx(typingctx, dy, x, i, out, hi, lo, a, b, k):
-    """``out[i:i+L] = ((dy - b) - ((x - hi) - lo) * k) * a``, one line, streamed."""
+def _line_dx(typingctx, dy, x, i, out, hi, lo, a, b, k, stream):
+    """``out[i:i+L] = ((dy - b) - ((x - hi) - lo) * k) * a``, one line (``_store_line``)."""
     def codegen(context, builder, sig, args):
         vty = _line_type(context, sig.args[1].dtype)
         g = _load_line(context, builder, sig.args[0], args[0], args[2], vty)
         v = _load_line(context, builder, sig.args[1], args[1], args[2], vty)
         r = _dx_expr(builder, g, v, *_scalar_params(context, builder, sig, args, 4, 5, vty))
-        _store_line_nt(context, builder, sig.args[3], args[3], args[2], r)
+        _store_line(context, builder, sig.args[3], args[3], args[2], r, args[9])
         return context.get_dummy_value()
-    return types.void(dy, x, types.intp, out, hi, lo, a, b, k), codegen
+    return types.void(dy, x, types.intp, out, hi, lo, a, b, k, types.boolean), codegen
 
 
 @intrinsic
@@ -411,13 +424,31 @@ def _prefetch(context, builder, aryty, ary, index):
     builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
 
 
+def _fma(builder, a, b, c):
+    """``a * b + c`` rounded once, for vectors too (llvmlite's ``fma`` takes scalars only)."""
+    vty = a.type
+    elt = vty.element if isinstance(vty, ir.VectorType) else vty
+    bits = 64 if isinstance(elt, ir.DoubleType) else 32
+    suffix = f"v{vty.count}f{bits}" if isinstance(vty, ir.VectorType) else f"f{bits}"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                        f"llvm.fma.{suffix}")
+    return builder.call(fn, [a, b, c])
+
+
 def _add_lane_sums(context, builder, accs, acc_ty, acc):
     """``acc[j] += sum of the lanes of vector accumulator j`` (float64)."""
     for j, a in enumerate(accs):
         vec = builder.load(a)
+        # pairwise: log2(lanes) dependent adds, not lanes - 1 (a short run pays this per call)
+        width = vec.type.count
+        while width > 1:
+            width //= 2
+            lo_half = builder.shuffle_vector(vec, vec, ir.Constant(
+                ir.VectorType(ir.IntType(32), width), list(range(width))))
+            hi_half = builder.shuffle_vector(vec, vec, ir.Constant(
+                ir.VectorType(ir.IntType(32), width), list(range(width, 2 * width))))
+            vec = builder.fadd(lo_half, hi_half)
         total = builder.extract_element(vec, ir.IntType(32)(0))
-        for lane in range(1, vec.type.count):
-            total = builder.fadd(total, builder.extract_element(vec, ir.IntType(32)(lane)))
         ptr = _item_pointer(context, builder, acc_ty, acc, context.get_constant(types.intp, j))
         builder.store(builder.fadd(builder.load(ptr), total), ptr)
 
@@ -531,33 +562,88 @@ def _pipe_sum2_add(typingctx, a, b, out, nxt, cur, nreduce, nwrite, pf, wrap, ju
     return types.void(a, b, out, *_PIPE_GEOMETRY, acc), codegen
 
 
+STRIDED_CHAINS = 4
+
+
+def _strided_lines(context, builder, xty, x, start, nruns, stride, nlines, center, acc_ty, acc,
+                   write=None):
+    """Runs ``r < nruns`` of flat ``x`` at ``start + r * stride``, their first ``nlines``
+    whole lines: with ``d = x - center``, add ``sum(d)`` and ``sum(d*d)`` to ``acc[0]``,
+    ``acc[1]``; ``write(offset)``, if given, runs for each line at ``offset = r * stride +
+    k * lanes`` from the runs' start.  The sums stay in vector registers across runs, so a
+    short run costs no horizontal reduction (a channel of 8x8 images is 64-value runs)."""
+    vty = _line_type(context, xty.dtype)
+    lanes = vty.count
+    dvty = ir.VectorType(ir.DoubleType(), lanes)
+    intp = context.get_value_type(types.intp)
+    c = _splat(context, builder, center, types.float64, types.float64, dvty)
+    zero = ir.Constant(dvty, [0.0] * lanes)
+    # STRIDED_CHAINS independent pairs of sums (line k of a run into pair k % chains):
+    # with one pair every line would wait for the previous line's adds.
+    pairs = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)]
+             for _ in range(STRIDED_CHAINS)]
+
+    def line(offset, sums):
+        v = _load_line(context, builder, xty, x, builder.add(start, offset), vty)
+        d = builder.fsub(v if xty.dtype == types.float64 else builder.fpext(v, dvty), c)
+        builder.store(builder.fadd(builder.load(sums[0]), d), sums[0])
+        builder.store(_fma(builder, d, d, builder.load(sums[1])), sums[1])
+        if write is not None:
+            write(offset)
+
+    step = intp(STRIDED_CHAINS * lanes)
+    nblocks = builder.udiv(nlines, intp(STRIDED_CHAINS))
+    rest = builder.sub(nlines, builder.mul(nblocks, intp(STRIDED_CHAINS)))
+    with cgutils.for_range(builder, nruns) as runs:
+        base = builder.mul(runs.index, stride)
+        with cgutils.for_range(builder, nblocks) as block:
+            i = builder.add(base, builder.mul(block.index, step))
+            for k, sums in enumerate(pairs):
+                line(builder.add(i, intp(k * lanes)), sums)
+        tail = builder.add(base, builder.mul(nblocks, step))
+        with cgutils.for_range(builder, rest) as k:
+            line(builder.add(tail, builder.mul(k.index, intp(lanes))), pairs[0])
+    accs = pairs[0]
+    for sums in pairs[1:]:
+        for a, b in zip(accs, sums):
+            builder.store(builder.fadd(builder.load(a), builder.load(b)), a)
+    _add_lane_sums(context, builder, accs, acc_ty, acc)
+
+
+_STRIDES = (types.intp,) * 4  # start, nruns, stride, nlines
+
+
 @intrinsic
 def _strided_dev_sums(typingctx, xf, start, nruns, stride, nlines, center, acc):
-    """Runs ``r < nruns`` of flat ``xf`` at ``start + r * stride``, their first ``nlines``
-    whole lines: with ``d = x - center``, add ``sum(d)`` and ``sum(d*d)`` to ``acc[0]``,
-    ``acc[1]``.  The sums stay in vector registers across runs, so a short run costs no
-    horizontal reduction (a channel of 8x8 images is 64-value runs)."""
+    """``_strided_lines``: deviation sums of the runs' whole lines into ``acc``."""
     def codegen(context, builder, sig, args):
-        xty = sig.args[0]
-        x, start_, nruns_, stride_, nlines_, center_, acc_ = args
-        vty = _line_type(context, xty.dtype)
-        lanes = vty.count
-        dvty = ir.VectorType(ir.DoubleType(), lanes)
-        intp = context.get_value_type(types.intp)
-        c = _splat(context, builder, center_, types.float64, types.float64, dvty)
-        zero = ir.Constant(dvty, [0.0] * lanes)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(2)]
-        with cgutils.for_range(builder, nruns_) as runs:
-            base = builder.add(start_, builder.mul(runs.index, stride_))
-            with cgutils.for_range(builder, nlines_) as line:
-                i = builder.add(base, builder.mul(line.index, intp(lanes)))
-                v = _load_line(context, builder, xty, x, i, vty)
-                d = builder.fsub(v if xty.dtype == types.float64 else builder.fpext(v, dvty), c)
-                builder.store(builder.fadd(builder.load(accs[0]), d), accs[0])
-                builder.store(builder.fadd(builder.load(accs[1]), builder.fmul(d, d)), accs[1])
-        _add_lane_sums(context, builder, accs, sig.args[-1], acc_)
+        _strided_lines(context, builder, sig.args[0], *args[:6], sig.args[6], args[6])
         return context.get_dummy_value()
-    return types.void(xf, types.intp, types.intp, types.intp, types.intp, types.float64,
+    return types.void(xf, *_STRIDES, types.float64, acc), codegen
+
+
+@intrinsic
+def _strided_dev_sums_affine(typingctx, xf, start, nruns, stride, nlines, center, yf, wstart,
+                             hi, lo, scale, shift, acc):
+    """``_strided_dev_sums`` of the runs at ``start`` while the runs at ``wstart`` (same
+    geometry) are normalized into ``yf`` with ordinary stores: the statistics of one channel
+    and the output of the previous one in a single loop.  Both come from L2 for a batch that
+    stays in cache; the reduction's float64 arithmetic then hides the write's traffic."""
+    def codegen(context, builder, sig, args):
+        xty, yty = sig.args[0], sig.args[6]
+        vty = _line_type(context, xty.dtype)
+        params = [_splat(context, builder, args[n], sig.args[n], xty.dtype, vty)
+                  for n in range(8, 12)]
+        cached = ir.Constant(ir.IntType(1), 0)
+
+        def write(offset):
+            i = builder.add(args[7], offset)
+            v = _load_line(context, builder, xty, args[0], i, vty)
+            _store_line(context, builder, yty, args[6], i, _affine_expr(builder, v, *params), cached)
+
+        _strided_lines(context, builder, xty, *args[:6], sig.args[12], args[12], write)
+        return context.get_dummy_value()
+    return types.void(xf, *_STRIDES, types.float64, yf, types.intp, hi, lo, scale, shift,
                       acc), codegen
 
 
@@ -568,7 +654,7 @@ def _affine_stream(xf, yf, start, stop, hi, lo, scale, shift):
     for i in range(np.uint64(start), np.uint64(first)):
         yf[i] = ((xf[i] - hi) - lo) * scale + shift
     for i in range(first, last, LINE_BYTES // yf.itemsize):
-        _line_affine(xf, i, yf, hi, lo, scale, shift)
+        _line_affine(xf, i, yf, hi, lo, scale, shift, True)
     for i in range(np.uint64(last), np.uint64(stop)):
         yf[i] = ((xf[i] - hi) - lo) * scale + shift
 
@@ -580,9 +666,18 @@ def _dx_stream(dyf, xf, outf, start, stop, hi, lo, a, b, k):
     for i in range(np.uint64(start), np.uint64(first)):
         outf[i] = ((dyf[i] - b) - ((xf[i] - hi) - lo) * k) * a
     for i in range(first, last, LINE_BYTES // outf.itemsize):
-        _line_dx(dyf, xf, i, outf, hi, lo, a, b, k)
+        _line_dx(dyf, xf, i, outf, hi, lo, a, b, k, True)
     for i in range(np.uint64(last), np.uint64(stop)):
         outf[i] = ((dyf[i] - b) - ((xf[i] - hi) - lo) * k) * a
+
+
+@kernel()
+def _line_stores(out):
+    """How ``out`` is written: 2 streamed lines, 1 cached lines (an item-aligned output
+    below STREAM_MIN_BYTES), 0 scalar stores (runs shorter than a line, or misaligned)."""
+    if _streams(out):
+        return 2
+    return 1 if out.ctypes.data % out.itemsize == 0 else 0
 
 
 # Each helper covers x[o0:o1, c, i0:i1], runs of several rows in one call.
@@ -642,7 +737,7 @@ def _accumulate(x, o0, o1, i0, i1, c, shift, j, n, mean_rel, m2):
         _merge_piece(s1, s2, m, j, n, mean_rel, m2)
 
 
-@kernel()
+@kernel(inline="always")
 def _merged(n, mean, m2, s1, s2, m):
     """Chan's merge of ``m`` new values, given as deviation sums ``s1``, ``s2`` about
     the current ``mean`` of ``n`` values, into ``(mean, m2)``."""
@@ -651,7 +746,7 @@ def _merged(n, mean, m2, s1, s2, m):
     return mean + delta * (m / n_new), m2 + (s2 - s1 * delta) + delta * delta * (n * m / n_new)
 
 
-@kernel()
+@kernel(inline="always")
 def _merge_piece(s1, s2, m, j, n, mean_rel, m2):
     """Merge a piece of ``m`` values into accumulator ``j``."""
     mean_rel[j], m2[j] = _merged(n[j], mean_rel[j], m2[j], s1, s2, m)
@@ -660,11 +755,15 @@ def _merge_piece(s1, s2, m, j, n, mean_rel, m2):
 
 @kernel()
 def _accumulate_rows(x, o0, o1, c0, c1, shift, n, mean_rel, m2):
-    """Moments of channels [c0, c1) over rows [o0, o1), in L1-sized pieces.
+    """Moments of channels [c0, c1) over rows [o0, o1), in L1-sized pieces, into fresh
+    (zero) accumulators.
 
-    Long runs are cut into pieces of at most CHUNK values; short runs are
-    batched, several rows to a piece, so that merges stay rare.  A channel's
-    first piece (two passes) is one run, or one CHUNK of it.
+    Long runs are cut into pieces of at most CHUNK values, a channel's first piece
+    exact two-pass.  Short runs are batched, several rows to a piece, so that merges
+    stay rare; each piece takes deviations about the channel's running mean, which
+    starts as the mean of its first run (``_first_run_mean``).  The first piece then
+    has the error bound of every later one (see ``_accumulate``) for one extra pass over
+    a single run, not two.
     """
     inner = x.shape[2]
     if inner >= CHUNK:
@@ -674,30 +773,117 @@ def _accumulate_rows(x, o0, o1, c0, c1, shift, n, mean_rel, m2):
                     _accumulate(x, o, o + 1, i0, min(i0 + CHUNK, inner), c, shift[c], c - c0,
                                 n, mean_rel, m2)
     elif o1 > o0:
-        # Channel by channel over a batch of rows, sums in registers across runs.
-        for c in range(c0, c1):
-            _accumulate(x, o0, o0 + 1, 0, inner, c, shift[c], c - c0, n, mean_rel, m2)
-        rows = max(1, CHUNK // inner)
-        channels = x.shape[1]
+        # Channel by channel over a batch of rows, sums in registers across runs.  The
+        # same operations per channel as _short_runs_moments, in batch-major order.
         xf = x.reshape(x.size)
-        lanes = LINE_BYTES // x.itemsize
-        whole = inner // lanes * lanes
         acc = np.empty(2)
-        for b0 in range(o0 + 1, o1, rows):
+        for c in range(c0, c1):
+            mean_rel[c - c0] = _first_run_mean(x, xf, o0, c, shift, acc)
+        rows = _batch_rows(inner)
+        for b0 in range(o0, o1, rows):
             b1 = min(b0 + rows, o1)
             m = float((b1 - b0) * inner)
             for c in range(c0, c1):
-                center = shift[c] + mean_rel[c - c0]
-                acc[0] = 0.0
-                acc[1] = 0.0
-                _strided_dev_sums(xf, (b0 * channels + c) * inner, b1 - b0, channels * inner,
-                                  inner // lanes, center, acc)
-                a1, a2 = acc[0], acc[1]
-                if whole < inner:
-                    b1_, b2_ = _run_dev_sums(x, b0, b1, c, whole, inner, center)
-                    a1 += b1_
-                    a2 += b2_
+                a1, a2 = _runs_dev_sums(x, xf, b0, b1, c, shift[c] + mean_rel[c - c0], acc)
                 _merge_piece(a1, a2, m, c - c0, n, mean_rel, m2)
+
+
+@kernel(inline="always")
+def _batch_rows(inner):
+    """Rows per piece of a channel of short runs: about CHUNK values."""
+    return max(1, CHUNK // inner)
+
+
+@kernel(inline="always")
+def _first_run_mean(x, xf, o, c, shift, acc):
+    """Mean of the run ``x[o, c, :]`` relative to ``shift[c]``: the first centre of a
+    channel of short runs."""
+    return _runs_dev_sums(x, xf, o, o + 1, c, shift[c], acc)[0] / x.shape[2]
+
+
+@kernel()
+def _short_runs_moments(x, xf, yf, o0, o1, c, shift, w, params, acc):
+    """``(count, mean relative to shift[c], M2)`` of channel ``c`` of short runs over rows
+    [o0, o1), exactly as ``_accumulate_rows`` computes them; where ``w >= 0`` channel ``w``
+    is normalized into ``yf`` (an output that stays in cache) with row ``w`` of ``params``
+    over the same rows, in the same loop (``_strided_dev_sums_affine``)."""
+    channels, inner = x.shape[1], x.shape[2]
+    lanes = LINE_BYTES // x.itemsize
+    nlines = inner // lanes
+    whole = nlines * lanes
+    stride = channels * inner
+    n, mu, q = 0.0, _first_run_mean(x, xf, o0, c, shift, acc), 0.0
+    rows = _batch_rows(inner)
+    for b0 in range(o0, o1, rows):
+        b1 = min(b0 + rows, o1)
+        center = shift[c] + mu
+        acc[0] = 0.0
+        acc[1] = 0.0
+        start = (b0 * channels + c) * inner
+        if w >= 0:
+            hi, lo, scale, shift_w = params[w, 0], params[w, 1], params[w, 2], params[w, 3]
+            _strided_dev_sums_affine(xf, start, b1 - b0, stride, nlines, center, yf,
+                                     (b0 * channels + w) * inner, hi, lo, scale, shift_w, acc)
+            for o in range(b0, b1):
+                t = (o * channels + w) * inner
+                for i in range(np.uint64(t + whole), np.uint64(t + inner)):
+                    yf[i] = ((xf[i] - hi) - lo) * scale + shift_w
+        else:
+            _strided_dev_sums(xf, start, b1 - b0, stride, nlines, center, acc)
+        a1, a2 = acc[0], acc[1]
+        if whole < inner:
+            t1, t2 = _run_dev_sums(x, b0, b1, c, whole, inner, center)
+            a1 += t1
+            a2 += t2
+        m = float((b1 - b0) * inner)
+        mu, q = _merged(n, mu, q, a1, a2, m)
+        n += m
+    return n, mu, q
+
+
+@kernel()
+def _short_runs_forward(x, c0, c1, shift, weight, bias, eps, y, mean, var, invstd, params):
+    """Training forward of channels [c0, c1) of short runs into ``y`` that stays in cache:
+    the statistics of channel c + 1 and the output of channel c in one loop."""
+    outer = x.shape[0]
+    xf = x.reshape(x.size)
+    yf = y.reshape(y.size)
+    acc = np.empty(2)
+    n, mu, q = _short_runs_moments(x, xf, yf, 0, outer, c0, shift, -1, params, acc)
+    for c in range(c0, c1):
+        _finish_channel(c, n, mu, q, shift, weight, bias, eps, mean, var, invstd, params)
+        if c + 1 < c1:
+            n, mu, q = _short_runs_moments(x, xf, yf, 0, outer, c + 1, shift, c, params, acc)
+        else:
+            _affine_runs(x, 0, outer, c, c + 1, params, y)
+
+
+@kernel()
+def _fuses_short_runs(x, y):
+    """Whether the forward takes ``_short_runs_forward``: runs of whole lines but below
+    CHUNK values, ``y`` written with ordinary vector stores (it stays in cache)."""
+    inner = x.shape[2]
+    return LINE_BYTES // y.itemsize <= inner < CHUNK and _line_stores(y) == 1
+
+
+@kernel(inline="always")
+def _runs_dev_sums(x, xf, o0, o1, c, center, acc):
+    """``sum(x - center)`` and ``sum((x - center)^2)`` over the runs ``x[o0:o1, c, :]``
+    (``xf`` its flat view, ``acc`` scratch of 2): whole lines in vector registers, then
+    the runs' scalar tails."""
+    channels, inner = x.shape[1], x.shape[2]
+    lanes = LINE_BYTES // x.itemsize
+    whole = inner // lanes * lanes
+    acc[0] = 0.0
+    acc[1] = 0.0
+    _strided_dev_sums(xf, (o0 * channels + c) * inner, o1 - o0, channels * inner,
+                      inner // lanes, center, acc)
+    a1, a2 = acc[0], acc[1]
+    if whole < inner:
+        t1, t2 = _run_dev_sums(x, o0, o1, c, whole, inner, center)
+        a1 += t1
+        a2 += t2
+    return a1, a2
 
 
 @kernel()
@@ -707,10 +893,12 @@ def _affine_runs(x, o0, o1, c0, c1, params, y):
     Within a row the runs of neighbouring channels are adjacent, so reads and
     writes stream (channel by channel, runs ``C * inner`` apart alias in L1).
     The flat views are made once here, not per run: for short runs their set-up
-    would cost more than the run.
+    would cost more than the run.  Whole lines are written with streaming stores,
+    or, for an output that stays in cache, ordinary vector stores (``_line_stores``).
     """
     outer, channels, inner = x.shape
-    if not _streams(y):
+    stores = _line_stores(y)
+    if stores == 0 or inner < LINE_BYTES // y.itemsize:
         for o in range(o0, o1):
             for c in range(c0, c1):
                 hi, lo, scale, shift = params[c, 0], params[c, 1], params[c, 2], params[c, 3]
@@ -719,11 +907,21 @@ def _affine_runs(x, o0, o1, c0, c1, params, y):
         return
     xf = x.reshape(x.size)
     yf = y.reshape(y.size)
+    lanes = LINE_BYTES // y.itemsize
+    whole = inner // lanes * lanes
     for o in range(o0, o1):
         for c in range(c0, c1):
             start = (o * channels + c) * inner
-            _affine_stream(xf, yf, start, start + inner, params[c, 0], params[c, 1],
-                           params[c, 2], params[c, 3])
+            hi, lo, scale, shift = params[c, 0], params[c, 1], params[c, 2], params[c, 3]
+            if stores == 2:
+                _affine_stream(xf, yf, start, start + inner, hi, lo, scale, shift)
+                continue
+            # cached: whole lines from the run's start (inlined: a call per short run costs
+            # as much as its lines), then a scalar tail
+            for i in range(start, start + whole, lanes):
+                _line_affine(xf, i, yf, hi, lo, scale, shift, False)
+            for i in range(np.uint64(start + whole), np.uint64(start + inner)):
+                yf[i] = ((xf[i] - hi) - lo) * scale + shift
 
 
 @kernel()
@@ -761,7 +959,7 @@ def channel_moments(x, shift, group, nparts, count, mean_rel, m2):
             m2[c, part] = q[c - c0]
 
 
-@kernel()
+@kernel(inline="always")
 def _finish_channel(c, n, mu, q, shift, weight, bias, eps, mean, var, invstd, params):
     """Channel ``c``'s statistics from its count, mean relative to ``shift[c]`` and M2, and
     its affine parameters ``(hi, lo, scale, shift)`` (row ``c`` of ``params``)."""
@@ -787,18 +985,23 @@ def channel_forward(x, group, weight, bias, eps, y, mean, var, invstd):
     shift = _first_values(x)
     ngroups = -(-channels // group)
     params = np.empty((channels, 4), x.dtype)
+    fused = _fuses_short_runs(x, y)
     for g in prange(ngroups):
         c0 = g * group
         c1 = min(c0 + group, channels)
-        n = np.zeros(c1 - c0)
-        mu = np.zeros(c1 - c0)
-        q = np.zeros(c1 - c0)
-        _accumulate_rows(x, 0, outer, c0, c1, shift, n, mu, q)
-        for c in range(c0, c1):
-            _finish_channel(c, n[c - c0], mu[c - c0], q[c - c0], shift, weight, bias, eps,
-                            mean, var, invstd, params)
-        _affine_runs(x, 0, outer, c0, c1, params, y)
-        _store_fence()
+        if fused:
+            _short_runs_forward(x, c0, c1, shift, weight, bias, eps, y, mean, var, invstd,
+                                params)
+        else:
+            n = np.zeros(c1 - c0)
+            mu = np.zeros(c1 - c0)
+            q = np.zeros(c1 - c0)
+            _accumulate_rows(x, 0, outer, c0, c1, shift, n, mu, q)
+            for c in range(c0, c1):
+                _finish_channel(c, n[c - c0], mu[c - c0], q[c - c0], shift, weight, bias, eps,
+                                mean, var, invstd, params)
+            _affine_runs(x, 0, outer, c0, c1, params, y)
+            _store_fence()
 
 
 @kernel()
@@ -825,7 +1028,7 @@ def _affine_span(xf, yf, start, stop, channels, inner, params):
         hi, lo, scale, shift = params[c, 0], params[c, 1], params[c, 2], params[c, 3]
         whole = i + (min(run_end, last) - i) // lanes * lanes
         for k in range(i, whole, lanes):
-            _line_affine(xf, k, yf, hi, lo, scale, shift)
+            _line_affine(xf, k, yf, hi, lo, scale, shift, True)
         i = whole
         n = c + 1 if c + 1 < channels else 0
         if i < run_end and i < last:
@@ -1096,7 +1299,8 @@ def _run_grad_sums(dy, x, o, c, mean):
 def _dx_runs(dy, x, o0, o1, c0, c1, params, dx):
     """Training-mode ``dx`` of the runs [o0, o1) x [c0, c1), row by row (see ``_affine_runs``)."""
     outer, channels, inner = x.shape
-    if not _streams(dx):
+    stores = _line_stores(dx)
+    if stores == 0 or inner < LINE_BYTES // dx.itemsize:
         for o in range(o0, o1):
             for c in range(c0, c1):
                 hi, lo, a, b, k = params[c, 0], params[c, 1], params[c, 2], params[c, 3], params[c, 4]
@@ -1106,11 +1310,19 @@ def _dx_runs(dy, x, o0, o1, c0, c1, params, dx):
     gf = dy.reshape(dy.size)
     xf = x.reshape(x.size)
     df = dx.reshape(dx.size)
+    lanes = LINE_BYTES // dx.itemsize
+    whole = inner // lanes * lanes
     for o in range(o0, o1):
         for c in range(c0, c1):
             start = (o * channels + c) * inner
-            _dx_stream(gf, xf, df, start, start + inner, params[c, 0], params[c, 1],
-                       params[c, 2], params[c, 3], params[c, 4])
+            hi, lo, a, b, k = params[c, 0], params[c, 1], params[c, 2], params[c, 3], params[c, 4]
+            if stores == 2:
+                _dx_stream(gf, xf, df, start, start + inner, hi, lo, a, b, k)
+                continue
+            for i in range(start, start + whole, lanes):  # cached, as in _affine_runs
+                _line_dx(gf, xf, i, df, hi, lo, a, b, k, False)
+            for i in range(np.uint64(start + whole), np.uint64(start + inner)):
+                df[i] = ((gf[i] - b) - ((xf[i] - hi) - lo) * k) * a
 
 
 @kernel(parallel=True)
