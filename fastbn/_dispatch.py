@@ -18,11 +18,17 @@ def _is_device_array(a):
     return hasattr(a, "__cuda_array_interface__") or type(a).__module__.startswith("numba.cuda")
 
 
+_host = None
+
+
 def host_backend():
     """The CPU backend (its kernels module loads on first use)."""
-    from ._cpu.backend import backend
+    global _host
+    if _host is None:
+        from ._cpu.backend import backend
 
-    return backend
+        _host = backend
+    return _host
 
 
 def backend_for(**arrays):

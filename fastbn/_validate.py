@@ -183,10 +183,17 @@ def _plain_vectors(channels, *vectors):
 
 
 def _plain_out(out, x, inputs):
-    return out is None or (
-        _plain_array(out) and out.dtype is x.dtype and out.shape == x.shape
-        and out.flags.writeable
-        and all(out is a or not np.may_share_memory(out, a) for a in inputs))
+    if out is None:
+        return True
+    if not (type(out) is np.ndarray and out.dtype is x.dtype and out.shape == x.shape):
+        return False
+    flags = out.flags
+    if not (flags.c_contiguous and flags.writeable):
+        return False
+    for a in inputs:  # a loop, not all(generator): this runs on every call
+        if out is not a and np.may_share_memory(out, a):
+            return False
+    return True
 
 
 def _plain_axis(x, axis):
