@@ -375,7 +375,7 @@ def format_case(result, repeats):
     for r in rows:
         vs = "" if r["x_fastbn"] != r["x_fastbn"] else f"{r['x_fastbn']:8.2f}"
         pat = "" if r["x_pattern_floor"] != r["x_pattern_floor"] else f"{r['x_pattern_floor']:9.2f}"
-        lines.append(f"  {r['contender']:<{width}}  {r['median_ms']:10.3f}  {r['GB/s']:7.1f}  "
+        lines.append(f"  {r['contender']:<{width}}  {r['median_ms']:10.4f}  {r['GB/s']:7.1f}  "
                      f"{r['x_floor']:8.2f}  {pat:>9}  {vs:>8}")
     mem = ", ".join(f"{k} {v:.3f}" for k, v in result["memory"].items())
     lines.append(f"  peak traced allocation per call, in input sizes: {mem}")
