@@ -44,6 +44,9 @@ def test_forward_optional_affine(rng, dtype, with_weight, with_bias):
     ((20, 7, 7, 40), -1),   # channels-last: column path
     ((50, 6, 9), 1),        # short runs (inner 9): column path
     ((10, 3, 4097), 1),     # runs just over a chunk
+    ((32, 12, 64), 1),      # short runs of whole lines, output in cache: fused short-run path
+    ((9, 5, 67), 1),        # ... with a scalar tail per run
+    ((150, 3, 40), 1),      # ... over several batches of rows (merged)
     # column path over several chunks of rows (statistics merged between chunks),
     # each accumulator shape: a 64-column register tile, 32-column tiles plus
     # leftover columns, rows wider than a tile, and rows narrower than one
@@ -126,6 +129,19 @@ def test_array_like_input():
     y, mean, _ = fastbn.batch_norm_forward(x)
     np.testing.assert_allclose(mean, np.mean(x, axis=0))
     np.testing.assert_allclose(y, ref.forward(np.array(x))[0], atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(32, 12, 64), (150, 3, 40), (9, 5, 67)])
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+def test_forward_statistics_are_batch_stats_bit_for_bit(rng, shape, dtype):
+    """The fused short-run forward and the statistics kernel take the same sums in the
+    same order: a training step and a separate batch_stats call agree exactly."""
+    x = make(rng, shape, dtype, offset=1e3, scale=0.1)
+    _, mean, invstd = fastbn.batch_norm_forward(x, eps=0.0)
+    _, stats_mean, stats_var = fastbn.batch_stats(x)
+    np.testing.assert_array_equal(mean, stats_mean.astype(mean.dtype))
+    if dtype == np.float64:  # float32 statistics are rounded before they are returned
+        np.testing.assert_array_equal(invstd, 1.0 / np.sqrt(stats_var))
 
 
 def test_batch_stats_matches_numpy(rng, kernel_plan):
