@@ -1055,21 +1055,27 @@ def affine_channels(x, params, nblocks, y):
                          channels, inner, params)
             _store_fence()
         return
-    runs = outer * channels
     for blk in prange(nblocks):
-        t0 = blk * runs // nblocks
-        t1 = (blk + 1) * runs // nblocks
-        # rows of whole runs, then the partial first and last rows of this block
-        o0 = t0 // channels
-        o1 = t1 // channels
-        if o0 == o1:
-            _affine_runs(x, o0, o0 + 1, t0 - o0 * channels, t1 - o0 * channels, params, y)
-        else:
-            _affine_runs(x, o0, o0 + 1, t0 - o0 * channels, channels, params, y)
-            _affine_runs(x, o0 + 1, o1, 0, channels, params, y)
-            if o1 < outer:
-                _affine_runs(x, o1, o1 + 1, 0, t1 - o1 * channels, params, y)
+        o0, c0, c1, r0, r1, o1, c2 = _block_runs(blk, nblocks, outer, channels)
+        _affine_runs(x, o0, o0 + 1, c0, c1, params, y)
+        _affine_runs(x, r0, r1, 0, channels, params, y)
+        _affine_runs(x, o1, o1 + 1, 0, c2, params, y)
         _store_fence()
+
+
+@kernel(inline="always")
+def _block_runs(blk, nblocks, outer, channels):
+    """Task ``blk``'s contiguous share of the (outer, C) runs as three pieces, any of them
+    empty: ``(o0, c0, c1)`` channels [c0, c1) of row o0, ``(r0, r1)`` whole rows [r0, r1),
+    ``(o1, c2)`` channels [0, c2) of row o1."""
+    runs = outer * channels
+    t0 = blk * runs // nblocks
+    t1 = (blk + 1) * runs // nblocks
+    o0 = t0 // channels
+    o1 = t1 // channels
+    if o0 == o1:
+        return o0, t0 - o0 * channels, t1 - o0 * channels, o0 + 1, o0 + 1, o1, 0
+    return o0, t0 - o0 * channels, channels, o0 + 1, o1, o1, t1 - o1 * channels
 
 
 # Row helpers: element-wise over rows [r0, r1) of x (rows, W), one call per chunk
@@ -1390,19 +1396,11 @@ def dx_channels(dy, x, params, nblocks, dx):
     ``nblocks`` tasks, each a contiguous range of the (outer, C) runs.
     """
     outer, channels, inner = x.shape
-    runs = outer * channels
     for blk in prange(nblocks):
-        t0 = blk * runs // nblocks
-        t1 = (blk + 1) * runs // nblocks
-        o0 = t0 // channels
-        o1 = t1 // channels
-        if o0 == o1:
-            _dx_runs(dy, x, o0, o0 + 1, t0 - o0 * channels, t1 - o0 * channels, params, dx)
-        else:
-            _dx_runs(dy, x, o0, o0 + 1, t0 - o0 * channels, channels, params, dx)
-            _dx_runs(dy, x, o0 + 1, o1, 0, channels, params, dx)
-            if o1 < outer:
-                _dx_runs(dy, x, o1, o1 + 1, 0, t1 - o1 * channels, params, dx)
+        o0, c0, c1, r0, r1, o1, c2 = _block_runs(blk, nblocks, outer, channels)
+        _dx_runs(dy, x, o0, o0 + 1, c0, c1, params, dx)
+        _dx_runs(dy, x, r0, r1, 0, channels, params, dx)
+        _dx_runs(dy, x, o1, o1 + 1, 0, c2, params, dx)
         _store_fence()
 
 
