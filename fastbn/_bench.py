@@ -86,7 +86,8 @@ def _torch():
 def time_interleaved(contenders, repeats=11, warmup=2, calls=1):
     """Median seconds per call of each contender; order rotated every repeat, warm-up
     untimed.  A sample times ``calls`` back-to-back calls (tiny cases: a single call of a
-    few microseconds is mostly timer and cache noise left by the previous contender)."""
+    few microseconds is mostly timer and cache noise left by the previous contender), after
+    one untimed call, so that every contender is timed from its own cache state."""
     names = list(contenders)
     for _ in range(warmup):
         for name in names:
