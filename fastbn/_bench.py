@@ -442,6 +442,14 @@ def floor_sweep(name="nchw", dtype=np.float32, quick=False, repeats=11):
         x3, numba.get_num_threads(), dst3)
     fns["read x, dy + add, pipelined"] = lambda: kernels.pipelined_read2_add(
         x3, dy3, numba.get_num_threads(), dst3)
+    nthreads = numba.get_num_threads()
+    for per_thread in (4, 16):  # channel tiles of a few rows: the re-read comes from L2
+        parts = min(a.shape3[0], per_thread * nthreads)
+        kib = -(-a.shape3[0] // parts) * a.shape3[2] * a.x.itemsize / 1024
+        fns[f"read + copy, pipelined over tiles of {kib:.0f} KiB per channel"] = (
+            lambda p=parts: cpu.row_tiled_read_copy(x3, dst3, p))
+        fns[f"read x, dy + add, pipelined over tiles of {kib:.0f} KiB per channel"] = (
+            lambda p=parts: cpu.row_tiled_read2_add(x3, dy3, dst3, p))
     for group in sorted({max(1, min(a.shape3[1], (mb << 20) // channel_bytes))
                          for mb in (1, 2, 4, 8, 16)}):
         mib = group * channel_bytes / 2**20

@@ -28,7 +28,7 @@ def test_flat_floors(arrays):
     assert cpu.read(x) == pytest.approx(x.sum(dtype=np.float64), rel=1e-9, abs=1e-6)
 
 
-@pytest.mark.parametrize("schedule", ["grouped", "pipelined"])
+@pytest.mark.parametrize("schedule", ["grouped", "pipelined", "row_tiled"])
 def test_channel_path_floors(arrays, schedule):
     x, dy, dst = arrays
     total = getattr(cpu, f"{schedule}_read_copy")(x, dst)
@@ -48,3 +48,4 @@ def test_floors_command(capsys):
     printed = capsys.readouterr().out
     assert "memory floor: parallel copy" in printed
     assert "read + copy, groups of" in printed and "fastbn backward (out=)" in printed
+    assert "pipelined over tiles of" in printed

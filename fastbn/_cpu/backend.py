@@ -350,5 +350,20 @@ class CPUBackend:
         with _kernel_guard():
             return kernels.pipelined_read2_add(a3, b3, num_threads(), out3)
 
+    def row_tiled_read_copy(self, x3, y3, nparts=None):
+        """``pipelined_read_copy`` over ``nparts`` blocks of rows (default 4 per thread):
+        the forward's traffic when a channel's re-read comes from a tile in L2."""
+        with _kernel_guard():
+            return kernels.row_tiled_read_copy(x3, self._row_parts(x3, nparts), y3)
+
+    def row_tiled_read2_add(self, a3, b3, out3, nparts=None):
+        """``pipelined_read2_add`` over ``nparts`` blocks of rows (default 4 per thread)."""
+        with _kernel_guard():
+            return kernels.row_tiled_read2_add(a3, b3, self._row_parts(a3, nparts), out3)
+
+    @staticmethod
+    def _row_parts(x3, nparts):
+        return max(1, min(x3.shape[0], nparts or 4 * num_threads()))
+
 
 backend = CPUBackend()

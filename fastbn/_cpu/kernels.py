@@ -1867,6 +1867,35 @@ def pipelined_read2_add(a, b, ntasks, out):
     return sums.sum()
 
 
+@kernel(parallel=True)
+def row_tiled_read_copy(x, nparts, y):
+    """``pipelined_read_copy`` with the rows cut into ``nparts`` blocks, each one chain over
+    every channel: the forward's traffic if a thread's channel c and c + 1 were tiles of
+    ``outer / nparts`` rows (small enough for L2), with no cross-thread merge counted."""
+    outer, channels = x.shape[0], x.shape[1]
+    sums = np.zeros((nparts, 2))
+    for t in prange(nparts):
+        r0 = t * outer // nparts
+        r1 = (t + 1) * outer // nparts
+        _pipelined_copy_chain(x[r0:r1], 0, channels, y[r0:r1], sums[t])
+        _store_fence()
+    return sums[:, 0].sum()
+
+
+@kernel(parallel=True)
+def row_tiled_read2_add(a, b, nparts, out):
+    """``pipelined_read2_add`` with the rows cut into ``nparts`` blocks (as
+    ``row_tiled_read_copy``)."""
+    outer, channels = a.shape[0], a.shape[1]
+    sums = np.zeros((nparts, 2))
+    for t in prange(nparts):
+        r0 = t * outer // nparts
+        r1 = (t + 1) * outer // nparts
+        _pipelined_add_chain(a[r0:r1], b[r0:r1], 0, channels, out[r0:r1], sums[t])
+        _store_fence()
+    return sums.sum()
+
+
 # ---------------------------------------------------------------------------
 # Plans: one whole op on (outer, C, inner) arrays, choosing the kernel path.
 # The Python backend and the C entry points (fastbn.capi) both call these, so
