@@ -86,8 +86,11 @@ def _torch():
 def time_interleaved(contenders, repeats=11, warmup=2, calls=1):
     """Median seconds per call of each contender; order rotated every repeat, warm-up
     untimed.  A sample times ``calls`` back-to-back calls (tiny cases: a single call of a
-    few microseconds is mostly timer and cache noise left by the previous contender), after
-    one untimed call, so that every contender is timed from its own cache state."""
+    few microseconds is mostly timer noise) right after one untimed call of the same
+    contender, so that each is timed from its own state, not the previous contender's:
+    its caches, and no other runtime's threads spinning on the two cores (PyTorch's
+    OpenMP threads spin on after a call, and Numba's after a fastbn call: a 2.4 ms fastbn
+    inference took 2.8 ms right after ``native_batch_norm.out``)."""
     names = list(contenders)
     for _ in range(warmup):
         for name in names:
@@ -97,8 +100,7 @@ def time_interleaved(contenders, repeats=11, warmup=2, calls=1):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             fn = contenders[name]
-            if calls > 1:
-                fn()  # untimed: the sample starts from this contender's own cache state
+            fn()  # untimed: the sample starts from this contender's own state (see above)
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
