@@ -44,9 +44,11 @@ def test_forward_optional_affine(rng, dtype, with_weight, with_bias):
     ((20, 7, 7, 40), -1),   # channels-last: column path
     ((50, 6, 9), 1),        # short runs (inner 9): column path
     ((10, 3, 4097), 1),     # runs just over a chunk
-    ((32, 12, 64), 1),      # short runs of whole lines, output in cache: fused short-run path
+    ((32, 12, 64), 1),      # short runs of whole lines, output in cache: by groups
     ((9, 5, 67), 1),        # ... with a scalar tail per run
-    ((150, 3, 40), 1),      # ... over several batches of rows (merged)
+    ((32, 12, 128), 1),     # float32 runs of 512 bytes: fused short-run path
+    ((9, 5, 131), 1),       # ... with a scalar tail per run
+    ((150, 3, 128), 1),     # ... over several batches of rows (merged)
     # column path over several chunks of rows (statistics merged between chunks),
     # each accumulator shape: a 64-column register tile, 32-column tiles plus
     # leftover columns, rows wider than a tile, and rows narrower than one
@@ -131,7 +133,8 @@ def test_array_like_input():
     np.testing.assert_allclose(y, ref.forward(np.array(x))[0], atol=1e-12)
 
 
-@pytest.mark.parametrize("shape", [(32, 12, 64), (150, 3, 40), (9, 5, 67)])
+@pytest.mark.parametrize("shape", [(32, 12, 64), (150, 3, 40), (9, 5, 67), (32, 12, 128),
+                                   (150, 3, 128), (9, 5, 131)])
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))
 def test_forward_statistics_are_batch_stats_bit_for_bit(rng, shape, dtype):
     """The fused short-run forward and the statistics kernel take the same sums in the
