@@ -29,6 +29,9 @@ def check_backward(dy, x, weight=None, axis=1, **kwargs):
 @pytest.mark.parametrize("shape,axis", [
     ((5, 3, 9, 8), 1), ((37, 5), 1), ((4, 6, 5), -1), ((3, 4, 2, 5, 7), 2),
     ((16, 32, 80), 1), ((4, 2, 64, 72), 1), ((3000, 24), 1), ((10, 3, 4097), 1),
+    # channel path, sums over short runs in registers: whole lines, tails, several
+    # batches of rows, and channels split in parts along the batch
+    ((32, 12, 64), 1), ((9, 5, 67), 1), ((150, 3, 128), 1), ((200, 2, 96), 1),
 ])
 @pytest.mark.parametrize("dtype", (np.float16, np.float32, np.float64))
 def test_backward_matches_reference(rng, shape, axis, dtype, kernel_plan):

@@ -565,18 +565,16 @@ def _pipe_sum2_add(typingctx, a, b, out, nxt, cur, nreduce, nwrite, pf, wrap, ju
 STRIDED_CHAINS = 4
 
 
-def _strided_lines(context, builder, xty, x, start, nruns, stride, nlines, center, acc_ty, acc,
-                   write=None):
-    """Runs ``r < nruns`` of flat ``x`` at ``start + r * stride``, their first ``nlines``
-    whole lines: with ``d = x - center``, add ``sum(d)`` and ``sum(d*d)`` to ``acc[0]``,
-    ``acc[1]``; ``write(offset)``, if given, runs for each line at ``offset = r * stride +
-    k * lanes`` from the runs' start.  The sums stay in vector registers across runs, so a
-    short run costs no horizontal reduction (a channel of 8x8 images is 64-value runs)."""
-    vty = _line_type(context, xty.dtype)
-    lanes = vty.count
+def _strided_sums(context, builder, lanes, start, nruns, stride, nlines, terms, acc_ty, acc,
+                  write=None):
+    """Runs ``r < nruns`` at flat ``start + r * stride``, their first ``nlines`` whole
+    lines: ``terms(i)`` gives float64 vectors ``(a, b, c)`` for the line at flat ``i``,
+    and ``sum(a)``, ``sum(b * c)`` are added to ``acc[0]``, ``acc[1]``; ``write(offset)``,
+    if given, runs for each line at ``offset = r * stride + k * lanes`` from the runs'
+    start.  The sums stay in vector registers across runs, so a short run costs no
+    horizontal reduction (a channel of 8x8 images is 64-value runs)."""
     dvty = ir.VectorType(ir.DoubleType(), lanes)
     intp = context.get_value_type(types.intp)
-    c = _splat(context, builder, center, types.float64, types.float64, dvty)
     zero = ir.Constant(dvty, [0.0] * lanes)
     # STRIDED_CHAINS independent pairs of sums (line k of a run into pair k % chains):
     # with one pair every line would wait for the previous line's adds.
@@ -584,10 +582,9 @@ def _strided_lines(context, builder, xty, x, start, nruns, stride, nlines, cente
              for _ in range(STRIDED_CHAINS)]
 
     def line(offset, sums):
-        v = _load_line(context, builder, xty, x, builder.add(start, offset), vty)
-        d = builder.fsub(v if xty.dtype == types.float64 else builder.fpext(v, dvty), c)
-        builder.store(builder.fadd(builder.load(sums[0]), d), sums[0])
-        builder.store(_fma(builder, d, d, builder.load(sums[1])), sums[1])
+        a, b, c = terms(builder.add(start, offset))
+        builder.store(builder.fadd(builder.load(sums[0]), a), sums[0])
+        builder.store(_fma(builder, b, c, builder.load(sums[1])), sums[1])
         if write is not None:
             write(offset)
 
@@ -608,6 +605,44 @@ def _strided_lines(context, builder, xty, x, start, nruns, stride, nlines, cente
         for a, b in zip(accs, sums):
             builder.store(builder.fadd(builder.load(a), builder.load(b)), a)
     _add_lane_sums(context, builder, accs, acc_ty, acc)
+
+
+def _load_f64_line(context, builder, aryty, ary, index, vty):
+    v = _load_line(context, builder, aryty, ary, index, vty)
+    dvty = ir.VectorType(ir.DoubleType(), vty.count)
+    return v if aryty.dtype == types.float64 else builder.fpext(v, dvty)
+
+
+def _strided_lines(context, builder, xty, x, start, nruns, stride, nlines, center, acc_ty, acc,
+                   write=None):
+    """``_strided_sums`` of ``d = x - center``: ``sum(d)`` and ``sum(d*d)``."""
+    vty = _line_type(context, xty.dtype)
+    dvty = ir.VectorType(ir.DoubleType(), vty.count)
+    c = _splat(context, builder, center, types.float64, types.float64, dvty)
+
+    def terms(i):
+        d = builder.fsub(_load_f64_line(context, builder, xty, x, i, vty), c)
+        return d, d, d
+    _strided_sums(context, builder, vty.count, start, nruns, stride, nlines, terms, acc_ty, acc,
+                  write)
+
+
+@intrinsic
+def _strided_grad_sums(typingctx, gf, xf, start, nruns, stride, nlines, mean, acc):
+    """Runs of flat ``gf`` (dy) and ``xf`` as in ``_strided_dev_sums``: ``sum(dy)`` and
+    ``sum(dy * (x - mean))`` of their whole lines into ``acc``."""
+    def codegen(context, builder, sig, args):
+        gty, xty = sig.args[0], sig.args[1]
+        vty = _line_type(context, xty.dtype)
+        dvty = ir.VectorType(ir.DoubleType(), vty.count)
+        m = _splat(context, builder, args[6], types.float64, types.float64, dvty)
+
+        def terms(i):
+            g = _load_f64_line(context, builder, gty, args[0], i, vty)
+            return g, g, builder.fsub(_load_f64_line(context, builder, xty, args[1], i, vty), m)
+        _strided_sums(context, builder, vty.count, *args[2:6], terms, sig.args[7], args[7])
+        return context.get_dummy_value()
+    return types.void(gf, xf, *_STRIDES, types.float64, acc), codegen
 
 
 _STRIDES = (types.intp,) * 4  # start, nruns, stride, nlines
@@ -1314,6 +1349,55 @@ def _run_grad_sums(dy, x, o, c, mean):
     return s, sx
 
 
+@kernel(fastmath=REDUCE_MATH)
+def _tail_grad_sums(dy, x, o0, o1, c, i0, mean):
+    """``_run_grad_sums`` of the runs' values [i0, inner) over rows [o0, o1)."""
+    s = 0.0
+    sx = 0.0
+    for o in range(o0, o1):
+        for i in range(np.uint64(i0), np.uint64(x.shape[2])):
+            g = np.float64(dy[o, c, i])
+            s += g
+            sx += g * (np.float64(x[o, c, i]) - mean)
+    return s, sx
+
+
+@kernel()
+def _rows_grad_sums(dy, x, o0, o1, c0, c1, mean, s, sx):
+    """``s[c - c0] += sum(dy)``, ``sx[c - c0] += sum(dy * (x - mean[c]))`` over the runs
+    [o0, o1) x [c0, c1).  Short runs go channel by channel over batches of rows, their
+    sums in vector registers across runs (``_strided_grad_sums``; a per-run reduction
+    cost more than the run's lines); long runs one by one."""
+    channels, inner = x.shape[1], x.shape[2]
+    if inner >= CHUNK:
+        for o in range(o0, o1):
+            for c in range(c0, c1):
+                a, b = _run_grad_sums(dy, x, o, c, mean[c])
+                s[c - c0] += a
+                sx[c - c0] += b
+        return
+    gf = dy.reshape(dy.size)
+    xf = x.reshape(x.size)
+    lanes = LINE_BYTES // x.itemsize
+    whole = inner // lanes * lanes
+    acc = np.empty(2)
+    rows = _batch_rows(inner)
+    for b0 in range(o0, o1, rows):
+        b1 = min(b0 + rows, o1)
+        for c in range(c0, c1):
+            acc[0] = 0.0
+            acc[1] = 0.0
+            _strided_grad_sums(gf, xf, (b0 * channels + c) * inner, b1 - b0, channels * inner,
+                               inner // lanes, mean[c], acc)
+            a, b = acc[0], acc[1]
+            if whole < inner:
+                t1, t2 = _tail_grad_sums(dy, x, b0, b1, c, whole, mean[c])
+                a += t1
+                b += t2
+            s[c - c0] += a
+            sx[c - c0] += b
+
+
 @kernel()
 def _dx_runs(dy, x, o0, o1, c0, c1, params, dx):
     """Training-mode ``dx`` of the runs [o0, o1) x [c0, c1), row by row (see ``_affine_runs``)."""
@@ -1355,14 +1439,15 @@ def channel_grad_sums(dy, x, mean, group, nparts, sum_dy, sum_dy_xmu):
     for t in prange(ngroups * nparts):
         g = t // nparts
         part = t - g * nparts
-        for c in range(g * group, min(g * group + group, channels)):
-            sum_dy[c, part] = 0.0
-            sum_dy_xmu[c, part] = 0.0
-        for o in range(part * outer // nparts, (part + 1) * outer // nparts):
-            for c in range(g * group, min(g * group + group, channels)):
-                a, b = _run_grad_sums(dy, x, o, c, mean[c])
-                sum_dy[c, part] += a
-                sum_dy_xmu[c, part] += b
+        c0 = g * group
+        c1 = min(c0 + group, channels)
+        s = np.zeros(c1 - c0)
+        sx = np.zeros(c1 - c0)
+        _rows_grad_sums(dy, x, part * outer // nparts, (part + 1) * outer // nparts, c0, c1,
+                        mean, s, sx)
+        for c in range(c0, c1):
+            sum_dy[c, part] = s[c - c0]
+            sum_dy_xmu[c, part] = sx[c - c0]
 
 
 @kernel()
@@ -1388,15 +1473,12 @@ def channel_backward(dy, x, mean, invstd, weight, group, dx, sum_dy, sum_dy_xmu)
     for g in prange(ngroups):
         c0 = g * group
         c1 = min(c0 + group, channels)
+        s = np.zeros(c1 - c0)
+        sx = np.zeros(c1 - c0)
+        _rows_grad_sums(dy, x, 0, outer, c0, c1, mean, s, sx)
         for c in range(c0, c1):
-            sum_dy[c] = 0.0
-            sum_dy_xmu[c] = 0.0
-        for o in range(outer):
-            for c in range(c0, c1):
-                a, b = _run_grad_sums(dy, x, o, c, mean[c])
-                sum_dy[c] += a
-                sum_dy_xmu[c] += b
-        for c in range(c0, c1):
+            sum_dy[c] = s[c - c0]
+            sum_dy_xmu[c] = sx[c - c0]
             _dx_params(params, c, mean, invstd, weight, sum_dy, sum_dy_xmu, n)
         _dx_runs(dy, x, 0, outer, c0, c1, params, dx)
         _store_fence()
