@@ -301,6 +301,8 @@ class CPUBackend:
             kernels.grouped_read2_add(x3, x3, 2, y3)
             kernels.pipelined_read_copy(x3, 2, y3)
             kernels.pipelined_read2_add(x3, x3, 2, y3)
+            kernels.row_tiled_read_copy(x3, 2, y3)
+            kernels.row_tiled_read2_add(x3, x3, 2, y3)
             kernels.run_dx(x3, x3, zeros, ones, ones, zeros, zeros, 2.0, y3, 2, MIN_RUN)
             width = x2.shape[1]
             kernels.feature_moments(x2, 2, 4, np.zeros(width),
