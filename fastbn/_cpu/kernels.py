@@ -1008,15 +1008,23 @@ def channel_moments(x, shift, group, nparts, count, mean_rel, m2):
 
 
 @kernel(inline="always")
-def _finish_channel(c, n, mu, q, shift, weight, bias, eps, mean, var, invstd, params):
-    """Channel ``c``'s statistics from its count, mean relative to ``shift[c]`` and M2, and
-    its affine parameters ``(hi, lo, scale, shift)`` (row ``c`` of ``params``)."""
+def _channel_stats(c, n, mu, q, shift, eps, mean, var, invstd):
+    """Channel ``c``'s ``mean``, biased ``var`` and ``invstd`` from its count, mean relative
+    to ``shift[c]`` and M2; returns ``(hi, lo, invstd)``, the mean as an unevaluated sum."""
     v = q / n
     inv = _invstd(v, eps)
     hi, lo = _two_sum(shift[c], mu)
     mean[c] = hi
     var[c] = v
     invstd[c] = inv
+    return hi, lo, inv
+
+
+@kernel(inline="always")
+def _finish_channel(c, n, mu, q, shift, weight, bias, eps, mean, var, invstd, params):
+    """``_channel_stats`` and channel ``c``'s affine parameters ``(hi, lo, scale, shift)``
+    (row ``c`` of ``params``)."""
+    hi, lo, inv = _channel_stats(c, n, mu, q, shift, eps, mean, var, invstd)
     params[c, 0] = hi
     params[c, 1] = (hi - np.float64(params[c, 0])) + lo
     params[c, 2] = inv * weight[c]
@@ -1268,12 +1276,7 @@ def column_forward(x, inner, nblocks, chunk_rows, normalize, weight, bias, eps, 
     params = np.zeros((4, width + lanes), x.dtype)
     for c in range(channels):
         n, mu, q = _fold_columns(count, mean_rel, m2, c, inner)
-        v = q / n
-        inv = _invstd(v, eps)
-        hi, lo = _two_sum(shift[c], mu)
-        mean[c] = hi
-        var[c] = v
-        invstd[c] = inv
+        hi, lo, inv = _channel_stats(c, n, mu, q, shift, eps, mean, var, invstd)
         for j in range(c * inner, (c + 1) * inner):
             params[0, j] = hi
             params[1, j] = (hi - np.float64(params[0, j])) + lo
