@@ -480,8 +480,8 @@ def _pipelined_lines(context, builder, sig, args, ninputs, reduce, write):
         ahead_lines = []
         for n in range(ninputs):
             _prefetch(context, builder, tys[n], vals[n], ahead)
-            v = _load_line(context, builder, tys[n], vals[n], builder.add(nxt, k), vty)
-            ahead_lines.append(v if tys[n].dtype == types.float64 else builder.fpext(v, dvty))
+            ahead_lines.append(_load_f64_line(context, builder, tys[n], vals[n],
+                                              builder.add(nxt, k), vty))
         for acc, term in zip(accs, reduce(ahead_lines, extras)):
             builder.store(builder.fadd(builder.load(acc), term), acc)
         with builder.if_then(builder.icmp_signed("<", loop.index, nwrite), likely=True):
@@ -1342,23 +1342,13 @@ def affine_columns(x, params, inner, nblocks, y):
 
 
 @kernel(fastmath=REDUCE_MATH)
-def _run_grad_sums(dy, x, o, c, mean):
-    s = 0.0
-    sx = 0.0
-    for i in range(np.uint64(0), np.uint64(x.shape[2])):
-        g = np.float64(dy[o, c, i])
-        s += g
-        sx += g * (np.float64(x[o, c, i]) - mean)
-    return s, sx
-
-
-@kernel(fastmath=REDUCE_MATH)
-def _tail_grad_sums(dy, x, o0, o1, c, i0, mean):
-    """``_run_grad_sums`` of the runs' values [i0, inner) over rows [o0, o1)."""
+def _run_grad_sums(dy, x, o0, o1, c, i0, i1, mean):
+    """``sum(dy)`` and ``sum(dy * (x - mean))`` over ``[o0:o1, c, i0:i1]`` (as
+    ``_run_dev_sums``)."""
     s = 0.0
     sx = 0.0
     for o in range(o0, o1):
-        for i in range(np.uint64(i0), np.uint64(x.shape[2])):
+        for i in range(np.uint64(i0), np.uint64(i1)):
             g = np.float64(dy[o, c, i])
             s += g
             sx += g * (np.float64(x[o, c, i]) - mean)
@@ -1375,7 +1365,7 @@ def _rows_grad_sums(dy, x, o0, o1, c0, c1, mean, s, sx):
     if inner >= CHUNK:
         for o in range(o0, o1):
             for c in range(c0, c1):
-                a, b = _run_grad_sums(dy, x, o, c, mean[c])
+                a, b = _run_grad_sums(dy, x, o, o + 1, c, 0, inner, mean[c])
                 s[c - c0] += a
                 sx[c - c0] += b
         return
@@ -1394,7 +1384,7 @@ def _rows_grad_sums(dy, x, o0, o1, c0, c1, mean, s, sx):
                                inner // lanes, mean[c], acc)
             a, b = acc[0], acc[1]
             if whole < inner:
-                t1, t2 = _tail_grad_sums(dy, x, b0, b1, c, whole, mean[c])
+                t1, t2 = _run_grad_sums(dy, x, b0, b1, c, whole, inner, mean[c])
                 a += t1
                 b += t2
             s[c - c0] += a
@@ -1856,7 +1846,7 @@ def _pipelined_backward_chain(dy, x, c0, c1, mean, invstd, weight, dx, sum_dy, s
     s = 0.0
     sx = 0.0
     for o in range(outer):
-        a, b = _run_grad_sums(dy, x, o, c0, mean[c0])
+        a, b = _run_grad_sums(dy, x, o, o + 1, c0, 0, inner, mean[c0])
         s += a
         sx += b
     sum_dy[c0] = s
@@ -1866,7 +1856,7 @@ def _pipelined_backward_chain(dy, x, c0, c1, mean, invstd, weight, dx, sum_dy, s
         if c + 1 == c1:
             _dx_runs(dy, x, 0, outer, c, c + 1, params, dx)
             break
-        s, sx = _run_grad_sums(dy, x, 0, c + 1, mean[c + 1])
+        s, sx = _run_grad_sums(dy, x, 0, 1, c + 1, 0, inner, mean[c + 1])
         _dx_runs(dy, x, 0, 1, c, c + 1, params, dx)
         for o in range(1, outer):
             cur = (o * channels + c) * inner
