@@ -441,9 +441,12 @@ def floor_sweep(name="nchw", dtype=np.float32, quick=False, repeats=11):
         "fastbn backward (out=)": fastbn_contenders(a)["backward"]["fastbn backward (out=)"],
     })
     nthreads = numba.get_num_threads()
-    fns["read + copy, pipelined"] = lambda: kernels.pipelined_read_copy(x3, nthreads, dst3)
-    fns["read x, dy + add, pipelined"] = lambda: kernels.pipelined_read2_add(
-        x3, dy3, nthreads, dst3)
+    fns["read + copy, pipelined"] = lambda: cpu.pipelined_read_copy(x3, dst3)
+    fns["read x, dy + add, pipelined, a chain of channels per thread"] = (
+        lambda: kernels.pipelined_read2_add(x3, dy3, nthreads, 1, dst3))
+    nchains, nparts = kernels.backward_chains(a.shape3[0], nthreads)
+    fns[f"read x, dy + add, pipelined, {nchains} chains of {nparts} row parts (backward)"] = (
+        lambda: cpu.pipelined_read2_add(x3, dy3, dst3))
     for per_thread in (4, 16):  # channel tiles of a few rows: the re-read comes from L2
         parts = min(a.shape3[0], per_thread * nthreads)
         kib = -(-a.shape3[0] // parts) * a.shape3[2] * a.x.itemsize / 1024

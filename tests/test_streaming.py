@@ -139,3 +139,50 @@ def test_pipelined_backward_in_place_into_x(shape3, itemsize, rng):
     assert got[0] is xx
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+
+# (nchains, nparts) schedules of the pipelined backward: more parts than threads, a
+# part with no rows (5 parts of 4 rows), chains of two channels; on one thread every
+# part after the first finds its sums already taken by the part that ran first.
+SCHEDULES = [(1, 1), (1, 2), (2, 2), (1, 3), (4, 1), (1, 5)]
+
+
+@pytest.mark.parametrize("shape3, itemsize", [((5, 8, 9216), 4), ((4, 8, 4100), 8)])
+def test_pipelined_backward_schedules(shape3, itemsize, rng):
+    """Every schedule gives the reference's dx and sums, NaN kept to its channel, whoever
+    reduces which part; a schedule gives the same bits on one thread or two, every time."""
+    import numba
+
+    dtype = np.dtype(f"f{itemsize}")
+    x = (5.0 + rng.standard_normal(shape3)).astype(dtype)
+    dy = rng.standard_normal(shape3).astype(dtype)
+    x[2, 3, 17] = np.nan
+    mean = x.mean(axis=(0, 2), dtype=np.float64)
+    invstd = 1.0 / np.sqrt(x.var(axis=(0, 2), dtype=np.float64) + 1e-5)
+    weight = rng.uniform(0.5, 2, shape3[1])
+    dx_ref, _, db_ref = ref.backward(dy, x, mean, invstd, weight, axis=1)
+    dxmu_ref = (dy.astype(np.float64) * (x - mean[:, None])).sum(axis=(0, 2))
+    ok = np.arange(shape3[1]) != 3
+    scale = float(np.abs(dx_ref[:, ok]).max())
+    previous = numba.get_num_threads()
+    try:
+        for nchains, nparts in SCHEDULES:
+            results = []
+            for threads in (2, 1, 2):
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                dx = np.full_like(x, np.nan)
+                sums = np.full(shape3[1], np.nan), np.full(shape3[1], np.nan)
+                kernels.pipelined_backward(dy, x, mean, invstd, weight, nchains, nparts, dx,
+                                           *sums)
+                results.append((dx, *sums))
+            dx, sum_dy, sum_dy_xmu = results[0]
+            assert np.isnan(dx[:, 3]).all() and np.isnan(sum_dy_xmu[3])
+            np.testing.assert_allclose(dx[:, ok], dx_ref[:, ok], rtol=0,
+                                       atol=TOL[dtype.type] * 4 * scale)
+            np.testing.assert_allclose(sum_dy, db_ref, rtol=1e-12, atol=1e-9)
+            np.testing.assert_allclose(sum_dy_xmu[ok], dxmu_ref[ok], rtol=1e-12, atol=1e-9)
+            for other in results[1:]:
+                for a, b in zip(other, results[0]):
+                    np.testing.assert_array_equal(a, b, err_msg=f"{nchains}x{nparts}")
+    finally:
+        numba.set_num_threads(previous)

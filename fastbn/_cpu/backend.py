@@ -299,10 +299,8 @@ class CPUBackend:
             kernels.parallel_add(x2.reshape(-1), x2.reshape(-1), y2.reshape(-1), 2)
             kernels.grouped_read_copy(x3, 2, y3)
             kernels.grouped_read2_add(x3, x3, 2, y3)
-            kernels.pipelined_read_copy(x3, 2, y3)
-            kernels.pipelined_read2_add(x3, x3, 2, y3)
-            kernels.row_tiled_read_copy(x3, 2, y3)
-            kernels.row_tiled_read2_add(x3, x3, 2, y3)
+            kernels.pipelined_read_copy(x3, 1, 2, y3)
+            kernels.pipelined_read2_add(x3, x3, 1, 2, y3)
             kernels.run_dx(x3, x3, zeros, ones, ones, zeros, zeros, 2.0, y3, 2, MIN_RUN)
             width = x2.shape[1]
             kernels.feature_moments(x2, 2, 4, np.zeros(width),
@@ -344,24 +342,28 @@ class CPUBackend:
         """The pipelined forward's traffic, no arithmetic: along each thread's chain of
         channels, copy channel c from cache while reading channel c + 1."""
         with _kernel_guard():
-            return kernels.pipelined_read_copy(x3, num_threads(), y3)
+            return kernels.pipelined_read_copy(x3, num_threads(), 1, y3)
 
     def pipelined_read2_add(self, a3, b3, out3):
-        """The pipelined backward's traffic, no arithmetic: ``out3 = a3 + b3`` for channel
-        c from cache while reading channel c + 1 of both."""
+        """The pipelined backward's traffic on its schedule (chains of channels, split
+        into parts of rows), no arithmetic: ``out3 = a3 + b3`` for channel c from cache
+        while reading channel c + 1 of both."""
+        nchains, nparts = kernels.backward_chains(a3.shape[0], num_threads())
         with _kernel_guard():
-            return kernels.pipelined_read2_add(a3, b3, num_threads(), out3)
+            return kernels.pipelined_read2_add(a3, b3, nchains, nparts, out3)
 
     def row_tiled_read_copy(self, x3, y3, nparts=None):
-        """``pipelined_read_copy`` over ``nparts`` blocks of rows (default 4 per thread):
-        the forward's traffic when a channel's re-read comes from a tile in L2."""
+        """``pipelined_read_copy`` as one chain of all channels in ``nparts`` blocks of
+        rows (default 4 per thread): the forward's traffic when a channel's re-read comes
+        from a tile in L2."""
         with _kernel_guard():
-            return kernels.row_tiled_read_copy(x3, self._row_parts(x3, nparts), y3)
+            return kernels.pipelined_read_copy(x3, 1, self._row_parts(x3, nparts), y3)
 
     def row_tiled_read2_add(self, a3, b3, out3, nparts=None):
-        """``pipelined_read2_add`` over ``nparts`` blocks of rows (default 4 per thread)."""
+        """``pipelined_read2_add`` as one chain in ``nparts`` blocks of rows (default 4
+        per thread)."""
         with _kernel_guard():
-            return kernels.row_tiled_read2_add(a3, b3, self._row_parts(a3, nparts), out3)
+            return kernels.pipelined_read2_add(a3, b3, 1, self._row_parts(a3, nparts), out3)
 
     @staticmethod
     def _row_parts(x3, nparts):
