@@ -445,9 +445,11 @@ def floor_sweep(name="nchw", dtype=np.float32, quick=False, repeats=11):
     fns["read x, dy + add, pipelined, a chain of channels per thread"] = (
         lambda: kernels.pipelined_read2_add(x3, dy3, nthreads, 1, dst3))
     nchains, nparts = kernels.backward_chains(a.shape3[0], nthreads)
-    fns[f"read x, dy + add, pipelined, {nchains} chains of {nparts} row parts (backward)"] = (
+    fns[f"read x, dy + add, pipelined, {nchains} chain(s) of {nparts} row parts (backward)"] = (
         lambda: cpu.pipelined_read2_add(x3, dy3, dst3))
-    for per_thread in (4, 16):  # channel tiles of a few rows: the re-read comes from L2
+    # one chain of all channels in row parts: one per thread (half a channel each on two
+    # threads, the row-split forward that was tried), or small tiles that fit in L2
+    for per_thread in (1, 4, 16):
         parts = min(a.shape3[0], per_thread * nthreads)
         kib = -(-a.shape3[0] // parts) * a.shape3[2] * a.x.itemsize / 1024
         fns[f"read + copy, pipelined over tiles of {kib:.0f} KiB per channel"] = (
