@@ -1201,7 +1201,7 @@ def _rows_add_sqdev(x, r0, r1, shift, mu, q):
             q[j] += d * d
 
 
-@kernel()
+@kernel(fastmath={"contract"})
 def _rows_add_dev_sums(x, r0, r1, shift, mu, s1, s2):
     width = x.shape[1]
     tiled = 0
@@ -1212,9 +1212,13 @@ def _rows_add_dev_sums(x, r0, r1, shift, mu, s1, s2):
         tiled = width - width % 32
         for j in range(0, tiled, 32):
             _tile_dev_sums_32(x, r0, r1, j, shift, mu, s1, s2)
+    # Deviations about center = shift + mu, rounded: one load per column instead of two
+    # (wide rows: 8 against 10 loads per 8 values, and d * d fused into s2).  Any center
+    # near the mean serves the merge (see _accumulate); this one is within eps * |mean|.
+    center = shift + mu
     for r in range(r0, r1):
         for j in range(np.uint64(tiled), np.uint64(width)):
-            d = (np.float64(x[r, j]) - shift[j]) - mu[j]
+            d = np.float64(x[r, j]) - center[j]
             s1[j] += d
             s2[j] += d * d
 
