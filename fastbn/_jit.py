@@ -12,6 +12,7 @@ import tempfile
 import warnings
 
 import numba
+from numba.core.cpu_options import ParallelOptions
 
 _NO_LOCATOR = "no locator available"
 
@@ -20,6 +21,16 @@ def fallback_cache_dir():
     """Directory used when neither the package nor the user cache is writable."""
     uid = os.getuid() if hasattr(os, "getuid") else "user"
     return os.path.join(tempfile.gettempdir(), f"fastbn-numba-cache-{uid}")
+
+
+# ``parallel=True`` for a kernel means its ``prange`` loops and nothing else.  Numba
+# would also turn every top-level NumPy call of a parallel function (``np.zeros``,
+# ``a.sum()``) into a parallel region of its own: a thread launch each, 2.5 us, for
+# a few bytes of work (the column kernels' parameter arrays; a floor's ``np.zeros``
+# and ``.sum()``).  An options object, not a dict: Numba pops the dict's keys.
+PRANGE_ONLY = ParallelOptions({"prange": True, "comprehension": False, "reduction": False,
+                               "inplace_binop": False, "setitem": False, "numpy": False,
+                               "stencil": False, "fusion": False})
 
 
 def kernel(**options):
@@ -33,6 +44,8 @@ def kernel(**options):
     loop.  No kernel relies on the exception.
     """
     options = {"cache": True, "nogil": True, "error_model": "numpy", **options}
+    if options.get("parallel") is True:
+        options["parallel"] = PRANGE_ONLY
 
     def decorate(func):
         try:
