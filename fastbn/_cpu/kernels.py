@@ -375,7 +375,8 @@ def _add_accumulators(context, builder, sig, args, cols, accs, positions, vty):
             builder.store(builder.fadd(builder.load(p, align=8), builder.load(acc[k])), p, align=8)
 
 
-def _tile_sums(context, builder, sig, args, vectors, first_row, column, per_column, step):
+def _tile_sums(context, builder, sig, args, vectors, first_row, column, per_column, step,
+               prefetch=None):
     """Two sums per column over rows [args[first_row], args[first_row + 1]) of a tile of
     ``8 * vectors`` columns starting at ``args[column]``, in vector registers.
 
@@ -394,6 +395,8 @@ def _tile_sums(context, builder, sig, args, vectors, first_row, column, per_colu
     r0, r1 = args[first_row], args[first_row + 1]
     with cgutils.for_range(builder, builder.sub(r1, r0)) as loop:
         r = builder.add(r0, loop.index)
+        if prefetch is not None:
+            prefetch(r)
         for k, c in enumerate(cols):
             a, b = step(r, k, c, [vecs[k] for vecs in loaded])
             builder.store(builder.fadd(builder.load(acc1[k]), a), acc1[k])
@@ -401,6 +404,23 @@ def _tile_sums(context, builder, sig, args, vectors, first_row, column, per_colu
     n = len(sig.args)
     _add_accumulators(context, builder, sig, args, cols, (acc1, acc2), (n - 2, n - 1), vty)
     return context.get_dummy_value()
+
+
+def _tile_prefetcher(context, builder, aryty, ary, j, vectors):
+    """``prefetch(r)`` for ``_tile_sums``: the tile's lines in the row the row prefetch
+    distance further (ROW_PREFETCH_BYTES; a whole-row tile reads rows in memory order)."""
+    itemsize = aryty.dtype.bitwidth // 8
+    row_bytes = TILE_LANES * vectors * itemsize
+    ahead = context.get_constant(types.intp,
+                                 max(1, ROW_PREFETCH_BYTES[itemsize // 8] // row_bytes))
+    arr = context.make_array(aryty)(context, builder, ary)
+
+    def prefetch(r):
+        ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [builder.add(r, ahead), j],
+                                       wraparound=False, boundscheck=False)
+        for k in range(max(1, row_bytes // LINE_BYTES)):
+            _prefetch_address(builder, ptr, k * LINE_BYTES)
+    return prefetch
 
 
 def _make_tile_dev_sums(vectors):
@@ -416,7 +436,9 @@ def _make_tile_dev_sums(vectors):
                 sh, mu_ = columns
                 d = builder.fsub(builder.fsub(load(r, c), sh), mu_)
                 return d, builder.fmul(d, d)
-            return _tile_sums(context, builder, sig, args, vectors, 1, 3, (4, 5), step)
+            return _tile_sums(context, builder, sig, args, vectors, 1, 3, (4, 5), step,
+                              _tile_prefetcher(context, builder, sig.args[0], args[0], args[3],
+                                               vectors))
         return types.void(x, types.intp, types.intp, types.intp, shift, mu, s1, s2), codegen
     return tile_dev_sums
 
@@ -463,14 +485,39 @@ _tile_grad_sums_32 = _make_tile_grad_sums(4)
 PREFETCH_BYTES = 4096
 
 
-def _prefetch(context, builder, aryty, ary, index):
+def _prefetch_address(builder, ptr, offset=0):
+    """Prefetch the line ``offset`` bytes from ``ptr`` for reading, into every cache level."""
     i8p = ir.IntType(8).as_pointer()
     i32 = ir.IntType(32)
     fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
-    ptr = _item_pointer(context, builder, aryty, ary, index)
+    address = builder.gep(builder.bitcast(ptr, i8p), [ir.IntType(64)(offset)])
     # read, keep in all cache levels, data
-    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+    builder.call(fn, [address, i32(0), i32(3), i32(1)])
+
+
+def _prefetch(context, builder, aryty, ary, index):
+    _prefetch_address(builder, _item_pointer(context, builder, aryty, ary, index))
+
+
+@intrinsic
+def _prefetch_line(typingctx, xf, i):
+    """Prefetch the line holding flat ``xf[i]`` into every cache level (a hint: never
+    faults, whatever ``i``)."""
+    def codegen(context, builder, sig, args):
+        _prefetch(context, builder, sig.args[0], args[0], args[1])
+        return context.get_dummy_value()
+    return types.void(xf, types.intp), codegen
+
+
+# Column statistics read rows in memory order and prefetch, while reducing a row, the
+# lines this many bytes further (float32, float64).  Wide rows: the loop's stores to its
+# L1 accumulators hold back the hardware's own run-ahead (256-wide rows from memory:
+# 1.14-1.17x a read pass in float32 and 1.3-1.5x in float64 without, 1.03-1.10x and
+# 1.06-1.23x with).  64-wide register tiles: 1.04-1.10x a read without, 1.04-1.06x with
+# (float64 0.97x).  Distances measured on the 2-core EPYC (Zen 5).  The backward's
+# sums (two streams) came out slower with these prefetches and take none.
+ROW_PREFETCH_BYTES = (8192, 4096)
 
 
 def _fma(builder, a, b, c):
@@ -1183,6 +1230,16 @@ def _block_runs(blk, nblocks, outer, channels):
     return o0, t0 - o0 * channels, channels, o0 + 1, o1, o1, t1 - o1 * channels
 
 
+@kernel(inline="always")
+def _prefetch_row_ahead(xf, r, width):
+    """Prefetch the lines of row ``r`` of flat ``xf`` (rows, ``width``) shifted by the row
+    prefetch distance (ROW_PREFETCH_BYTES)."""
+    ahead = ROW_PREFETCH_BYTES[xf.itemsize // 8] // xf.itemsize
+    for i in range(r * width + ahead, min((r + 1) * width + ahead, xf.size),
+                   LINE_BYTES // xf.itemsize):
+        _prefetch_line(xf, i)
+
+
 # Row helpers: element-wise over rows [r0, r1) of x (rows, W), one call per chunk
 # (a call per row costs more than a narrow row), unsigned column index so that
 # the column loop vectorizes.
@@ -1212,11 +1269,16 @@ def _rows_add_dev_sums(x, r0, r1, shift, mu, s1, s2):
         tiled = width - width % 32
         for j in range(0, tiled, 32):
             _tile_dev_sums_32(x, r0, r1, j, shift, mu, s1, s2)
+    if tiled == width:
+        return
     # Deviations about center = shift + mu, rounded: one load per column instead of two
     # (wide rows: 8 against 10 loads per 8 values, and d * d fused into s2).  Any center
     # near the mean serves the merge (see _accumulate); this one is within eps * |mean|.
     center = shift + mu
+    xf = x.reshape(x.size)
     for r in range(r0, r1):
+        if tiled == 0:  # whole rows here; a tile pass before this one has read the chunk
+            _prefetch_row_ahead(xf, r, width)
         for j in range(np.uint64(tiled), np.uint64(width)):
             d = np.float64(x[r, j]) - center[j]
             s1[j] += d
