@@ -249,15 +249,20 @@ def _line_add(typingctx, a, b, i, out):
     return types.void(a, b, types.intp, out), codegen
 
 
+def _x86_call(builder, name):
+    """Call the argument-less x86 intrinsic ``name``; whether the target is x86."""
+    if "x86" not in builder.module.triple and "i686" not in builder.module.triple:
+        return False
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), name)
+    builder.call(fn, [])
+    return True
+
+
 @intrinsic
 def _store_fence(typingctx):
     """Order this thread's streaming stores before whatever it does next (x86 ``sfence``)."""
     def codegen(context, builder, sig, args):
-        if "x86" in builder.module.triple or "i686" in builder.module.triple:
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
-                                                "llvm.x86.sse.sfence")
-            builder.call(fn, [])
-        else:
+        if not _x86_call(builder, "llvm.x86.sse.sfence"):
             builder.fence("seq_cst")
         return context.get_dummy_value()
     return types.void(), codegen
@@ -304,10 +309,7 @@ def _store_release(typingctx, flags, i, value):
 def _spin_pause(typingctx):
     """A spin-wait hint (x86 ``pause``; nothing elsewhere)."""
     def codegen(context, builder, sig, args):
-        if "x86" in builder.module.triple or "i686" in builder.module.triple:
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
-                                                "llvm.x86.sse2.pause")
-            builder.call(fn, [])
+        _x86_call(builder, "llvm.x86.sse2.pause")
         return context.get_dummy_value()
     return types.void(), codegen
 
