@@ -1853,12 +1853,13 @@ def _pipe_geometry(out, nxt, cur, inner, next_run):
 
 
 @kernel()
-def _next_run(channels, inner, outer, o, c):
-    """Flat offset of the run read after the one of channel ``c + 1`` in row ``o``: the
-    same channel's next row, or after its last row, row 0 of channel ``c + 2``."""
-    if o + 1 < outer:
+def _next_run(channels, inner, r0, r1, o, c):
+    """Flat offset of the run read after the one of channel ``c + 1`` in row ``o`` of a
+    pass over rows [r0, r1): the same channel's next row, or after its last row, row
+    ``r0`` of channel ``c + 2``."""
+    if o + 1 < r1:
         return ((o + 1) * channels + c + 1) * inner
-    return (c + 2) * inner
+    return (r0 * channels + c + 2) * inner
 
 
 @kernel(fastmath=REDUCE_MATH)
@@ -1923,7 +1924,7 @@ def _pipelined_forward_chain(x, c0, c1, shift, weight, bias, eps, y, mean, var, 
         for o in range(1, outer):
             cur = (o * channels + c) * inner
             s1, s2 = _pipelined_forward_row(xf, yf, cur + inner, cur, inner,
-                                            _next_run(channels, inner, outer, o, c),
+                                            _next_run(channels, inner, 0, outer, o, c),
                                             shift[c + 1] + mu[0], params, c, acc)
             _merge_piece(s1, s2, float(inner), 0, n, mu, q)
 
@@ -2006,12 +2007,9 @@ def _part_pass(gf, xf, df, shape, p, nparts, reduce_c, write_c, mean, params, ac
     for o in range(r0, r1):
         nxt = (o * channels + reduce_c) * inner
         cur = (o * channels + write_c) * inner if write else nxt
-        if o + 1 < r1:
-            next_run = nxt + channels * inner
-        else:  # prefetch on into the part's first run of the next channel
-            next_run = (r0 * channels + reduce_c + 1) * inner
-        a, b = _pipelined_backward_row(gf, xf, df, nxt, cur, inner, next_run, mean[reduce_c],
-                                       params, max(write_c, 0), acc, write)
+        a, b = _pipelined_backward_row(gf, xf, df, nxt, cur, inner,
+                                       _next_run(channels, inner, r0, r1, o, reduce_c - 1),
+                                       mean[reduce_c], params, max(write_c, 0), acc, write)
         s += a
         sx += b
     part_sums[reduce_c, p, 0] = s
@@ -2099,7 +2097,7 @@ def _pipelined_copy_chain(x, c0, c1, y, acc):
         for o in range(1, outer):
             cur = (o * channels + c) * inner
             first, last, nreduce, nwrite, pf, wrap, jump = _pipe_geometry(
-                yf, cur + inner, cur, inner, _next_run(channels, inner, outer, o, c))
+                yf, cur + inner, cur, inner, _next_run(channels, inner, 0, outer, o, c))
             _pipe_sum_copy(xf, yf, cur + inner, first, nreduce, nwrite, pf, wrap, jump, acc)
             acc[0] += _flat_sum(xf, cur + inner + nreduce * (LINE_BYTES // yf.itemsize),
                                 cur + 2 * inner)
@@ -2139,7 +2137,7 @@ def _pipelined_add_chain(a, b, c0, c1, out, acc):
         for o in range(1, outer):
             cur = (o * channels + c) * inner
             first, last, nreduce, nwrite, pf, wrap, jump = _pipe_geometry(
-                of, cur + inner, cur, inner, _next_run(channels, inner, outer, o, c))
+                of, cur + inner, cur, inner, _next_run(channels, inner, 0, outer, o, c))
             _pipe_sum2_add(af, bf, of, cur + inner, first, nreduce, nwrite, pf, wrap, jump, acc)
             acc[0] += _flat_sum2(af, bf, cur + inner + nreduce * (LINE_BYTES // of.itemsize),
                                  cur + 2 * inner)
