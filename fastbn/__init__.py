@@ -8,6 +8,8 @@ Public API (see CONTRACT sections 1 and 2 and the README):
 - :func:`standardize`, :func:`minmax_scale`, :class:`StandardScaler`,
   :class:`MinMaxScaler` (CONTRACT section 3), and ``python -m fastbn normalize``
 - :func:`warmup`, which compiles (or loads from the disk cache) the kernels
+- :func:`set_num_threads`, :func:`get_num_threads` and :func:`threads`: fastbn's own
+  thread count (README, "Processes, threads and caches")
 """
 
 from .api import (
@@ -20,6 +22,7 @@ from .api import (
 from .module import BatchNorm
 from .preprocessing import minmax_scale, standardize
 from .scalers import MinMaxScaler, StandardScaler
+from ._threads import get_num_threads, set_num_threads, threads
 from ._warmup import warmup
 
 __version__ = "0.1.0"
@@ -33,8 +36,11 @@ __all__ = [
     "batch_norm_forward",
     "batch_norm_inference",
     "batch_stats",
+    "get_num_threads",
     "minmax_scale",
+    "set_num_threads",
     "standardize",
+    "threads",
     "warmup",
     "__version__",
 ]

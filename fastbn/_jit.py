@@ -1,26 +1,24 @@
-"""Numba ``njit`` with an on-disk cache that can never break ``import fastbn``.
+"""Numba ``njit`` with an on-disk cache that can never break ``import fastbn``, and the
+serial twins of the parallel kernels.
 
 Numba looks for a cache directory in this order: ``NUMBA_CACHE_DIR`` (always
 honoured), the package's ``__pycache__``, then the user's cache directory.  When
 none of them is writable (a read-only install under a read-only home), Numba
-refuses to decorate the function; we then fall back to a per-user directory in
-the system temporary directory, and as a last resort compile without a cache.
+refuses to decorate the function; we then fall back to fastbn's own directory in
+the user's cache home (``fastbn._cache``), and as a last resort compile without
+a cache.
 """
 
-import os
-import tempfile
-import warnings
+import types
 
 import numba
 from numba.core.cpu_options import ParallelOptions
 
+from . import _cache, _threads
+
+_threads.preload_tbb()  # before Numba picks its threading layer
+
 _NO_LOCATOR = "no locator available"
-
-
-def fallback_cache_dir():
-    """Directory used when neither the package nor the user cache is writable."""
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return os.path.join(tempfile.gettempdir(), f"fastbn-numba-cache-{uid}")
 
 
 # ``parallel=True`` for a kernel means its ``prange`` loops and nothing else.  Numba
@@ -31,6 +29,9 @@ def fallback_cache_dir():
 PRANGE_ONLY = ParallelOptions({"prange": True, "comprehension": False, "reduction": False,
                                "inplace_binop": False, "setitem": False, "numpy": False,
                                "stencil": False, "fusion": False})
+
+# id(dispatcher) -> (dispatcher, Python function, options as written), for ``serial_module``
+_SOURCES = {}
 
 
 def kernel(**options):
@@ -43,29 +44,64 @@ def kernel(**options):
     atomic increment and decrement per array per call, 70 ns per channel in a statistics
     loop.  No kernel relies on the exception.
     """
+    def decorate(func):
+        dispatcher = _njit(func, options)
+        _SOURCES[id(dispatcher)] = (dispatcher, func, options)
+        return dispatcher
+
+    return decorate
+
+
+def _njit(func, options):
     options = {"cache": True, "nogil": True, "error_model": "numpy", **options}
     if options.get("parallel") is True:
         options["parallel"] = PRANGE_ONLY
-
-    def decorate(func):
-        try:
-            return numba.njit(**options)(func)
-        except RuntimeError as exc:
-            if _NO_LOCATOR not in str(exc):
-                raise
-        if not numba.config.CACHE_DIR:
-            numba.config.CACHE_DIR = fallback_cache_dir()
+    try:
+        return _cache.guard(numba.njit(**options)(func))
+    except RuntimeError as exc:
+        if _NO_LOCATOR not in str(exc):
+            raise
+    if not numba.config.CACHE_DIR:
+        private = _cache.private_cache_dir()
+        if private is not None:
+            numba.config.CACHE_DIR = private
             try:
-                return numba.njit(**options)(func)
+                return _cache.guard(numba.njit(**options)(func))
             except RuntimeError as exc:
                 if _NO_LOCATOR not in str(exc):
                     raise
-        warnings.warn(
-            f"fastbn: no writable Numba cache directory for {func.__qualname__}; "
-            "kernels will be recompiled in every process (set NUMBA_CACHE_DIR)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return numba.njit(**{**options, "cache": False})(func)
+    _cache.warn_once("no-cache", "fastbn: no writable private Numba cache directory; "
+                     "kernels will be recompiled in every process (set NUMBA_CACHE_DIR)")
+    return numba.njit(**{**options, "cache": False})(func)
 
-    return decorate
+
+SERIAL_PREFIX = "serial."
+
+
+def serial_module(module):
+    """A copy of ``module`` whose kernels run on the calling thread.
+
+    Every kernel of ``module`` is compiled again from the same function without
+    ``parallel`` (a ``prange`` is then a ``range``), and every kernel calls the
+    twins of the kernels it calls, so no call through the copy ever enters Numba's
+    threading layer: no thread launch for a few kilobytes, and no use of a thread
+    pool that a ``fork()`` left behind (GNU OpenMP's).  The same source gives the
+    same arithmetic, in the same order for a plan given one thread.  The twins are
+    cached on disk under their own names (``serial.<name>``) next to the originals.
+    """
+    twin = types.ModuleType(module.__name__ + "_serial", module.__doc__)
+    namespace = twin.__dict__
+    namespace.update(vars(module))
+    for name, value in vars(module).items():
+        source = _SOURCES.get(id(value))
+        if source is None or source[0] is not value:
+            continue
+        _, func, options = source
+        copy = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__,
+                                  func.__closure__)
+        copy.__kwdefaults__ = func.__kwdefaults__
+        copy.__qualname__ = SERIAL_PREFIX + func.__qualname__
+        copy.__module__ = func.__module__
+        copy.__doc__ = func.__doc__
+        namespace[name] = _njit(copy, {k: v for k, v in options.items() if k != "parallel"})
+    return twin

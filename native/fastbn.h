@@ -8,7 +8,14 @@
  * NHWC is (N*H*W, C, 1), (N, C) is (N, C, 1).  Per-channel arrays have
  * `channels` elements.  Every function returns FASTBN_OK or an error code, and
  * on error writes nothing; fastbn_last_error() then describes the failure.
- * All functions may be called from several threads at once.
+ * eps must be finite and >= 0, momentum in [0, 1] (the Python API's rule).
+ * All functions may be called from several threads at once, and in a child
+ * after fork() (the library resets its lock there; see the README on threads).
+ *
+ * Buffers: an output may be exactly the same buffer as an input where a
+ * function says so ("y may equal x"); any other overlap between an output and
+ * another argument (a partial overlap, a per-channel array inside x or y, two
+ * outputs sharing memory) is undefined behaviour.
  *
  * This file is the single source of truth for the ABI: fastbn's cffi build
  * reads the declarations between the CDEF markers below.

@@ -1,6 +1,6 @@
 """JIT cost and robustness: the disk cache, read-only installs, imports without cffi or CUDA.
 
-Each test runs a fresh interpreter (fork + exec, safe with GNU OpenMP) on a small input.
+Each test runs a fresh interpreter on a small input.
 """
 
 import os
@@ -64,8 +64,8 @@ def test_numba_cache_dir_is_honoured_and_reused(tmp_path):
     assert hits >= 1 and misses == 0  # ... and loaded from disk by the next process
 
 
-def test_read_only_install_falls_back_to_a_temporary_cache(tmp_path):
-    """No writable __pycache__ and no writable user cache: import still works and caches."""
+def _read_only_install(tmp_path):
+    """A copy of the package that nobody can write to (no __pycache__ possible)."""
     site = tmp_path / "site"
     shutil.copytree(PACKAGE_DIR, site / "fastbn",
                     ignore=shutil.ignore_patterns("__pycache__", "*.so"))
@@ -75,21 +75,134 @@ def test_read_only_install_falls_back_to_a_temporary_cache(tmp_path):
     (site / "fastbn" / "__pycache__").write_text("not a directory")
     for p in sorted(site.rglob("*"), reverse=True):
         p.chmod(0o555 if p.is_dir() else 0o444)
-    tmpdir = tmp_path / "tmp"
+    return site
+
+
+def _writable_again(site):
+    for p in site.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def test_read_only_install_caches_in_the_users_cache_home(tmp_path):
+    """No writable __pycache__ and no writable Numba user cache: fastbn's own directory in
+    $XDG_CACHE_HOME, created 0700; never a shared temporary directory."""
+    site = _read_only_install(tmp_path)
+    xdg, tmpdir = tmp_path / "xdg", tmp_path / "tmp"
+    xdg.mkdir()
     tmpdir.mkdir()
-    env = {"XDG_CACHE_HOME": "/dev/null/not-a-directory", "HOME": "/dev/null/nohome",
-           "TMPDIR": str(tmpdir), "PYTHONDONTWRITEBYTECODE": "1"}
+    # Numba's own user-wide cache ($XDG_CACHE_HOME/numba) would serve; made unusable here
+    (xdg / "numba").write_text("not a directory")
+    env = {"XDG_CACHE_HOME": str(xdg), "HOME": "/dev/null/nohome", "TMPDIR": str(tmpdir),
+           "PYTHONDONTWRITEBYTECODE": "1"}
     try:
         out, _ = run_probe(env, pythonpath=site, cwd=tmpdir)
         assert counts(out)[1] >= 1
         assert str(site) in out
-        assert cache_files(tmpdir / f"fastbn-numba-cache-{os.getuid()}"), "no fallback cache"
+        assert cache_files(xdg / "fastbn"), "no cache in the user's cache home"
+        assert (xdg / "fastbn").stat().st_mode & 0o777 == 0o700
+        assert not cache_files(tmpdir)
         out2, _ = run_probe(env, pythonpath=site, cwd=tmpdir)
         hits, misses = counts(out2)
         assert hits >= 1 and misses == 0
     finally:
-        for p in site.rglob("*"):
-            p.chmod(0o755 if p.is_dir() else 0o644)
+        _writable_again(site)
+
+
+# The cache rules live in fastbn._jit / fastbn._cache, which every kernel goes through:
+# these tests use one small kernel made with the same decorator, which compiles in a
+# second where fastbn's own kernels take a minute.
+TINY_MODULE = """
+from fastbn._jit import kernel
+
+@kernel()
+def total(x):
+    s = 0.0
+    for v in x:
+        s += v
+    return s
+"""
+
+TINY_PROBE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import tiny
+assert tiny.total(np.arange(5.0)) == 10.0
+print("hits", sum(tiny.total.stats.cache_hits.values()),
+      "misses", sum(tiny.total.stats.cache_misses.values()))
+"""
+
+
+def run_tiny(env_updates, module_dir, read_only=False):
+    module_dir.mkdir(exist_ok=True)
+    (module_dir / "tiny.py").write_text(TINY_MODULE)
+    if read_only:  # no __pycache__ next to the module
+        (module_dir / "__pycache__").write_text("not a directory")
+        module_dir.chmod(0o555)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(env_updates)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    try:
+        proc = subprocess.run([sys.executable, "-c", TINY_PROBE, str(module_dir)], env=env,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        module_dir.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("planted", ["world-writable", "other-owner"])
+def test_a_cache_directory_someone_else_controls_is_refused(tmp_path, planted):
+    """Numba unpickles its cache files: a directory another user owns or can write to
+    must never be read or written.  The kernels then compile in memory, with a warning."""
+    if planted == "other-owner" and os.geteuid() != 0:
+        pytest.skip("only root can create a directory owned by another user")
+    xdg = tmp_path / "xdg"
+    (xdg / "fastbn").mkdir(parents=True)
+    (xdg / "numba").write_text("not a directory")  # Numba's own user cache: unusable
+    if planted == "world-writable":
+        (xdg / "fastbn").chmod(0o777)
+    else:
+        os.chown(xdg / "fastbn", 4242, 4242)
+    env = {"XDG_CACHE_HOME": str(xdg), "HOME": "/dev/null/nohome"}
+    for _ in range(2):
+        out, err = run_tiny(env, tmp_path / "mod", read_only=True)
+        assert counts(out) == (0, 1)
+        assert "not using the cache directory" in err
+    assert not cache_files(xdg), "a planted directory was used"
+    # the same directory, private to this user: used
+    (xdg / "fastbn").chmod(0o700)
+    os.chown(xdg / "fastbn", os.geteuid(), os.getegid())
+    run_tiny(env, tmp_path / "mod", read_only=True)
+    out, err = run_tiny(env, tmp_path / "mod", read_only=True)
+    assert counts(out) == (1, 0) and cache_files(xdg / "fastbn")
+
+
+def test_a_shared_numba_cache_dir_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    out, err = run_tiny({"NUMBA_CACHE_DIR": str(shared)}, tmp_path / "mod")
+    assert "not using the Numba cache directory" in err
+    assert counts(out) == (0, 1) and not cache_files(shared)
+
+
+def test_a_corrupt_cache_entry_is_dropped_and_recompiled(tmp_path):
+    """numba#10434: a truncated cache file made every call raise until it was deleted."""
+    cache = tmp_path / "numba-cache"
+    env = {"NUMBA_CACHE_DIR": str(cache)}
+    for victim in (".nbi", ".nbc"):
+        run_tiny(env, tmp_path / "mod")
+        files = [p for p in cache_files(cache) if p.suffix == victim]
+        assert files
+        for p in files:
+            data = p.read_bytes()
+            p.write_bytes(data[: len(data) // 2])
+        out, err = run_tiny(env, tmp_path / "mod")
+        assert counts(out) == (0, 1)
+        assert err.count("dropped a corrupt Numba cache entry") == 1, err
+        out, err = run_tiny(env, tmp_path / "mod")
+        assert counts(out) == (1, 0) and "corrupt" not in err
 
 
 def test_import_needs_neither_cffi_nor_cuda(tmp_path):

@@ -130,7 +130,7 @@ def test_c_matches_python(built, tmp_path, layout, dtype, mask):
 def test_every_bad_argument_is_refused_without_writing(built):
     result = _run([built["check"], "errors"])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "25 invalid calls checked, 0 failures" in result.stdout
+    assert "27 invalid calls checked, 0 failures" in result.stdout
 
 
 @pytest.mark.parametrize("layer", ["default", "workqueue"])
@@ -140,6 +140,53 @@ def test_four_threads_at_once(built, layer):
     result = _run([built["check"], "threads"], env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 threads x 25 forward+backward, 0 failures" in result.stdout
+
+
+@pytest.mark.parametrize("layer", ["default", "workqueue"])
+def test_fork_after_use_and_during_a_call(built, layer):
+    """A C program that used fastbn forks: its children compute the same bits, also when
+    another thread was inside a call (holding the library's lock) at the fork."""
+    env = _env() if layer == "default" else _env(NUMBA_THREADING_LAYER="workqueue")
+    result = _run([built["check"], "fork"], env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fork: 15 children, 0 failures" in result.stdout
+
+
+def test_python_api_and_c_library_in_one_process_share_one_lock(built):
+    """Under the workqueue layer (not thread-safe) a process that calls the C library and
+    the Python API from several threads at once must not abort: one lock serves both."""
+    code = f"""
+import ctypes, threading
+import numpy as np
+import fastbn
+lib = ctypes.CDLL({str(built["dir"] / "libfastbn.so")!r})
+f = lib.fastbn_forward_train_f32
+f.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 5
+x = np.random.default_rng(0).normal(size=(64, 16, 512)).astype(np.float32)
+expected, mean, invstd = fastbn.batch_norm_forward(x)
+errors = []
+def c_calls():
+    y = np.empty_like(x)
+    for _ in range(20):
+        rc = f(64, 16, 512, x.ctypes.data, None, None, 1e-5, 0.1, None, None, y.ctypes.data, None, None)
+        if rc != 0 or not np.allclose(y, expected, atol=1e-5):
+            errors.append(("c", rc))
+def py_calls():
+    for _ in range(20):
+        y, _, _ = fastbn.batch_norm_forward(x)
+        if not np.array_equal(y, expected):
+            errors.append("py")
+threads = [threading.Thread(target=t) for t in (c_calls, py_calls, c_calls, py_calls)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors
+import numba
+print("ok", numba.threading_layer())
+"""
+    result = _run([sys.executable, "-c", code], env=_env(NUMBA_THREADING_LAYER="workqueue"),
+                  timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok workqueue" in result.stdout
 
 
 def test_runtime_that_cannot_start_returns_init_error_from_every_call(built, tmp_path):

@@ -48,3 +48,133 @@ def test_eight_threads_at_once(rng):
         for got in runs:
             for a, b in zip(got, expected[k]):
                 np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- fastbn's thread count
+
+import pytest  # noqa: E402
+
+from fastbn._cpu import backend  # noqa: E402
+
+SHAPES = [((8, 16, 8, 8), 1), ((64, 8, 2048), 1), ((4, 64, 40, 40), 1), ((20000, 12), -1),
+          ((6, 5, 5, 20), -1)]
+
+
+def _every_op(x, axis, dy):
+    y, mean, invstd = fastbn.batch_norm_forward(x, axis=axis)
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, axis=axis)
+    inf = fastbn.batch_norm_inference(x, mean, 1.0 / invstd.astype(np.float64) ** 2, axis=axis)
+    count, m, v = fastbn.batch_stats(x, axis=axis)
+    z = fastbn.standardize(x, axis=axis)
+    return y, mean, invstd, dx, dw, db, inf, m, v, z
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES)
+def test_one_thread_small_path_and_limits_give_the_same_bits(rng, shape, axis, monkeypatch):
+    """Calls below the serial threshold run on one thread: the bits must not change
+    whichever way a call runs (threshold, fastbn's limit, Numba's count)."""
+    x = rng.normal(3.0, 2.0, shape).astype(np.float32)
+    dy = rng.normal(size=shape).astype(np.float32)
+    monkeypatch.setattr(backend, "SERIAL_MAX_BYTES", 0)
+    parallel = _every_op(x, axis, dy)
+    monkeypatch.setattr(backend, "SERIAL_MAX_BYTES", 1 << 62)
+    one_thread = _every_op(x, axis, dy)
+    monkeypatch.setattr(backend, "SERIAL_MAX_BYTES", 0)
+    with fastbn.threads(1):
+        limited = _every_op(x, axis, dy)
+    for a, b, c in zip(parallel, one_thread, limited):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_serial_twins_give_the_same_bits(rng):
+    """The serial twins (forked children of a GNU OpenMP process) are the same source
+    compiled without ``parallel``: same plans for one thread, same bits."""
+    from fastbn._cpu import kernels
+
+    twins = backend.serial_kernels()
+    assert twins.run_forward_train is not kernels.run_forward_train
+    for shape in [(4, 3, 70), (300, 6, 1), (64, 2, 4096), (8, 4, 512)]:
+        x = rng.normal(2.0, 3.0, shape)
+        dy = rng.normal(size=shape)
+        c = shape[1]
+        w, b = rng.uniform(0.5, 2, c), rng.normal(size=c)
+        results = []
+        for k in (kernels, twins):
+            y, dx = np.empty_like(x), np.empty_like(x)
+            stats = [np.empty(c) for _ in range(5)]
+            k.run_forward_train(x, w, b, 1e-5, y, *stats[:3], 1, backend.MIN_RUN)
+            k.run_backward_train(dy, x, stats[0], stats[2], w, dx, *stats[3:], 1,
+                                 backend.MIN_RUN)
+            results.append([y, dx] + stats)
+        for a, t in zip(*results):
+            np.testing.assert_array_equal(a, t)
+
+
+def test_set_num_threads_and_threads_context():
+    import numba
+
+    cap = numba.config.NUMBA_NUM_THREADS
+    assert fastbn.get_num_threads() == min(cap, numba.get_num_threads())
+    try:
+        fastbn.set_num_threads(1)
+        assert fastbn.get_num_threads() == 1
+        with fastbn.threads(2):
+            assert fastbn.get_num_threads() == min(2, numba.get_num_threads())
+            with fastbn.threads(1):
+                assert fastbn.get_num_threads() == 1
+        assert fastbn.get_num_threads() == 1
+    finally:
+        fastbn.set_num_threads(None)
+    assert fastbn.get_num_threads() == numba.get_num_threads()
+    # the limit applies to the calling thread's calls without touching Numba's own count
+    with fastbn.threads(1):
+        fastbn.batch_norm_forward(np.ones((64, 64, 32, 32), np.float32))
+    assert numba.get_num_threads() == min(cap, numba.get_num_threads())
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="n must be a positive integer"):
+            fastbn.set_num_threads(bad)
+        with pytest.raises(ValueError, match="n must be a positive integer"):
+            with fastbn.threads(bad):
+                pass
+
+
+def test_other_libraries_thread_settings_are_left_alone():
+    """After fastbn's calls, PyTorch and NumPy's BLAS keep the thread counts they were given."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np
+try:
+    import torch
+except ImportError:
+    torch = None
+import fastbn
+if torch is not None:
+    torch.set_num_threads(1)
+x = np.random.default_rng(0).normal(size=(32, 64, 32, 32)).astype(np.float32)
+for _ in range(3):
+    y, m, s = fastbn.batch_norm_forward(x)
+    fastbn.batch_norm_backward(y, x, m, s)
+if torch is not None:
+    assert torch.get_num_threads() == 1, torch.get_num_threads()
+    bn = torch.nn.BatchNorm2d(64)
+    bn(torch.from_numpy(x))
+    assert torch.get_num_threads() == 1, torch.get_num_threads()
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_threadpoolctl_sees_and_limits_fastbn():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    fastbn.batch_norm_forward(np.ones((64, 64, 32, 32), np.float32))  # the pool is loaded
+    info = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "fastbn"]
+    assert len(info) == 1 and info[0]["num_threads"] == fastbn.get_num_threads()
+    with threadpoolctl.threadpool_limits(limits=1, user_api="fastbn"):
+        assert fastbn.get_num_threads() == 1
+    assert fastbn.get_num_threads() == info[0]["num_threads"]
+    fastbn.set_num_threads(None)

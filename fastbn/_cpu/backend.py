@@ -8,11 +8,10 @@ returns float64 per-channel results; the API casts them to the stats dtype.
 import math
 import threading
 
-import numba
-import numba.np.ufunc.parallel as _numba_parallel
 import numpy as np
 
-from .. import _moments
+from .. import _moments, _threads
+from .._jit import serial_module
 from .._layout import Layout, Output
 from . import kernels
 
@@ -21,48 +20,91 @@ from . import kernels
 # Passed to the kernels' plans on every call (tests lower it to force a path).
 MIN_RUN = 64
 
-_serial = threading.Lock()
+# Calls reading fewer bytes than this run on the calling thread (tests set it).
+SERIAL_MAX_BYTES = _threads.SERIAL_MAX_BYTES
 
 
-class _KernelGuard:
-    """Serialize kernel calls under Numba's workqueue layer, which is not thread-safe.
+class _SerialLock:
+    """Serializes parallel calls under Numba's workqueue layer, which is not thread-safe.
+    One lock for the whole process: the C library, when loaded in the same process,
+    hands its own mutex over (``use_lock``), so Python and C callers share it."""
 
-    The layer is only known after the first parallel call, which therefore runs
-    under the lock too.  A class, not a generator: this sits on every call's path.
+    lock = threading.Lock()
+
+    @classmethod
+    def use_lock(cls, lock):
+        cls.lock = lock
+
+    @classmethod
+    def _reset_after_fork(cls):
+        # a thread of the parent may have held it: the child has no such thread
+        if isinstance(cls.lock, type(threading.Lock())):
+            cls.lock = threading.Lock()
+
+
+_threads.at_fork_in_child(_SerialLock._reset_after_fork)
+_threads.register_with_threadpoolctl()
+
+_serial_kernels = None
+
+
+def serial_kernels():
+    """The kernels' serial twins (compiled on first use, cached on disk like the others)."""
+    global _serial_kernels
+    if _serial_kernels is None:
+        _serial_kernels = serial_module(kernels)
+    return _serial_kernels
+
+
+class _Call:
+    """How one kernel call runs: ``k``, the kernels module, and ``n``, the thread count its
+    plan is given; as a context manager, the lock (workqueue layer) and Numba's thread mask
+    around the call.  A class, not a generator: it is on every call's path.
+
+    A call of fewer than ``SERIAL_MAX_BYTES`` runs on one thread: Numba's thread mask set
+    to 1 for it, so the parallel region runs on the calling thread and no worker is woken
+    (on a machine whose cores are busy, a worker that is not scheduled made a 10 us call
+    take milliseconds).  In a process forked from one whose GNU OpenMP pool ran, every call
+    takes the kernels' serial twins, which never enter the threading layer.
     """
 
-    layer = None
+    __slots__ = ("k", "n", "_locked", "_restore")
+
+    def __init__(self, nbytes):
+        full = _threads.numba_threads()
+        cap = _threads.limit()
+        n = full if cap is None or cap >= full else cap
+        if nbytes < SERIAL_MAX_BYTES:
+            n = 1
+        self._locked = False
+        if _threads.pool_unusable():
+            self.k, self.n, self._restore = serial_kernels(), 1, None
+        else:
+            self.k, self.n = kernels, n
+            self._restore = full if n < full else None
 
     def __enter__(self):
-        if self.layer is None or self.layer == "workqueue":
-            _serial.acquire()
-            self._locked = True
-        else:
-            self._locked = False
+        if self.k is kernels:
+            if _threads.layer() in (None, "workqueue"):
+                _SerialLock.lock.acquire()
+                self._locked = True
+            if self._restore is not None:
+                _threads.set_mask(self.n)
+            _threads.enter_parallel()
+        return self
 
     def __exit__(self, *exc):
+        if self.k is kernels:
+            _threads.exit_parallel()
+        if self._restore is not None:
+            _threads.set_mask(self._restore)
         if self._locked:
-            if _KernelGuard.layer is None:
-                try:
-                    _KernelGuard.layer = numba.threading_layer()
-                except ValueError:
-                    pass
-            _serial.release()
+            _SerialLock.lock.release()
         return False
 
 
-def _kernel_guard():
-    return _KernelGuard()
-
-
-def num_threads():
-    """``numba.get_num_threads()`` without its two lock acquisitions per call once Numba's
-    threads are running (half a microsecond of a 20 us call); the public function otherwise."""
-    if _numba_parallel._is_initialized:
-        n = _numba_parallel._get_num_threads()
-        if n > 0:
-            return n
-    return numba.get_num_threads()
+def _call(*arrays):
+    return _Call(sum(a.nbytes for a in arrays))
 
 
 def work_dtype(dtype):
@@ -87,8 +129,28 @@ def _shape3(shape, axis):
     return outer, channels, math.prod(shape[axis + 1:])
 
 
-def _column_blocks(rows, nthreads):
-    return kernels.column_blocks(rows, nthreads)
+class _ReadOnlyAlias:
+    """An ``__array_interface__`` for a writable-typed view of read-only memory."""
+
+    def __init__(self, a):
+        self.base = a
+        interface = dict(a.__array_interface__)
+        interface["data"] = (interface["data"][0], False)
+        self.__array_interface__ = interface
+
+
+def _in(a):
+    """``a`` as the kernels take their inputs.
+
+    Kernels only read their inputs, but Numba types a read-only array (a memory map
+    opened 'r', ``np.frombuffer`` of bytes, ``np.broadcast_to``) as a type of its own,
+    with a second compilation of every kernel it reaches, and a kernel that takes an
+    input in an output's place (an unused output) would not compile for it at all.  A
+    writable-typed view of the same memory, no copy, keeps one compiled signature.
+    """
+    if a.flags.writeable:
+        return a
+    return np.asarray(_ReadOnlyAlias(a))
 
 
 class CPUBackend:
@@ -99,25 +161,22 @@ class CPUBackend:
     def _moments3(self, x3):
         """Count, mean (hi + lo, float64) and M2 per channel."""
         outer, channels, inner = x3.shape
-        nthreads = num_threads()
-        if self._column_path(x3):
-            mean, var, unused = np.empty(channels), np.empty(channels), np.zeros(channels)
-            with _kernel_guard():
-                kernels.column_forward(x3.reshape(outer, -1), inner,
-                                       _column_blocks(outer, nthreads),
-                                       kernels.chunk_rows(channels * inner),
-                                       False, unused, unused, 0.0, x3.reshape(outer, -1), mean, var,
-                                       np.empty(channels))
-            return float(outer * inner), mean, np.zeros(channels), var * (outer * inner)
-        hi, lo, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
-        with _kernel_guard():
-            n = kernels.merged_channel_moments(x3, nthreads, hi, lo, m2)
+        with _call(x3) as call:
+            if self._column_path(x3):
+                mean, var, unused = np.empty(channels), np.empty(channels), np.zeros(channels)
+                x2 = x3.reshape(outer, -1)
+                call.k.column_forward(x2, inner, call.k.column_blocks(outer, call.n),
+                                      call.k.chunk_rows(channels * inner), False, unused, unused,
+                                      0.0, x2, mean, var, np.empty(channels))
+                return float(outer * inner), mean, np.zeros(channels), var * (outer * inner)
+            hi, lo, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
+            n = call.k.merged_channel_moments(x3, call.n, hi, lo, m2)
         return n, hi, lo, m2
 
     def moments(self, x, axis, dtype):
         """``(count, mean, m2)`` per channel of a non-empty ``x`` computed in ``dtype`` (float64)."""
         layout = Layout.of(x, axis)
-        x3 = layout.work3(x, work_dtype(dtype))
+        x3 = _in(layout.work3(x, work_dtype(dtype)))
         n, hi, lo, m2 = self._moments3(x3)
         return n, hi + lo, m2
 
@@ -134,18 +193,18 @@ class CPUBackend:
             if np.isfinite(mean).all() and np.isfinite(m2).all():
                 return np.full(mean.shape, float(n)), mean, m2, None, None
         layout = Layout.of(x, axis)
-        x3 = layout.work3(x, work_dtype(dtype))
+        x3 = _in(layout.work3(x, work_dtype(dtype)))
         outer, channels, inner = x3.shape
         width = channels * inner
         x2 = x3.reshape(outer, width)
-        nblocks = kernels.column_blocks(outer, num_threads())
         shift = np.zeros(width)
         if outer:
             first = x2[0].astype(np.float64)
             shift = np.where(np.isfinite(first), first, 0.0)
-        parts = [np.empty((nblocks, width)) for _ in range(5)]
-        with _kernel_guard():
-            kernels.feature_moments(x2, nblocks, kernels.chunk_rows(width), shift, *parts)
+        with _call(x3) as call:
+            nblocks = call.k.column_blocks(outer, call.n)
+            parts = [np.empty((nblocks, width)) for _ in range(5)]
+            call.k.feature_moments(x2, nblocks, call.k.chunk_rows(width), shift, *parts)
         count, mean_rel, m2, vmin, vmax = parts
         # merge the blocks, then the inner columns of each channel
         count, mean, m2 = _moments.merge_moments(count, mean_rel + shift, m2, axis=0)
@@ -169,13 +228,13 @@ class CPUBackend:
         """
         layout = Layout.of(x, axis)
         wd = work_dtype(out_dtype)
-        x3 = layout.work3(x, wd)
+        x3 = _in(layout.work3(x, wd))
         dest = Output(layout, out, out_dtype, wd, [x3])
         channels = x3.shape[1]
         mean, var, inv = np.empty(channels), np.empty(channels), np.empty(channels)
-        with _kernel_guard():
-            kernels.run_forward_train(x3, weight, bias, float(eps), dest.y3, mean, var, inv,
-                                      num_threads(), MIN_RUN)
+        with _call(x3) as call:
+            call.k.run_forward_train(x3, weight, bias, float(eps), dest.y3, mean, var, inv,
+                                     call.n, MIN_RUN)
         return dest.finish(), mean, var, inv
 
     # The common host call (``fastbn._validate.plain_*_args``): C-contiguous float32/float64
@@ -187,9 +246,9 @@ class CPUBackend:
         y = np.empty_like(x) if out is None else out
         channels = shape3[1]
         mean, var, inv = np.empty(channels), np.empty(channels), np.empty(channels)
-        with _kernel_guard():
-            kernels.run_forward_train(x.reshape(shape3), weight, bias, eps, y.reshape(shape3),
-                                      mean, var, inv, num_threads(), MIN_RUN)
+        with _call(x) as call:
+            call.k.run_forward_train(_in(x).reshape(shape3), weight, bias, eps,
+                                     y.reshape(shape3), mean, var, inv, call.n, MIN_RUN)
         return y, mean, var, inv
 
     def inference_scale(self, var, eps, weight):
@@ -200,33 +259,32 @@ class CPUBackend:
         shape3 = _shape3(x.shape, axis)
         y = np.empty_like(x) if out is None else out
         scale = self.inference_scale(var, eps, weight)
-        with _kernel_guard():
-            kernels.run_affine(x.reshape(shape3), mean, np.zeros(shape3[1]), scale, bias,
-                               y.reshape(shape3), num_threads(), MIN_RUN)
+        with _call(x) as call:
+            call.k.run_affine(_in(x).reshape(shape3), mean, np.zeros(shape3[1]), scale, bias,
+                              y.reshape(shape3), call.n, MIN_RUN)
         return y
 
     def backward_train_contiguous(self, dy, x, axis, mean, invstd, weight, out):
         shape3 = _shape3(x.shape, axis)
         dx = np.empty_like(x) if out is None else out
         s, sx = np.empty(shape3[1]), np.empty(shape3[1])
-        with _kernel_guard():
-            kernels.run_backward_train(dy.reshape(shape3), x.reshape(shape3), mean, invstd,
-                                       weight, dx.reshape(shape3), s, sx,
-                                       num_threads(), MIN_RUN)
+        with _call(dy, x) as call:
+            call.k.run_backward_train(_in(dy).reshape(shape3), _in(x).reshape(shape3), mean,
+                                      invstd, weight, dx.reshape(shape3), s, sx, call.n, MIN_RUN)
         return dx, s, sx
 
     def affine(self, x, axis, mean, scale, shift, out, out_dtype):
         """``y = (x - mean) * scale + shift`` per channel (inference, eval backward)."""
         layout = Layout.of(x, axis)
         wd = work_dtype(out_dtype)
-        x3 = layout.work3(x, wd)
+        x3 = _in(layout.work3(x, wd))
         dest = Output(layout, out, out_dtype, wd, [x3])
         self._affine3(x3, mean, np.zeros_like(mean), scale, shift, dest.y3)
         return dest.finish()
 
     def _affine3(self, x3, hi64, lo64, scale, shift, y3):
-        with _kernel_guard():
-            kernels.run_affine(x3, hi64, lo64, scale, shift, y3, num_threads(), MIN_RUN)
+        with _call(x3) as call:
+            call.k.run_affine(x3, hi64, lo64, scale, shift, y3, call.n, MIN_RUN)
 
     @staticmethod
     def _column_path(x3):
@@ -237,15 +295,15 @@ class CPUBackend:
     def _grad_sums3(self, dy3, x3, mean):
         channels = x3.shape[1]
         s, sx = np.empty(channels), np.empty(channels)
-        with _kernel_guard():
-            kernels.run_grad_sums(dy3, x3, mean, s, sx, num_threads(), MIN_RUN)
+        with _call(dy3, x3) as call:
+            call.k.run_grad_sums(dy3, x3, mean, s, sx, call.n, MIN_RUN)
         return s, sx
 
     def grad_sums(self, dy, x, axis, mean, dtype):
         """``(sum(dy), sum(dy * (x - mean)))`` per channel, computed in ``dtype``."""
         layout = Layout.of(x, axis)
         wd = work_dtype(dtype)
-        return self._grad_sums3(layout.work3(dy, wd), layout.work3(x, wd), mean)
+        return self._grad_sums3(_in(layout.work3(dy, wd)), _in(layout.work3(x, wd)), mean)
 
     def dx_from_sums(self, dy, x, axis, mean, invstd, weight, sum_dy, sum_dy_xmu, n, out,
                      out_dtype):
@@ -253,32 +311,34 @@ class CPUBackend:
         (synchronized batch norm: over every rank's batch)."""
         layout = Layout.of(x, axis)
         wd = work_dtype(out_dtype)
-        x3 = layout.work3(x, wd)
-        dy3 = layout.work3(dy, wd)
+        x3 = _in(layout.work3(x, wd))
+        dy3 = _in(layout.work3(dy, wd))
         dest = Output(layout, out, out_dtype, wd, [x3, dy3])
         if x3.size:
-            with _kernel_guard():
-                kernels.run_dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, float(n),
-                               dest.y3, num_threads(), MIN_RUN)
+            with _call(dy3, x3) as call:
+                call.k.run_dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, float(n),
+                              dest.y3, call.n, MIN_RUN)
         return dest.finish()
 
     def backward_train(self, dy, x, axis, mean, invstd, weight, out, out_dtype):
         """Training-mode ``dx`` and ``(sum(dy), sum(dy * (x - mean)))``, fused where possible."""
         layout = Layout.of(x, axis)
         wd = work_dtype(out_dtype)
-        x3 = layout.work3(x, wd)
-        dy3 = layout.work3(dy, wd)
+        x3 = _in(layout.work3(x, wd))
+        dy3 = _in(layout.work3(dy, wd))
         dest = Output(layout, out, out_dtype, wd, [x3, dy3])
         channels = x3.shape[1]
         s, sx = np.empty(channels), np.empty(channels)
-        with _kernel_guard():
-            kernels.run_backward_train(dy3, x3, mean, invstd, weight, dest.y3, s, sx,
-                                       num_threads(), MIN_RUN)
+        with _call(dy3, x3) as call:
+            call.k.run_backward_train(dy3, x3, mean, invstd, weight, dest.y3, s, sx, call.n,
+                                      MIN_RUN)
         return dest.finish(), s, sx
 
     # ----------------------------------------------------------------- compilation
-    def compile_kernels(self, dtype):
-        """Run every kernel once on tiny ``dtype`` arrays, with the argument types of real calls."""
+    def compile_kernels(self, dtype, serial=False):
+        """Run every kernel once on tiny ``dtype`` arrays, with the argument types of real
+        calls; with ``serial``, the serial twins too (only a process forked from a GNU
+        OpenMP one uses them)."""
         wd = work_dtype(dtype)
         x3 = np.linspace(-1.0, 1.0, 2 * 3 * 4).astype(wd).reshape(2, 3, 4)
         y3 = np.empty_like(x3)
@@ -286,14 +346,21 @@ class CPUBackend:
         c = x3.shape[1]
         ones, zeros = np.ones(c), np.zeros(c)
         per_channel = [np.empty(c) for _ in range(3)]
-        with _kernel_guard():
-            # A plan compiles every kernel it can reach, whichever branch runs.
-            kernels.run_forward_train(x3, ones, zeros, 1e-5, y3, *per_channel, 2, MIN_RUN)
-            kernels.run_backward_train(x3, x3, zeros, ones, ones, y3, *per_channel[:2], 2, MIN_RUN)
-            kernels.run_affine(x3, zeros, zeros, ones, zeros, y3, 2, MIN_RUN)
-            kernels.inference_scale(ones, 1e-5, ones)
-            kernels.merged_channel_moments(x3, 2, *per_channel)
-            kernels.column_forward(x2, 4, 2, 4, False, zeros, zeros, 0.0, y2, *per_channel)
+        width = x2.shape[1]
+        modules = (kernels, serial_kernels()) if serial else (kernels,)
+        for k in modules:
+            with _Call(math.inf):
+                # A plan compiles every kernel it can reach, whichever branch runs.
+                k.run_forward_train(x3, ones, zeros, 1e-5, y3, *per_channel, 2, MIN_RUN)
+                k.run_backward_train(x3, x3, zeros, ones, ones, y3, *per_channel[:2], 2, MIN_RUN)
+                k.run_affine(x3, zeros, zeros, ones, zeros, y3, 2, MIN_RUN)
+                k.inference_scale(ones, 1e-5, ones)
+                k.merged_channel_moments(x3, 2, *per_channel)
+                k.column_forward(x2, 4, 2, 4, False, zeros, zeros, 0.0, y2, *per_channel)
+                k.run_dx(x3, x3, zeros, ones, ones, zeros, zeros, 2.0, y3, 2, MIN_RUN)
+                k.feature_moments(x2, 2, 4, np.zeros(width),
+                                  *[np.empty((2, width)) for _ in range(5)])
+        with _Call(math.inf):
             kernels.parallel_copy(x2.reshape(-1), y2.reshape(-1), 2)
             kernels.parallel_read(x2.reshape(-1), 2)
             kernels.parallel_add(x2.reshape(-1), x2.reshape(-1), y2.reshape(-1), 2)
@@ -301,73 +368,69 @@ class CPUBackend:
             kernels.grouped_read2_add(x3, x3, 2, y3)
             kernels.pipelined_read_copy(x3, 1, 2, y3)
             kernels.pipelined_read2_add(x3, x3, 1, 2, y3)
-            kernels.run_dx(x3, x3, zeros, ones, ones, zeros, zeros, 2.0, y3, 2, MIN_RUN)
-            width = x2.shape[1]
-            kernels.feature_moments(x2, 2, 4, np.zeros(width),
-                                    *[np.empty((2, width)) for _ in range(5)])
 
     # ----------------------------------------------------------------- memory floor
+    # The floors are the parallel traffic of the benchmark's reference: never serial.
     def copy(self, src, dst):
         """Parallel copy of ``src`` into ``dst`` (contiguous, same size): the memory floor."""
-        with _kernel_guard():
-            kernels.parallel_copy(src.reshape(-1), dst.reshape(-1), num_threads())
+        with _Call(math.inf) as call:
+            call.k.parallel_copy(src.reshape(-1), dst.reshape(-1), call.n)
 
     def read(self, src):
         """Parallel read-only pass over contiguous ``src`` (the floor of a statistics pass)."""
-        with _kernel_guard():
-            return kernels.parallel_read(src.reshape(-1), num_threads())
+        with _Call(math.inf) as call:
+            return call.k.parallel_read(src.reshape(-1), call.n)
 
     def add(self, a, b, out):
         """Parallel ``out = a + b`` (contiguous): the floor of two reads and one write."""
-        with _kernel_guard():
-            kernels.parallel_add(a.reshape(-1), b.reshape(-1), out.reshape(-1),
-                                 num_threads())
-
+        with _Call(math.inf) as call:
+            call.k.parallel_add(a.reshape(-1), b.reshape(-1), out.reshape(-1), call.n)
 
     def grouped_read_copy(self, x3, y3):
         """The fused forward's traffic on its own schedule, no arithmetic: per group of
         channels of contiguous ``x3`` (outer, C, inner), a read, then a copy from cache."""
-        group, _ = channel_plan(x3.shape, x3.itemsize, num_threads())
-        with _kernel_guard():
-            return kernels.grouped_read_copy(x3, group, y3)
+        with _Call(math.inf) as call:
+            group, _ = channel_plan(x3.shape, x3.itemsize, call.n)
+            return call.k.grouped_read_copy(x3, group, y3)
 
     def grouped_read2_add(self, a3, b3, out3):
         """The fused backward's traffic, no arithmetic: per group, read ``a3`` and ``b3``,
         then ``out3 = a3 + b3`` from cache; returns the sum of both."""
-        group, _ = channel_plan(a3.shape, 2 * a3.itemsize, num_threads())
-        with _kernel_guard():
-            return kernels.grouped_read2_add(a3, b3, group, out3)
+        with _Call(math.inf) as call:
+            group, _ = channel_plan(a3.shape, 2 * a3.itemsize, call.n)
+            return call.k.grouped_read2_add(a3, b3, group, out3)
 
     def pipelined_read_copy(self, x3, y3):
         """The pipelined forward's traffic, no arithmetic: along each thread's chain of
         channels, copy channel c from cache while reading channel c + 1."""
-        with _kernel_guard():
-            return kernels.pipelined_read_copy(x3, num_threads(), 1, y3)
+        with _Call(math.inf) as call:
+            return call.k.pipelined_read_copy(x3, call.n, 1, y3)
 
     def pipelined_read2_add(self, a3, b3, out3):
         """The pipelined backward's traffic on its schedule (chains of channels, split
         into parts of rows), no arithmetic: ``out3 = a3 + b3`` for channel c from cache
         while reading channel c + 1 of both."""
-        nchains, nparts = kernels.backward_chains(a3.shape[0], num_threads())
-        with _kernel_guard():
-            return kernels.pipelined_read2_add(a3, b3, nchains, nparts, out3)
+        with _Call(math.inf) as call:
+            nchains, nparts = kernels.backward_chains(a3.shape[0], call.n)
+            return call.k.pipelined_read2_add(a3, b3, nchains, nparts, out3)
 
     def row_tiled_read_copy(self, x3, y3, nparts=None):
         """``pipelined_read_copy`` as one chain of all channels in ``nparts`` blocks of
         rows (default 4 per thread): the forward's traffic when a channel's re-read comes
         from a tile in L2."""
-        with _kernel_guard():
-            return kernels.pipelined_read_copy(x3, 1, self._row_parts(x3, nparts), y3)
+        with _Call(math.inf) as call:
+            return call.k.pipelined_read_copy(x3, 1, self._row_parts(x3, nparts, call.n), y3)
 
     def row_tiled_read2_add(self, a3, b3, out3, nparts=None):
         """``pipelined_read2_add`` as one chain in ``nparts`` blocks of rows (default 4
         per thread)."""
-        with _kernel_guard():
-            return kernels.pipelined_read2_add(a3, b3, 1, self._row_parts(a3, nparts), out3)
+        with _Call(math.inf) as call:
+            return call.k.pipelined_read2_add(a3, b3, 1, self._row_parts(a3, nparts, call.n),
+                                              out3)
 
     @staticmethod
-    def _row_parts(x3, nparts):
-        return max(1, min(x3.shape[0], nparts or 4 * num_threads()))
+    def _row_parts(x3, nparts, nthreads):
+        return max(1, min(x3.shape[0], nparts or 4 * nthreads))
 
 
 backend = CPUBackend()

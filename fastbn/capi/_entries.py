@@ -19,9 +19,9 @@ import numba
 import numpy as np
 from numba import carray, cfunc, types
 
-from .._cpu import kernels
+from .. import _cache
+from .._cpu import backend, kernels
 from .._cpu.backend import MIN_RUN
-from .._jit import fallback_cache_dir
 
 HAS_WEIGHT, HAS_BIAS, HAS_RUNNING_MEAN, HAS_RUNNING_VAR = 1, 2, 4, 8
 HAS_SAVE_MEAN, HAS_SAVE_INVSTD, HAS_DWEIGHT, HAS_DBIAS = 16, 32, 64, 128
@@ -119,7 +119,9 @@ def _signatures(real):
 
 
 def cache_dir():
-    """Where the entry points are cached: a directory per version of the code they embed."""
+    """Where the entry points are cached: a directory per version of the code they embed,
+    under ``NUMBA_CACHE_DIR``, the package's ``__pycache__`` or the user's cache home,
+    whichever is first usable and private to this user (``fastbn._cache``); None if none."""
     digest = hashlib.sha256()
     for module in (kernels, __import__(__name__, fromlist=["_"])):
         with open(module.__file__, "rb") as f:
@@ -128,18 +130,33 @@ def cache_dir():
     name = f"fastbn-capi-{digest.hexdigest()[:16]}"
     candidates = [numba.config.CACHE_DIR,
                   os.path.join(os.path.dirname(__file__), "__pycache__"),
-                  fallback_cache_dir()]
+                  _cache.private_cache_dir()]
     for base in candidates:
         if not base:
             continue
         path = os.path.join(base, name)
         try:
-            os.makedirs(path, exist_ok=True)
+            os.makedirs(path, mode=0o700, exist_ok=True)
         except OSError:
             continue
-        if os.access(path, os.W_OK):
+        if os.access(path, os.W_OK) and _cache.is_private(path):
             return path
     return None
+
+
+def _compile(impl, signature, cached):
+    """``cfunc(signature, cache=cached, nogil=True)(impl)``, with fastbn's guarded cache."""
+    from numba.core import sigutils
+    from numba.core.ccallback import CFunc
+
+    # what numba.cfunc does, with the cache guarded between creation and compilation
+    compiled = CFunc(impl, sigutils.normalize_signature(signature), locals={},
+                     options={"nogil": True})
+    if cached:
+        compiled.enable_caching()
+        _cache.guard(compiled)
+    compiled.compile()
+    return compiled
 
 
 def compile_entries():
@@ -158,11 +175,25 @@ def compile_entries():
             sigs = _signatures(real)
             for op, impl in (("forward_train", _forward_train), ("forward_infer", _forward_infer),
                              ("backward", _backward)):
-                entries[f"{op}_{suffix}"] = cfunc(sigs[op], cache=path is not None,
-                                                  nogil=True)(impl)
+                entries[f"{op}_{suffix}"] = _compile(impl, sigs[op], path is not None)
     finally:
         numba.config.CACHE_DIR = saved
     return entries
+
+
+class _CLock:
+    """The C library's serial mutex, as a lock for the Python API (workqueue layer): one
+    lock for every caller in the process, C or Python."""
+
+    def __init__(self, lib):
+        self._lib = lib
+
+    def acquire(self):
+        self._lib.fastbn__serial_lock()
+        return True
+
+    def release(self):
+        self._lib.fastbn__serial_unlock()
 
 
 def register(ffi, lib):
@@ -170,9 +201,11 @@ def register(ffi, lib):
     entries = compile_entries()
     for index, name in enumerate(NAMES):
         lib.fastbn__register_entry(index, ffi.cast("void *", entries[name].address))
-    # workqueue aborts on concurrent use: then the C library serializes calls
+    # workqueue aborts on concurrent use: then the C library serializes calls, and the
+    # Python API in this process takes the same mutex
     lib.fastbn__set_threads(numba.config.NUMBA_NUM_THREADS,
                             int(numba.threading_layer() == "workqueue"))
+    backend._SerialLock.use_lock(_CLock(lib))
     _alive.update(entries)  # the addresses stay valid while the cfuncs live
     return entries
 

@@ -11,6 +11,7 @@
  * call after that checks its arguments here and jumps straight into compiled
  * code, without Python or its lock.
  */
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -34,6 +35,10 @@ static int64_t fastbn__threads = 1;
  * under it, calls take this lock (the init code says which layer loaded). */
 static int fastbn__serialize = 1;
 static pthread_mutex_t fastbn__serial = PTHREAD_MUTEX_INITIALIZER;
+/* Every call holds this for reading; fork() takes it for writing (pthread_atfork), so a
+ * fork waits until no call is inside the kernels: TBB can shut its workers down cleanly
+ * then, and a child never inherits a thread pool or lock in the middle of a call. */
+static pthread_rwlock_t fastbn__fork_gate;
 
 /* flags: which optional pointers are given (fastbn/capi/_entries.py) */
 enum {
@@ -62,8 +67,51 @@ static void fastbn__set_threads(int64_t n, int serialize)
     fastbn__serialize = serialize;
 }
 
+/* One lock for every caller in the process: the Python API takes it too when this
+ * library is loaded (fastbn/capi/_entries.py). */
+static void fastbn__serial_lock(void)
+{
+    pthread_mutex_lock(&fastbn__serial);
+}
+
+static void fastbn__serial_unlock(void)
+{
+    pthread_mutex_unlock(&fastbn__serial);
+}
+
+static void fastbn__init_fork_gate(void)
+{
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+#ifdef __GLIBC__
+    /* a fork must not wait forever behind a stream of calls */
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+#endif
+    pthread_rwlock_init(&fastbn__fork_gate, &attr);
+    pthread_rwlockattr_destroy(&attr);
+}
+
+static void fastbn__before_fork(void)
+{
+    pthread_rwlock_wrlock(&fastbn__fork_gate);
+}
+
+static void fastbn__after_fork_in_parent(void)
+{
+    pthread_rwlock_unlock(&fastbn__fork_gate);
+}
+
+/* The child has one thread, the one that forked: the locks other threads of the parent
+ * may have held start afresh. */
+static void fastbn__after_fork_in_child(void)
+{
+    pthread_mutex_init(&fastbn__serial, NULL);
+    fastbn__init_fork_gate();
+}
+
 static void fastbn__init_once(void)
 {
+    fastbn__init_fork_gate();
     if (!Py_IsInitialized()) {
         PyConfig config;
         PyStatus status;
@@ -96,6 +144,10 @@ static void fastbn__init_once(void)
             return;
         }
     }
+    /* registered after the runtime started its threading layer: prepare handlers run in
+     * reverse order, so this one waits for calls in flight before TBB's shuts it down */
+    pthread_atfork(fastbn__before_fork, fastbn__after_fork_in_parent,
+                   fastbn__after_fork_in_child);
     fastbn__init_status = FASTBN_OK;
 }
 
@@ -163,8 +215,9 @@ static int fastbn__check_batch(const char *func, int64_t outer, int64_t inner)
 static int fastbn__check_scalar(const char *func, double value, const char *name, double low,
                                 double high)
 {
-    if (!(value >= low && value <= high)) {
-        fastbn__set_error("%s: %s must be in [%g, %g] (got %g)", func, name, low, high, value);
+    if (!(value >= low && value <= high && isfinite(value))) {
+        fastbn__set_error("%s: %s must be finite and in [%g, %g] (got %g)", func, name, low,
+                          high, value);
         return FASTBN_ERR_INVALID_ARGUMENT;
     }
     return FASTBN_OK;
@@ -175,6 +228,7 @@ static int fastbn__check_scalar(const char *func, double value, const char *name
 
 #define FASTBN_CALL(rc, call)                                  \
     do {                                                       \
+        pthread_rwlock_rdlock(&fastbn__fork_gate);             \
         if (fastbn__serialize) {                               \
             pthread_mutex_lock(&fastbn__serial);               \
             rc = (call);                                       \
@@ -182,6 +236,7 @@ static int fastbn__check_scalar(const char *func, double value, const char *name
         } else {                                               \
             rc = (call);                                       \
         }                                                      \
+        pthread_rwlock_unlock(&fastbn__fork_gate);             \
     } while (0)
 
 static int fastbn__entry_status(const char *func, int32_t rc)
@@ -214,7 +269,7 @@ FASTBN_API int fastbn_forward_train_##SUFFIX(int64_t outer, int64_t channels, in
     FASTBN_TRY(fastbn__check_pointer(func, x, "x"));                                          \
     FASTBN_TRY(fastbn__check_pointer(func, y, "y"));                                          \
     FASTBN_TRY(fastbn__check_batch(func, outer, inner));                                      \
-    FASTBN_TRY(fastbn__check_scalar(func, eps, "eps", 0.0, HUGE_VAL));                        \
+    FASTBN_TRY(fastbn__check_scalar(func, eps, "eps", 0.0, DBL_MAX));                        \
     FASTBN_TRY(fastbn__check_scalar(func, momentum, "momentum", 0.0, 1.0));                   \
     if (channels == 0)                                                                        \
         return FASTBN_OK;                                                                     \
@@ -240,7 +295,7 @@ FASTBN_API int fastbn_forward_infer_##SUFFIX(int64_t outer, int64_t channels, in
     FASTBN_TRY(fastbn__check_pointer(func, running_mean, "running_mean"));                    \
     FASTBN_TRY(fastbn__check_pointer(func, running_var, "running_var"));                      \
     FASTBN_TRY(fastbn__check_pointer(func, y, "y"));                                          \
-    FASTBN_TRY(fastbn__check_scalar(func, eps, "eps", 0.0, HUGE_VAL));                        \
+    FASTBN_TRY(fastbn__check_scalar(func, eps, "eps", 0.0, DBL_MAX));                        \
     if (total == 0)                                                                           \
         return FASTBN_OK;                                                                     \
     int64_t flags = FASTBN_FLAG(weight, HAS_WEIGHT) | FASTBN_FLAG(bias, HAS_BIAS);            \

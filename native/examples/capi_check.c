@@ -5,6 +5,8 @@
  *   capi_check threads                              4 threads at once give the 1-thread results
  *   capi_check init-failure                         every call returns FASTBN_ERR_INIT
  *   capi_check overhead                             per-call time on a tiny input, first call
+ *   capi_check fork                                 children of fork() compute the parent's
+ *                                                   results, also while a thread is in a call
  *
  * MASK bits for `run`: 1 weight, 2 bias, 4 running statistics, 8 save_mean/save_invstd,
  * 16 dweight/dbias (a clear bit passes NULL).  Files are raw native-endian arrays:
@@ -15,8 +17,11 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "fastbn.h"
 
@@ -191,6 +196,9 @@ static int errors(void)
     EXPECT_INVALID(fastbn_forward_train_f32(2, 3, 4, x, w, b, NAN, 0.1f, rm, rv, y, sm, si), "eps");
     EXPECT_INVALID(fastbn_forward_train_f32(2, 3, 4, x, w, b, 1e-5f, 1.5f, rm, rv, y, sm, si), "momentum");
     EXPECT_INVALID(fastbn_forward_infer_f32(2, 3, 4, x, mean, var, w, b, -1e-3f, y), "eps");
+    /* one rule with the Python API: eps must be finite */
+    EXPECT_INVALID(fastbn_forward_train_f32(2, 3, 4, x, w, b, INFINITY, 0.1f, rm, rv, y, sm, si), "eps");
+    EXPECT_INVALID(fastbn_forward_infer_f32(2, 3, 4, x, mean, var, w, b, INFINITY, y), "eps");
     /* the f64 functions share the checks; one of each */
     fill(y, NX, SENTINEL);
     CHECK(fastbn_forward_train_f64(2, 3, 4, NULL, NULL, NULL, 1e-5, 0.1, NULL, NULL, yd, NULL, NULL)
@@ -341,6 +349,65 @@ static int overhead(void)
     return failures;
 }
 
+/* ------------------------------------------------------------------ fork */
+
+static volatile int fork_stop = 0;
+
+static void *busy_caller(void *arg)
+{
+    job_t *job = arg;
+    float *y = malloc(sizeof(float) * T_N), *dx = malloc(sizeof(float) * T_N);
+    while (!fork_stop)
+        forward_backward(job->x, job->dy, y, dx);
+    free(y);
+    free(dx);
+    return NULL;
+}
+
+/* Fork; the child computes and compares with the parent's results.  A child that hangs
+ * is killed by its alarm; returns 0 when the child exited 0. */
+static int fork_child_matches(const float *x, const float *dy, const float *y_ref,
+                              const float *dx_ref)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        alarm(60);
+        float *y = malloc(sizeof(float) * T_N), *dx = malloc(sizeof(float) * T_N);
+        forward_backward(x, dy, y, dx);
+        int same = !memcmp(y, y_ref, sizeof(float) * T_N) && !memcmp(dx, dx_ref, sizeof(float) * T_N);
+        _exit(same ? 0 : 3);
+    }
+    int status = 0;
+    if (pid < 0 || waitpid(pid, &status, 0) != pid)
+        return 1;
+    if (WIFSIGNALED(status))
+        fprintf(stderr, "child killed by signal %d\n", WTERMSIG(status));
+    return !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+static int fork_test(void)
+{
+    float *x = malloc(sizeof(float) * T_N), *dy = malloc(sizeof(float) * T_N);
+    float *y_ref = malloc(sizeof(float) * T_N), *dx_ref = malloc(sizeof(float) * T_N);
+    make_input(x, dy, 1);
+    forward_backward(x, dy, y_ref, dx_ref);
+    int bad = 0, children = 0;
+    for (int k = 0; k < 3; k++, children++)
+        bad += fork_child_matches(x, dy, y_ref, dx_ref);
+    /* and while another thread is inside a call (and may hold the library's lock) */
+    job_t job = {0, x, dy, y_ref, dx_ref, 0};
+    pthread_t t;
+    pthread_create(&t, NULL, busy_caller, &job);
+    for (int k = 0; k < 12; k++, children++) {
+        bad += fork_child_matches(x, dy, y_ref, dx_ref);
+        usleep(2000);
+    }
+    fork_stop = 1;
+    pthread_join(t, NULL);
+    printf("fork: %d children, %d failures\n", children, bad);
+    return bad;
+}
+
 int main(int argc, char **argv)
 {
     if (argc >= 8 && !strcmp(argv[1], "run")) {
@@ -358,6 +425,8 @@ int main(int argc, char **argv)
         return init_failure() ? 1 : 0;
     if (argc == 2 && !strcmp(argv[1], "overhead"))
         return overhead() ? 1 : 0;
+    if (argc == 2 && !strcmp(argv[1], "fork"))
+        return fork_test() ? 1 : 0;
     fprintf(stderr, "usage: see the top of capi_check.c\n");
     return 2;
 }
