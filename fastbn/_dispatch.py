@@ -22,11 +22,16 @@ _host = None
 
 
 def host_backend():
-    """The CPU backend (its kernels module loads on first use)."""
+    """The CPU backend (its kernels module loads on first use); its plain NumPy stand-in
+    under ``NUMBA_DISABLE_JIT=1``, where the kernels' LLVM intrinsics cannot run."""
     global _host
     if _host is None:
-        from ._cpu.backend import backend
+        import numba
 
+        if numba.config.DISABLE_JIT:
+            from ._cpu.numpy_backend import backend
+        else:
+            from ._cpu.backend import backend
         _host = backend
     return _host
 

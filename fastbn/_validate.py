@@ -14,7 +14,7 @@ def as_input(x, name):
     """``np.asarray(x)`` for a real numeric array with at least one dimension."""
     if type(x) is not np.ndarray and hasattr(x, "__cuda_array_interface__"):
         raise TypeError(f"{name} is a CUDA device array; this call computes on the host")
-    a = np.asarray(x)
+    a = native_order(np.asarray(x))
     if a.dtype.kind in "biu":
         pass
     elif a.dtype not in _FLOAT_DTYPES:
@@ -27,9 +27,19 @@ def as_input(x, name):
     return a
 
 
+def native_order(a):
+    """``a`` in the machine's byte order: non-native data (``>f4`` on x86, read from a
+    big-endian .npy file) is byte-swapped once into a new array."""
+    if a.dtype.isnative:
+        return a
+    return a.astype(a.dtype.newbyteorder("="))
+
+
 def output_dtype(dtype):
-    """Floats keep their dtype; integers and bool are promoted to float64 (as ``np.mean``)."""
-    return np.dtype(dtype) if np.dtype(dtype) in _FLOAT_DTYPES else np.dtype(np.float64)
+    """Floats keep their dtype (in native byte order); integers and bool are promoted to
+    float64 (as ``np.mean``)."""
+    dt = np.dtype(dtype).newbyteorder("=")
+    return dt if dt in _FLOAT_DTYPES else np.dtype(np.float64)
 
 
 def stats_dtype(dtype):
@@ -97,7 +107,7 @@ def running_stat(value, name, channels):
         return None
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray updated in place, got {type(value).__name__}")
-    if value.dtype not in (np.float32, np.float64):
+    if value.dtype.kind != "f" or value.dtype.itemsize not in (4, 8):
         raise ValueError(f"{name} must have dtype float32 or float64, got {value.dtype}")
     if value.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), got {value.shape}")
@@ -109,8 +119,10 @@ def running_stat(value, name, channels):
 def out_array(out, shape, dtype, name="out"):
     if out is None:
         return None
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if not isinstance(out, np.ndarray) or isinstance(out, (np.matrix, np.ma.MaskedArray)):
+        # a matrix stays 2-D under reshape and a masked array's mask would be ignored
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__module__}."
+                        f"{type(out).__name__}")
     if out.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
     if out.dtype != dtype:
@@ -182,7 +194,11 @@ def _plain_vectors(channels, *vectors):
     return True
 
 
-def _plain_out(out, x, inputs):
+def _plain_out(out, x, inputs, vectors=()):
+    """``out`` may be written by the kernels directly: None, or of ``x``'s dtype and shape,
+    C-contiguous, writable, an input itself or overlapping none, and overlapping none of the
+    per-channel ``vectors`` (read while ``out`` is written: they are used without a copy
+    on this path)."""
     if out is None:
         return True
     if not (type(out) is np.ndarray and out.dtype is x.dtype and out.shape == x.shape):
@@ -192,6 +208,9 @@ def _plain_out(out, x, inputs):
         return False
     for a in inputs:  # a loop, not all(generator): this runs on every call
         if out is not a and np.may_share_memory(out, a):
+            return False
+    for a in vectors:
+        if a is not None and np.may_share_memory(out, a):
             return False
     return True
 
@@ -227,7 +246,7 @@ def plain_forward_args(x, weight, bias, axis, eps, running_mean, running_var, mo
     for r in (running_mean, running_var):
         if r is not None and not r.flags.writeable:
             return None
-    if not _plain_out(out, x, (x,)):
+    if not _plain_out(out, x, (x,), (weight, bias)):
         return None
     return ax, channels, x.size // channels
 
@@ -243,7 +262,7 @@ def plain_inference_args(x, running_mean, running_var, weight, bias, axis, eps, 
         return None
     if not _plain_vectors(channels, running_mean, running_var, weight, bias):
         return None
-    if not _plain_out(out, x, (x,)):
+    if not _plain_out(out, x, (x,), (running_mean, running_var, weight, bias)):
         return None
     return ax, channels
 
@@ -260,6 +279,6 @@ def plain_backward_args(dy, x, mean, invstd, weight, axis, out):
         return None
     if not _plain_vectors(channels, mean, invstd, weight):
         return None
-    if not _plain_out(out, x, (dy, x)):
+    if not _plain_out(out, x, (dy, x), (mean, invstd, weight)):
         return None
     return ax, channels

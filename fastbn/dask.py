@@ -29,9 +29,9 @@ def is_dask_array(x):
 
 
 def _cpu():
-    from ._cpu.backend import backend
+    from ._dispatch import host_backend
 
-    return backend
+    return host_backend()
 
 
 # ----------------------------------------------------------------- task functions

@@ -157,6 +157,10 @@ class BatchNorm:
             target = getattr(self, key)
             if value.shape != target.shape:
                 raise ValueError(f"{key} must have shape {target.shape}, got {value.shape}")
+            kinds = "biu" if key == "num_batches_tracked" else "biuf"
+            if value.dtype.kind not in kinds:
+                raise TypeError(f"{key} must be a real {'integer ' if kinds == 'biu' else ''}"
+                                f"array, got dtype {value.dtype}")
             values[key] = value
         for key, value in values.items():
             getattr(self, key)[...] = value

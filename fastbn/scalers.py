@@ -96,6 +96,7 @@ class _Scaler:
             stats = fastbn_dask.feature_stats(x, self.axis).compute()
             ax = v.channel_axis(self.axis, x.ndim)
             rows = v.channel_count(x.shape, ax)
+            _require_samples(rows, x.shape, ax)
             count = stats["count"]
             empty = count == 0
             vmin = np.where(empty, np.nan, stats["min"])
@@ -105,6 +106,7 @@ class _Scaler:
         backend, xa = _input(x)
         ax, features = _feature_count(xa, self.axis)
         rows = v.channel_count(xa.shape, ax)
+        _require_samples(rows, xa.shape, ax)
         count, mean, m2, vmin, vmax = backend.feature_stats(xa, ax, v.output_dtype(xa.dtype),
                                                             min_max=self._needs_min_max)
         return features, rows, count, mean, m2, vmin, vmax
@@ -148,23 +150,58 @@ class _Scaler:
 
     @classmethod
     def from_dict(cls, state):
-        """A fitted scaler from ``to_dict()``'s output."""
+        """A fitted scaler from ``to_dict()``'s output; ``ValueError`` naming what is wrong
+        with any other value."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state must be a dict from to_dict(), got {type(state).__name__}")
         if state.get("scaler") != cls.__name__:
             raise ValueError(f"state is for {state.get('scaler')!r}, not {cls.__name__}")
-        scaler = cls(**state["params"])
-        def as_array(key):
-            if state.get(key) is None:
-                return None
-            return np.array([np.nan if x is None else x for x in state[key]], dtype=np.float64)
+        params = state.get("params")
+        if not isinstance(params, dict):
+            raise ValueError(f"state['params'] must be a dict, got {type(params).__name__}")
+        try:
+            scaler = cls(**params)
+        except TypeError as exc:
+            raise ValueError(f"state['params'] is not valid for {cls.__name__}: {exc}") from None
+        required = ("count", "mean", "m2") + (("min", "max") if cls._needs_min_max else ())
 
-        scaler._count, scaler._mean, scaler._m2 = as_array("count"), as_array("mean"), as_array("m2")
-        scaler._min, scaler._max, scaler._rows = as_array("min"), as_array("max"), state["rows"]
+        def as_array(key):
+            value = state.get(key)
+            if value is None:
+                if key in required:
+                    raise ValueError(f"state[{key!r}] is missing")
+                return None
+            if not isinstance(value, list) or not all(
+                    x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+                    for x in value):
+                raise ValueError(f"state[{key!r}] must be a list of numbers")
+            return np.array([np.nan if x is None else x for x in value], dtype=np.float64)
+
+        arrays = {key: as_array(key) for key in ("count", "mean", "m2", "min", "max")}
+        lengths = {a.shape[0] for a in arrays.values() if a is not None}
+        if len(lengths) > 1:
+            raise ValueError(f"state's per-feature lists differ in length: {sorted(lengths)}")
+        rows = state.get("rows")
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"state['rows'] must be a non-negative integer, got {rows!r}")
+        count = arrays["count"]
+        if not np.all((count >= 0) & (count <= rows)):
+            raise ValueError("state['count'] must lie between 0 and state['rows']")
+        scaler._count, scaler._mean, scaler._m2 = count, arrays["mean"], arrays["m2"]
+        scaler._min, scaler._max, scaler._rows = arrays["min"], arrays["max"], rows
         scaler._update_attributes()
         return scaler
 
     def _n_samples_seen(self):
         counts = self._count.astype(np.int64)
         return int(self._rows) if np.all(counts == self._rows) else counts
+
+
+def _require_samples(rows, shape, axis):
+    """A fit needs at least one sample (scikit-learn's rule)."""
+    if rows == 0:
+        raise ValueError(f"x has 0 samples: shape {tuple(shape)} with feature axis {axis}; "
+                         "a fit needs at least 1")
 
 
 def _handle_zeros_in_scale(scale, constant_mask=None):
