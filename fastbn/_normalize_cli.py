@@ -9,10 +9,14 @@ an OUT that existed survives a failed run.  When the feature axis is 0 every
 chunk holds whole features, and one pass does both.
 """
 
+import errno
 import json
+import math
 import os
 import signal
+import stat
 import sys
+import tempfile
 
 import numpy as np
 
@@ -28,31 +32,48 @@ class NpyReader:
     """A C-ordered .npy file read in chunks of rows (axis 0), without a memory map."""
 
     def __init__(self, path):
-        if not os.path.exists(path):
-            raise UsageError(f"{path}: no such file")
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such file") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{path}: is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            # a pipe could block open() forever, and cannot be read twice
+            raise UsageError(f"{path}: not a regular file (a pipe or a device); normalize "
+                             "reads its input twice: save it to a file first")
         self.path = path
         self._file = open(path, "rb")
+        try:
+            self._read_header(st.st_size)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _read_header(self, size):
+        path = self.path
         try:
             version = np.lib.format.read_magic(self._file)
             reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                       else np.lib.format.read_array_header_2_0)
             self.shape, fortran, self.dtype = reader(self._file)
-        except ValueError as exc:
-            self._file.close()
+        except (ValueError, SyntaxError, TypeError) as exc:
             raise UsageError(f"{path}: not a .npy file ({exc})") from None
+        if any(not isinstance(d, int) or d < 0 for d in self.shape):
+            raise UsageError(f"{path}: its header has an invalid shape {self.shape}")
         if fortran and len(self.shape) > 1:
-            self._file.close()
             raise UsageError(f"{path}: Fortran-ordered .npy files are not supported; "
                              "save the array in C order")
         if self.dtype.kind not in "biuf":
-            self._file.close()
             raise UsageError(f"{path}: cannot normalize dtype {self.dtype} "
                              "(floating, integer or bool data only)")
         if len(self.shape) == 0:
-            self._file.close()
             raise UsageError(f"{path}: a 0-d array has no feature axis")
         self.data_offset = self._file.tell()
-        self.row_items = int(np.prod(self.shape[1:], dtype=np.int64))
+        self.row_items = math.prod(self.shape[1:])
+        expected = self.data_offset + math.prod(self.shape) * self.dtype.itemsize
+        if size != expected:
+            raise UsageError(f"{path}: the file has {size} bytes, its header says {expected}")
 
     def rows_per_chunk(self, chunk_bytes):
         return max(1, chunk_bytes // max(1, self.row_items * self.dtype.itemsize))
@@ -71,14 +92,29 @@ class NpyReader:
         self._file.close()
 
 
+PARTIAL = ".partial-"
+
+
+def _partial_prefix(path):
+    return f".{os.path.basename(path)}{PARTIAL}"
+
+
 class AtomicNpyWriter:
-    """Write a .npy file to a temporary name, renamed to ``path`` only by ``commit()``."""
+    """Write a .npy file to a new temporary file next to ``path``, renamed to ``path`` only
+    by ``commit()``.
+
+    The temporary file is created with ``O_CREAT | O_EXCL`` under a random name
+    (``tempfile.mkstemp``): a file or symbolic link planted in the directory is never
+    followed or overwritten.  Its name carries the writer's process id, so a later run
+    removes what a killed run left (``remove_stale_partials``).
+    """
 
     def __init__(self, path, shape, dtype):
         self.path = path
         directory = os.path.dirname(os.path.abspath(path))
-        self.temp = os.path.join(directory, f".{os.path.basename(path)}.partial-{os.getpid()}")
-        self._file = open(self.temp, "wb")
+        fd, self.temp = tempfile.mkstemp(prefix=f"{_partial_prefix(path)}{os.getpid()}-",
+                                         dir=directory)
+        self._file = os.fdopen(fd, "wb")
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
                   "shape": tuple(shape)}
         try:
@@ -97,9 +133,51 @@ class AtomicNpyWriter:
 
     def abort(self):
         if not self._file.closed:
-            self._file.close()
-        if os.path.exists(self.temp):
+            try:
+                self._file.close()
+            except OSError:  # the buffered tail could not be written either (disk full)
+                pass
+        try:
             os.remove(self.temp)
+        except FileNotFoundError:
+            pass
+
+
+def remove_stale_partials(path):
+    """Remove this user's temporary files of ``path`` left by runs that are no longer alive
+    (SIGKILL, a power cut).  Returns the paths removed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = _partial_prefix(path)
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        full = os.path.join(directory, name)
+        try:
+            st = os.lstat(full)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                os.remove(full)
+                removed.append(full)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _progress(total, desc, quiet=False):
@@ -144,6 +222,8 @@ def _load_stats(path, args, axis, n_features):
             state = json.load(f)
         cls = StandardScaler if args.method == "standard" else MinMaxScaler
         scaler = cls.from_dict(state)
+    except RecursionError:
+        raise UsageError(f"{path}: cannot use these statistics (nested too deeply)") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{path}: cannot use these statistics ({exc})") from None
     if scaler.n_features_in_ != n_features:
@@ -162,8 +242,61 @@ def _sliced(scaler, start, stop):
     return type(scaler).from_dict(state)
 
 
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _check_output_path(path, name):
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: {name} is a directory")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"{path}: {name}'s directory does not exist")
+
+
+class _StatsWriter:
+    """``--save-stats``: a temporary file created before the work starts (so that a path
+    that cannot be written fails in a second, not after the whole run), renamed at the end."""
+
+    def __init__(self, path):
+        self.path = path
+        fd, self.temp = tempfile.mkstemp(prefix=_partial_prefix(path) + f"{os.getpid()}-",
+                                         dir=os.path.dirname(os.path.abspath(path)))
+        self._file = os.fdopen(fd, "w")
+
+    def write(self, state):
+        json.dump(state, self._file)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def commit(self):
+        os.replace(self.temp, self.path)
+
+    def abort(self):
+        if not self._file.closed:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+        try:
+            os.remove(self.temp)
+        except FileNotFoundError:
+            pass
+
+
 def run(args):
+    for path, name in ((args.output, "OUT"),) + (((args.save_stats, "--save-stats"),)
+                                                 if args.save_stats else ()):
+        _check_output_path(path, name)
+    if args.save_stats and (_same_file(args.save_stats, args.input)
+                            or _same_file(args.save_stats, args.output)):
+        raise UsageError(f"--save-stats {args.save_stats} is IN or OUT: it would overwrite it")
     reader = NpyReader(args.input)
+    writer = stats_writer = None
     try:
         ndim = len(reader.shape)
         try:
@@ -172,22 +305,32 @@ def run(args):
             raise UsageError(f"--axis {args.axis} is out of range for an array of "
                              f"{ndim} dimensions {tuple(reader.shape)}") from None
         n_features = reader.shape[axis]
+        if v.channel_count(reader.shape, axis) == 0 and n_features and not args.stats:
+            raise UsageError(f"{args.input}: 0 samples along the axes other than {axis} "
+                             f"(shape {tuple(reader.shape)}): nothing to fit")
         out_dtype = v.output_dtype(reader.dtype)
         rows = reader.rows_per_chunk(int(args.chunk_mb * (1 << 20)))
         given = _load_stats(args.stats, args, axis, n_features) if args.stats else None
+        for path in (args.output, args.save_stats):
+            if path:
+                remove_stale_partials(path)
+        if args.save_stats:
+            stats_writer = _StatsWriter(args.save_stats)
         writer = AtomicNpyWriter(args.output, reader.shape, out_dtype)
-        try:
-            scaler = _normalize(reader, writer, args, axis, rows, given)
-            if args.save_stats:
-                state = scaler.to_dict()
-                state["params"]["axis"] = args.axis
-                with open(args.save_stats, "w") as f:
-                    json.dump(state, f)
-            _check_stop()
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+        scaler = _normalize(reader, writer, args, axis, rows, given)
+        if stats_writer:
+            state = scaler.to_dict()
+            state["params"]["axis"] = args.axis
+            stats_writer.write(state)
+        _check_stop()
+        writer.commit()
+        if stats_writer:
+            stats_writer.commit()
+    except BaseException:
+        for w in (writer, stats_writer):
+            if w is not None:
+                w.abort()
+        raise
     finally:
         reader.close()
     return 0
@@ -206,6 +349,8 @@ def _normalize(reader, writer, args, axis, rows, given):
             bar.update(len(chunk))
             _check_stop()
         bar.close()
+        if not states:  # no features: an empty output
+            return given or _make_scaler(args, 0).fit(np.empty(reader.shape, reader.dtype))
         merged = states[0]
         for s in states[1:]:
             for key in ("count", "mean", "m2", "min", "max"):
@@ -250,41 +395,79 @@ def add_parser(sub):
     return p
 
 
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                 if hasattr(signal, name))
+
+
 def main(args):
-    if args.chunk_mb <= 0:
-        print("fastbn normalize: error: --chunk-mb must be > 0", file=sys.stderr)
+    if not (math.isfinite(args.chunk_mb) and args.chunk_mb > 0):
+        print(f"fastbn normalize: error: --chunk-mb must be a finite number > 0, got "
+              f"{args.chunk_mb}", file=sys.stderr)
         return 2
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    _Stop.requested = False
+    previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+    _Stop.signum = None
     for sig in previous:
         signal.signal(sig, _request_stop)
+    # past `ulimit -f` a write then fails with EFBIG instead of killing the process
+    xfsz = getattr(signal, "SIGXFSZ", None)
+    previous_xfsz = signal.signal(xfsz, signal.SIG_IGN) if xfsz is not None else None
     try:
         return run(args)
     except UsageError as exc:
-        print(f"fastbn normalize: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     except ValueError as exc:  # e.g. a feature range with min >= max
-        print(f"fastbn normalize: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
+    except OSError as exc:
+        return _error(_os_error(exc))
+    except _Stopped as stop:
+        print(f"fastbn normalize: interrupted by {signal.Signals(stop.signum).name}; no output "
+              "written", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("fastbn normalize: interrupted; no output written", file=sys.stderr)
         return 130
+    except MemoryError:
+        return _error("out of memory: try a smaller --chunk-mb")
+    except Exception as exc:  # never a traceback: one line and exit 2
+        return _error(f"{type(exc).__name__}: {exc}")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if xfsz is not None:
+            signal.signal(xfsz, previous_xfsz)
 
 
-# SIGINT and SIGTERM only set a flag, checked between chunks and before the output is
-# committed: a KeyboardInterrupt raised straight from the handler can land in a
-# finalizer, where Python prints and swallows it, and the run would go on to commit.
+def _error(message):
+    print(f"fastbn normalize: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _os_error(exc):
+    reasons = {errno.ENOSPC: "no space left on the device",
+               errno.EFBIG: "file too large (a file size limit, ulimit -f)",
+               errno.EDQUOT: "disk quota exceeded"}
+    reason = reasons.get(exc.errno, exc.strerror or str(exc))
+    return f"{exc.filename}: {reason}" if exc.filename else reason
+
+
+# SIGINT, SIGTERM and SIGHUP only set a flag, checked between chunks and before the output
+# is committed: an exception raised straight from the handler can land in a finalizer,
+# where Python prints and swallows it, and the run would go on to commit.  No call here
+# blocks for long (the input is a regular file), so a run stops within a chunk.
 class _Stop:
-    requested = False
+    signum = None
+
+
+class _Stopped(Exception):
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _request_stop(signum, frame):
-    _Stop.requested = True
+    _Stop.signum = signum
 
 
 def _check_stop():
-    if _Stop.requested:
-        raise KeyboardInterrupt
+    if _Stop.signum is not None:
+        raise _Stopped(_Stop.signum)

@@ -16,9 +16,9 @@ import fastbn
 CMD = [sys.executable, "-m", "fastbn", "normalize"]
 
 
-def _run(*args, **kw):
+def _run(*args, timeout=600, **kw):
     return subprocess.run(CMD + [str(a) for a in args], capture_output=True, text=True,
-                          timeout=600, **kw)
+                          timeout=timeout, **kw)
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_errors_are_one_line_exit_2_and_leave_out_alone(tmp_path, data, case):
     assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
 def test_interrupted_run_leaves_no_partial_output(tmp_path, rng, sig):
     x = rng.normal(0, 1, (400_000, 32)).astype(np.float32)  # 51 MB, 0.05 MB chunks: slow enough
     np.save(tmp_path / "in.npy", x)
@@ -119,8 +119,174 @@ def test_interrupted_run_leaves_no_partial_output(tmp_path, rng, sig):
     proc.wait(timeout=120)
     assert not out.exists()
     if sig != signal.SIGKILL:  # a killed process cannot clean up; the rest do
-        assert proc.returncode == 130
+        assert proc.returncode == 128 + sig
         assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+    else:  # ... and the next run removes what it left
+        assert [p for p in os.listdir(tmp_path) if ".partial-" in p]
+        np.save(tmp_path / "small.npy", x[:100])
+        assert _run(tmp_path / "small.npy", out).returncode == 0
+        assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+def test_a_partial_of_a_live_process_is_left_alone(tmp_path, data):
+    path, x = data
+    out = tmp_path / "out.npy"
+    live = tmp_path / f".out.npy.partial-{os.getpid()}-abc"
+    dead = tmp_path / ".out.npy.partial-999999999-abc"
+    live.write_bytes(b"x")
+    dead.write_bytes(b"x")
+    assert _run(path, out).returncode == 0
+    assert live.exists() and not dead.exists()
+
+
+def test_a_planted_symlink_is_never_followed(tmp_path, data):
+    """The temporary file's name is random and created exclusively: symbolic links planted
+    under every name the old scheme would have used do not redirect the output."""
+    path, x = data
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out.npy"
+    for pid in range(os.getpid(), os.getpid() + 2000):
+        os.symlink(victim, tmp_path / f".out.npy.partial-{pid}")
+    result = _run(path, out)
+    assert result.returncode == 0, result.stderr
+    assert victim.read_text() == "precious"
+    np.testing.assert_allclose(np.load(out), fastbn.standardize(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["in", "out"])
+def test_save_stats_never_overwrites_in_or_out(tmp_path, data, target):
+    path, x = data
+    out = tmp_path / "out.npy"
+    out.write_bytes(b"previous result")
+    before = path.read_bytes()
+    stats = path if target == "in" else out
+    result = _run(path, out, "--save-stats", stats)
+    assert result.returncode == 2 and "--save-stats" in result.stderr
+    assert path.read_bytes() == before and out.read_bytes() == b"previous result"
+
+
+def test_a_fifo_as_input_fails_at_once(tmp_path):
+    fifo = tmp_path / "in.npy"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    result = _run(fifo, tmp_path / "out.npy", timeout=30)
+    assert time.monotonic() - start < 25
+    assert result.returncode == 2 and "not a regular file" in result.stderr
+
+
+def test_a_failing_save_stats_fails_before_the_work(tmp_path, data):
+    path, x = data
+    out = tmp_path / "out.npy"
+    result = _run(path, out, "--save-stats", tmp_path / "missing-dir" / "s.json")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert not out.exists()
+
+
+def test_big_endian_and_empty_inputs(tmp_path, rng):
+    x = rng.normal(5.0, 2.0, (50, 4))
+    np.save(tmp_path / "be.npy", x.astype(">f4"))
+    assert _run(tmp_path / "be.npy", tmp_path / "o.npy").returncode == 0
+    y = np.load(tmp_path / "o.npy")
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, fastbn.standardize(x.astype(np.float32)), atol=1e-6)
+    # (0, 8) along axis 0: no features, an empty output; along axis -1: 0 samples, an error
+    np.save(tmp_path / "e.npy", np.empty((0, 8), np.float32))
+    result = _run(tmp_path / "e.npy", tmp_path / "e_out.npy", "--axis", 0)
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "e_out.npy").shape == (0, 8)
+    result = _run(tmp_path / "e.npy", tmp_path / "e_out2.npy")
+    assert result.returncode == 2 and "0 samples" in result.stderr
+
+
+def _npy_with_header(path, header_text):
+    header = header_text.encode("latin1")
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header)
+
+
+@pytest.mark.parametrize("case", [
+    "negative-shape", "short-file", "out-dir-missing", "out-is-dir", "out-dir-read-only",
+    "chunk-inf", "chunk-nan", "stats-list", "stats-null", "stats-number", "stats-deep",
+    "stats-minmax-without-min", "in-dir", "file-size-limit"])
+def test_every_failure_is_one_line_and_exit_2(tmp_path, data, case):
+    path, x = data
+    out = tmp_path / "out.npy"
+    args = [path, out]
+    kw = {}
+    if case == "negative-shape":
+        _npy_with_header(tmp_path / "neg.npy",
+                         "{'descr': '<f4', 'fortran_order': False, 'shape': (-3, 4), }")
+        args = [tmp_path / "neg.npy", out]
+    elif case == "short-file":
+        np.save(tmp_path / "short.npy", x)
+        data_bytes = (tmp_path / "short.npy").read_bytes()
+        (tmp_path / "short.npy").write_bytes(data_bytes[:-100])
+        args = [tmp_path / "short.npy", out]
+    elif case == "out-dir-missing":
+        args = [path, tmp_path / "nope" / "out.npy"]
+    elif case == "out-is-dir":
+        (tmp_path / "d").mkdir()
+        args = [path, tmp_path / "d"]
+    elif case == "out-dir-read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only directories")
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        args = [path, tmp_path / "ro" / "out.npy"]
+    elif case in ("chunk-inf", "chunk-nan"):
+        args += ["--chunk-mb", case[6:]]
+    elif case.startswith("stats-"):
+        content = {"stats-list": "[1, 2]", "stats-null": "null", "stats-number": "3",
+                   "stats-deep": "[" * 100000 + "]" * 100000}.get(case)
+        method = []
+        if case == "stats-minmax-without-min":
+            fitted = fastbn.MinMaxScaler().fit(x).to_dict()
+            del fitted["min"]
+            content = json.dumps(fitted)
+            method = ["--method", "minmax"]
+        (tmp_path / "s.json").write_text(content)
+        args += ["--stats", tmp_path / "s.json"] + method
+    elif case == "in-dir":
+        args = [tmp_path, out]
+    elif case == "file-size-limit":
+        import resource
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        kw["preexec_fn"] = limit
+        args += ["--quiet"]  # the error line alone (the progress bar goes to stderr too)
+    result = _run(*args, **kw)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastbn normalize: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+def test_disk_full_is_one_line_and_exit_2(tmp_path, data):
+    """/dev/full fails every write with ENOSPC: OUT's directory stands in for a full disk
+    through a file size limit is covered above; here the stats file hits a full device."""
+    path, x = data
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    import fastbn._normalize_cli as cli
+
+    class Args:
+        input, output, method, axis, chunk_mb = str(path), str(tmp_path / "o.npy"), "standard", -1, 64.0
+        feature_range, clip, save_stats, stats, quiet = (0.0, 1.0), False, None, None, True
+
+    original = cli.AtomicNpyWriter.write
+
+    def full(self, chunk):
+        raise OSError(28, "No space left on device", self.temp)
+    cli.AtomicNpyWriter.write = full
+    try:
+        assert cli.main(Args()) == 2
+    finally:
+        cli.AtomicNpyWriter.write = original
+    assert not (tmp_path / "o.npy").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
 
 
 def test_memory_stays_at_a_few_chunks(tmp_path, rng):
