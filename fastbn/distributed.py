@@ -103,10 +103,9 @@ def sync_batch_norm_forward(x, weight=None, bias=None, *, comm, axis=1, eps=1e-5
     a = v.forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum, out)
     xa, ax, channels = a.x, a.axis, a.channels
 
+    _agree_on_channels(comm, channels)
     n, mean, m2 = _local_moments(backend, xa, ax, channels)
     gathered = comm.allgather(np.concatenate([[n], mean, m2]))
-    if gathered.shape[1] != 1 + 2 * channels:
-        raise ValueError(f"ranks disagree on the number of channels ({channels} here)")
     counts = gathered[:, :1]
     total, mean, m2 = _moments.merge_moments(np.broadcast_to(counts, (comm.size, channels)),
                                              gathered[:, 1:1 + channels],
@@ -139,6 +138,7 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, axis=1, 
     a = v.backward_args(dy, x, mean, invstd, weight, axis, out)
     dya, xa, ax, channels, mu, inv = a.dy, a.x, a.axis, a.channels, a.mean, a.invstd
 
+    _agree_on_channels(comm, channels)
     n = v.channel_count(xa.shape, ax)
     if n and channels:
         sum_dy, sum_dy_xmu = backend.grad_sums(dya, xa, ax, mu, a.out_dtype)
@@ -153,6 +153,16 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, axis=1, 
     dx = backend.dx_from_sums(dya, xa, ax, mu, inv, a.weight, sum_dy, sum_dy_xmu, total, a.out,
                               a.out_dtype)
     return dx, (sum_dy_xmu * inv).astype(a.stats_dtype), sum_dy.astype(a.stats_dtype)
+
+
+def _agree_on_channels(comm, channels):
+    """Exchange every rank's channel count (one value each, so the exchange itself cannot
+    mismatch) and raise the same ``ValueError`` on every rank when they differ: exchanging
+    statistics of different lengths truncates on one rank and reads garbage on another."""
+    counts = comm.allgather(np.array([channels], dtype=np.float64))[:, 0].astype(np.int64)
+    if np.any(counts != counts[0]):
+        raise ValueError("ranks disagree on the number of channels: "
+                         f"{', '.join(f'rank {r}: {c}' for r, c in enumerate(counts))}")
 
 
 def _host_backend(**arrays):

@@ -56,6 +56,22 @@ def main():
         assert "more than 1 value" in str(exc)
     else:
         raise AssertionError("a 1-value global batch was accepted")
+    # ranks with different channel counts: the same ValueError on every rank, and the
+    # running statistics untouched
+    channels = 4 if comm.rank == 0 else 5
+    rm = np.zeros(channels)
+    for call in (lambda: sync_batch_norm_forward(np.ones((6, channels)), comm=comm,
+                                                  running_mean=rm),
+                 lambda: sync_batch_norm_backward(np.ones((6, channels)), np.ones((6, channels)),
+                                                  np.zeros(channels), np.ones(channels),
+                                                  comm=comm)):
+        try:
+            call()
+        except ValueError as exc:
+            assert "ranks disagree on the number of channels: rank 0: 4, rank 1: 5" in str(exc), exc
+        else:
+            raise AssertionError("ranks with different channel counts were accepted")
+    assert not rm.any()
     print(f"rank {comm.rank} ok", flush=True)
 
 
