@@ -18,6 +18,13 @@ def _bench(args):
         return
     repeats = args.repeats or (5 if args.quick else 11)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in _bench.machine_info().items()))
+    if args.small_calls:
+        result = _bench.small_calls(repeats=repeats, busy=True)
+        print(_bench.format_small_calls(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": _bench.machine_info(), "small_calls": result}, f, indent=2)
+        return
     cases = args.case or list(_bench.CASES)
     results = []
     for name in cases:
@@ -87,6 +94,8 @@ def main(argv=None):
     b.add_argument("--out-of-core", type=float, metavar="GB", nargs="?", const=2.0,
                    help="only time `normalize` on a file of GB gigabytes (default 2) against "
                         "reading it twice and writing it once")
+    b.add_argument("--small-calls", action="store_true",
+                   help="only time small calls, on an idle machine and with every core busy")
     b.set_defaults(func=_bench)
     f = sub.add_parser("floors", help="floors of the fused channel schedule by group size")
     f.add_argument("--case", default="nchw", choices=["nchw", "nchw-batch256", "small"])

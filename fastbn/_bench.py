@@ -522,3 +522,105 @@ def out_of_core(gb=2.0, chunk_mb=64.0, repeats=3, directory=None):
                 "ratio": medians["normalize"] / medians["read twice + write"]}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Small calls, on an idle machine and on one whose cores are all busy
+
+_BUSY = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
+
+
+class busy_cores:
+    """Context manager: one spinning process per core (a shared machine's neighbours)."""
+
+    def __init__(self, seconds=600):
+        self.seconds = seconds
+        self.procs = []
+
+    def __enter__(self):
+        import subprocess
+        import sys
+
+        for _ in range(os.cpu_count() or 1):
+            self.procs.append(subprocess.Popen([sys.executable, "-c",
+                                                _BUSY.format(seconds=self.seconds)]))
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+        return False
+
+
+def small_call_contenders():
+    """Small calls as pipelines make them, each with fastbn's default threads and with
+    ``fastbn.threads(1)``: the benchmark's small forward, a tiny one, ``standardize`` of a
+    (256, 24) batch, and one step of a NumPy MLP layer ((64, 256) matmul, batch norm
+    forward and backward), where NumPy's BLAS threads and fastbn's meet."""
+    import fastbn
+
+    rng = np.random.default_rng(0)
+    small = rng.normal(size=(32, 64, 8, 8)).astype(np.float32)
+    tiny = rng.normal(size=(8, 16, 8, 8)).astype(np.float32)
+    table = rng.normal(size=(256, 24))
+    h = rng.normal(size=(64, 256)).astype(np.float32)
+    w = (rng.normal(size=(256, 256)) / 16).astype(np.float32)
+    out_small, out_tiny = np.empty_like(small), np.empty_like(tiny)
+
+    def mlp_step():
+        z = h @ w
+        y, mean, invstd = fastbn.batch_norm_forward(z, axis=-1)
+        dz, dw, db = fastbn.batch_norm_backward(y, z, mean, invstd, axis=-1)
+        return dz @ w.T
+
+    ops = {
+        "forward (32, 64, 8, 8)": lambda: fastbn.batch_norm_forward(small, out=out_small),
+        "forward (8, 16, 8, 8)": lambda: fastbn.batch_norm_forward(tiny, out=out_tiny),
+        "standardize (256, 24)": lambda: fastbn.standardize(table),
+        "MLP step (64, 256)": mlp_step,
+    }
+
+    def one_thread(fn):
+        def run():
+            with fastbn.threads(1):
+                return fn()
+        return run
+
+    contenders = {}
+    for name, fn in ops.items():
+        contenders[name] = fn
+        contenders[name + " [threads(1)]"] = one_thread(fn)
+    torch = _torch()
+    if torch is not None:
+        t = torch.from_numpy(small)
+        contenders["F.batch_norm (32, 64, 8, 8)"] = lambda: torch.nn.functional.batch_norm(
+            t, None, None, training=True)
+    return contenders
+
+
+def small_calls(repeats=11, busy=True):
+    """``{name: {"idle": s, "busy": s}}`` per small call (medians of interleaved samples of
+    20 calls); ``busy`` with every core kept busy by another process."""
+    contenders = small_call_contenders()
+    result = {name: {} for name in contenders}
+    medians, _ = time_interleaved(contenders, repeats=repeats, calls=CALLS_PER_SAMPLE)
+    for name, sec in medians.items():
+        result[name]["idle"] = sec
+    if busy:
+        with busy_cores():
+            medians, _ = time_interleaved(contenders, repeats=repeats, calls=CALLS_PER_SAMPLE)
+        for name, sec in medians.items():
+            result[name]["busy"] = sec
+    return result
+
+
+def format_small_calls(result):
+    lines = ["small calls (us per call, median; busy: one spinning process per core)",
+             f"  {'call':<42} {'idle':>9} {'busy':>9}"]
+    for name, t in result.items():
+        busy = f"{t['busy'] * 1e6:9.1f}" if "busy" in t else f"{'-':>9}"
+        lines.append(f"  {name:<42} {t['idle'] * 1e6:9.1f} {busy}")
+    return "\n".join(lines)

@@ -33,3 +33,12 @@ def test_bench_float64_with_plot(tmp_path, capsys):
               "--no-peers", "--no-naive", "--plot", str(png)])
     assert "float64" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_small_calls_idle_and_busy(tmp_path, capsys):
+    path = tmp_path / "small.json"
+    cli.main(["bench", "--small-calls", "--repeats", "1", "--json", str(path)])
+    printed = capsys.readouterr().out
+    assert "small calls" in printed and "MLP step (64, 256) [threads(1)]" in printed
+    data = json.loads(path.read_text())["small_calls"]
+    assert all(t["idle"] > 0 and t["busy"] > 0 for t in data.values())
