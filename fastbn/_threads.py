@@ -71,7 +71,7 @@ class _State(threading.local):
 
 
 _state = _State()
-_process = {"limit": None, "pool_unusable": False, "forked": False}
+_process = {"limit": None, "pool_unusable": False}
 
 
 def layer():
@@ -119,8 +119,8 @@ def set_num_threads(n):
     """Use at most ``n`` threads in fastbn's kernels, in every thread of this process.
 
     ``n=None`` lifts the limit (Numba's thread count, ``NUMBA_NUM_THREADS``).  With
-    ``n == 1`` every call runs on the calling thread and never starts Numba's thread
-    pool.  Other libraries' settings (NumPy's BLAS, PyTorch) are not touched.
+    ``n == 1`` every call runs on the calling thread and wakes no worker.  Other
+    libraries' settings (NumPy's BLAS, PyTorch) are not touched.
     """
     _process["limit"] = _check(n)
 
@@ -188,7 +188,6 @@ def at_fork_in_child(hook):
 
 
 def _after_fork_in_child():
-    _process["forked"] = True
     if layer() == "omp":
         _process["pool_unusable"] = True
     for hook in _fork_hooks:
