@@ -16,6 +16,7 @@ MODULE = "_fastbn_capi"
 INTERNAL_CDEF = """
 static void fastbn__register_entry(int index, void *address);
 static void fastbn__set_threads(int64_t n, int serialize);
+static void fastbn__set_small_calls(int64_t max_bytes, void *mask_set, void *mask_get);
 static void fastbn__serial_lock(void);
 static void fastbn__serial_unlock(void);
 """

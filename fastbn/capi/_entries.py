@@ -13,13 +13,14 @@ defines a function, and these embed the kernels.
 """
 
 import hashlib
+import importlib
 import os
 
 import numba
 import numpy as np
 from numba import carray, cfunc, types
 
-from .. import _cache
+from .. import _cache, _threads
 from .._cpu import backend, kernels
 from .._cpu.backend import MIN_RUN
 
@@ -196,6 +197,9 @@ class _CLock:
         self._lib.fastbn__serial_unlock()
 
 
+_LAYER_MODULES = {"tbb": "tbbpool", "omp": "omppool", "workqueue": "workqueue"}
+
+
 def register(ffi, lib):
     """Hand the entry points and the thread count to the C library (its init code calls this)."""
     entries = compile_entries()
@@ -203,8 +207,13 @@ def register(ffi, lib):
         lib.fastbn__register_entry(index, ffi.cast("void *", entries[name].address))
     # workqueue aborts on concurrent use: then the C library serializes calls, and the
     # Python API in this process takes the same mutex
-    lib.fastbn__set_threads(numba.config.NUMBA_NUM_THREADS,
-                            int(numba.threading_layer() == "workqueue"))
+    layer = numba.threading_layer()
+    lib.fastbn__set_threads(numba.config.NUMBA_NUM_THREADS, int(layer == "workqueue"))
+    # small calls run on the calling thread, as in Python: the layer's own thread mask
+    pool = importlib.import_module(f"numba.np.ufunc.{_LAYER_MODULES[layer]}")
+    lib.fastbn__set_small_calls(_threads.SERIAL_MAX_BYTES,
+                                ffi.cast("void *", pool.set_num_threads),
+                                ffi.cast("void *", pool.get_num_threads))
     backend._SerialLock.use_lock(_CLock(lib))
     _alive.update(entries)  # the addresses stay valid while the cfuncs live
     return entries

@@ -31,6 +31,11 @@ static int fastbn__init_status = FASTBN_ERR_INIT;
 enum { FWD_F32, FWD_F64, INFER_F32, INFER_F64, BWD_F32, BWD_F64, N_ENTRIES };
 static void *fastbn__entries[N_ENTRIES];
 static int64_t fastbn__threads = 1;
+/* Calls reading fewer bytes run on the calling thread: the threading layer's thread mask
+ * (thread-local, Numba's set/get_num_threads) is set to 1 around them, as in Python. */
+static int64_t fastbn__serial_max_bytes = 0;
+static void (*fastbn__mask_set)(int) = NULL;
+static int (*fastbn__mask_get)(void) = NULL;
 /* Numba's workqueue layer aborts the process on concurrent parallel regions:
  * under it, calls take this lock (the init code says which layer loaded). */
 static int fastbn__serialize = 1;
@@ -65,6 +70,13 @@ static void fastbn__set_threads(int64_t n, int serialize)
 {
     fastbn__threads = n > 0 ? n : 1;
     fastbn__serialize = serialize;
+}
+
+static void fastbn__set_small_calls(int64_t max_bytes, void *mask_set, void *mask_get)
+{
+    fastbn__serial_max_bytes = max_bytes;
+    fastbn__mask_set = (void (*)(int))mask_set;
+    fastbn__mask_get = (int (*)(void))mask_get;
 }
 
 /* One lock for every caller in the process: the Python API takes it too when this
@@ -226,17 +238,29 @@ static int fastbn__check_scalar(const char *func, double value, const char *name
 #define FASTBN_TRY(expr) do { int fastbn__rc = (expr); if (fastbn__rc) return fastbn__rc; } while (0)
 #define FASTBN_FLAG(p, bit) ((p) != NULL ? (bit) : 0)
 
-#define FASTBN_CALL(rc, call)                                  \
-    do {                                                       \
-        pthread_rwlock_rdlock(&fastbn__fork_gate);             \
-        if (fastbn__serialize) {                               \
-            pthread_mutex_lock(&fastbn__serial);               \
-            rc = (call);                                       \
-            pthread_mutex_unlock(&fastbn__serial);             \
-        } else {                                               \
-            rc = (call);                                       \
-        }                                                      \
-        pthread_rwlock_unlock(&fastbn__fork_gate);             \
+/* Runs `call`, which takes `nthreads` as its thread count, between the locks. */
+#define FASTBN_CALL(rc, nbytes, call)                                                  \
+    do {                                                                               \
+        int64_t nthreads = fastbn__threads;                                            \
+        int fastbn__one = (nbytes) < fastbn__serial_max_bytes && nthreads > 1          \
+            && fastbn__mask_set != NULL;                                               \
+        int fastbn__prev = 0;                                                          \
+        pthread_rwlock_rdlock(&fastbn__fork_gate);                                     \
+        if (fastbn__one) {                                                             \
+            fastbn__prev = fastbn__mask_get();                                         \
+            fastbn__mask_set(1);                                                       \
+            nthreads = 1;                                                              \
+        }                                                                              \
+        if (fastbn__serialize) {                                                       \
+            pthread_mutex_lock(&fastbn__serial);                                       \
+            rc = (call);                                                               \
+            pthread_mutex_unlock(&fastbn__serial);                                     \
+        } else {                                                                       \
+            rc = (call);                                                               \
+        }                                                                              \
+        if (fastbn__one)                                                               \
+            fastbn__mask_set(fastbn__prev > 0 ? fastbn__prev : (int)fastbn__threads); \
+        pthread_rwlock_unlock(&fastbn__fork_gate);                                     \
     } while (0)
 
 static int fastbn__entry_status(const char *func, int32_t rc)
@@ -277,9 +301,9 @@ FASTBN_API int fastbn_forward_train_##SUFFIX(int64_t outer, int64_t channels, in
         | FASTBN_FLAG(running_mean, HAS_RUNNING_MEAN) | FASTBN_FLAG(running_var, HAS_RUNNING_VAR)\
         | FASTBN_FLAG(save_mean, HAS_SAVE_MEAN) | FASTBN_FLAG(save_invstd, HAS_SAVE_INVSTD);   \
     int32_t rc;                                                                               \
-    FASTBN_CALL(rc, ((fastbn__fwd_##SUFFIX)fastbn__entries[FWD])(                             \
+    FASTBN_CALL(rc, total * (int64_t)sizeof(REAL), ((fastbn__fwd_##SUFFIX)fastbn__entries[FWD])(\
         outer, channels, inner, x, weight, bias, eps, momentum, running_mean, running_var, y,  \
-        save_mean, save_invstd, flags, fastbn__threads));                                     \
+        save_mean, save_invstd, flags, nthreads));                                            \
     return fastbn__entry_status(func, rc);                                                    \
 }                                                                                             \
                                                                                               \
@@ -300,9 +324,10 @@ FASTBN_API int fastbn_forward_infer_##SUFFIX(int64_t outer, int64_t channels, in
         return FASTBN_OK;                                                                     \
     int64_t flags = FASTBN_FLAG(weight, HAS_WEIGHT) | FASTBN_FLAG(bias, HAS_BIAS);            \
     int32_t rc;                                                                               \
-    FASTBN_CALL(rc, ((fastbn__infer_##SUFFIX)fastbn__entries[INFER])(                         \
+    FASTBN_CALL(rc, total * (int64_t)sizeof(REAL),                                            \
+                ((fastbn__infer_##SUFFIX)fastbn__entries[INFER])(                             \
         outer, channels, inner, x, running_mean, running_var, weight, bias, eps, y, flags,    \
-        fastbn__threads));                                                                    \
+        nthreads));                                                                           \
     return fastbn__entry_status(func, rc);                                                    \
 }                                                                                             \
                                                                                               \
@@ -325,9 +350,10 @@ FASTBN_API int fastbn_backward_##SUFFIX(int64_t outer, int64_t channels, int64_t
     int64_t flags = FASTBN_FLAG(weight, HAS_WEIGHT) | FASTBN_FLAG(dweight, HAS_DWEIGHT)       \
         | FASTBN_FLAG(dbias, HAS_DBIAS);                                                      \
     int32_t rc;                                                                               \
-    FASTBN_CALL(rc, ((fastbn__bwd_##SUFFIX)fastbn__entries[BWD])(                             \
+    FASTBN_CALL(rc, 2 * total * (int64_t)sizeof(REAL),                                        \
+                ((fastbn__bwd_##SUFFIX)fastbn__entries[BWD])(                                 \
         outer, channels, inner, dy, x, save_mean, save_invstd, weight, dx, dweight, dbias,    \
-        flags, fastbn__threads));                                                             \
+        flags, nthreads));                                                                    \
     return fastbn__entry_status(func, rc);                                                    \
 }
 
