@@ -99,36 +99,30 @@ def _partial_prefix(path):
     return f".{os.path.basename(path)}{PARTIAL}"
 
 
-class AtomicNpyWriter:
-    """Write a .npy file to a new temporary file next to ``path``, renamed to ``path`` only
-    by ``commit()``.
+class _FileNextTo:
+    """A new temporary file next to ``path``, renamed to ``path`` only by ``commit()``.
 
-    The temporary file is created with ``O_CREAT | O_EXCL`` under a random name
-    (``tempfile.mkstemp``): a file or symbolic link planted in the directory is never
-    followed or overwritten.  Its name carries the writer's process id, so a later run
-    removes what a killed run left (``remove_stale_partials``).
+    It is created with ``O_CREAT | O_EXCL`` under a random name (``tempfile.mkstemp``):
+    a file or symbolic link planted in the directory is never followed or overwritten.
+    Its name carries the writer's process id, so a later run removes what a killed run
+    left (``remove_stale_partials``).
     """
 
-    def __init__(self, path, shape, dtype):
+    def __init__(self, path, mode):
         self.path = path
-        directory = os.path.dirname(os.path.abspath(path))
         fd, self.temp = tempfile.mkstemp(prefix=f"{_partial_prefix(path)}{os.getpid()}-",
-                                         dir=directory)
-        self._file = os.fdopen(fd, "wb")
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                  "shape": tuple(shape)}
-        try:
-            np.lib.format.write_array_header_1_0(self._file, header)
-        except ValueError:
-            np.lib.format.write_array_header_2_0(self._file, header)
+                                         dir=os.path.dirname(os.path.abspath(path)))
+        self._file = os.fdopen(fd, mode)
 
-    def write(self, chunk):
-        np.ascontiguousarray(chunk).tofile(self._file)
+    def close(self):
+        """Flush the data to disk and close the file (before ``commit()``)."""
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
 
     def commit(self):
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        self.close()
         os.replace(self.temp, self.path)
 
     def abort(self):
@@ -141,6 +135,22 @@ class AtomicNpyWriter:
             os.remove(self.temp)
         except FileNotFoundError:
             pass
+
+
+class AtomicNpyWriter(_FileNextTo):
+    """A .npy file written to a temporary file next to ``path`` (``_FileNextTo``)."""
+
+    def __init__(self, path, shape, dtype):
+        super().__init__(path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                  "shape": tuple(shape)}
+        try:
+            np.lib.format.write_array_header_1_0(self._file, header)
+        except ValueError:
+            np.lib.format.write_array_header_2_0(self._file, header)
+
+    def write(self, chunk):
+        np.ascontiguousarray(chunk).tofile(self._file)
 
 
 def remove_stale_partials(path):
@@ -257,35 +267,16 @@ def _check_output_path(path, name):
         raise UsageError(f"{path}: {name}'s directory does not exist")
 
 
-class _StatsWriter:
-    """``--save-stats``: a temporary file created before the work starts (so that a path
-    that cannot be written fails in a second, not after the whole run), renamed at the end."""
+class _StatsWriter(_FileNextTo):
+    """``--save-stats``: created before the work starts (so that a path that cannot be
+    written fails in a second, not after the whole run), written and renamed at the end."""
 
     def __init__(self, path):
-        self.path = path
-        fd, self.temp = tempfile.mkstemp(prefix=_partial_prefix(path) + f"{os.getpid()}-",
-                                         dir=os.path.dirname(os.path.abspath(path)))
-        self._file = os.fdopen(fd, "w")
+        super().__init__(path, "w")
 
     def write(self, state):
         json.dump(state, self._file)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-
-    def commit(self):
-        os.replace(self.temp, self.path)
-
-    def abort(self):
-        if not self._file.closed:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-        try:
-            os.remove(self.temp)
-        except FileNotFoundError:
-            pass
+        self.close()
 
 
 def run(args):

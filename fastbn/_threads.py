@@ -127,8 +127,13 @@ def set_num_threads(n):
 
 def get_num_threads():
     """The number of threads a large fastbn call uses now, from the calling thread."""
-    n, cap = limit(), numba_threads()
-    return cap if n is None else min(n, cap)
+    return limited(numba_threads())
+
+
+def limited(full):
+    """``full`` (Numba's count) under fastbn's limit for the calling thread."""
+    cap = limit()
+    return full if cap is None or cap >= full else cap
 
 
 @contextlib.contextmanager

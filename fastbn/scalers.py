@@ -93,10 +93,10 @@ class _Scaler:
     def _statistics(self, x):
         """``(features, rows, count, mean, m2, min, max)`` of ``x``, float64 per feature."""
         if fastbn_dask.is_dask_array(x):
-            stats = fastbn_dask.feature_stats(x, self.axis).compute()
             ax = v.channel_axis(self.axis, x.ndim)
             rows = v.channel_count(x.shape, ax)
-            _require_samples(rows, x.shape, ax)
+            _require_samples(rows, x.shape, ax)  # before any work is scheduled
+            stats = fastbn_dask.feature_stats(x, self.axis).compute()
             count = stats["count"]
             empty = count == 0
             vmin = np.where(empty, np.nan, stats["min"])

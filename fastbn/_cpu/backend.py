@@ -72,8 +72,7 @@ class _Call:
 
     def __init__(self, nbytes):
         full = _threads.numba_threads()
-        cap = _threads.limit()
-        n = full if cap is None or cap >= full else cap
+        n = _threads.limited(full)
         if nbytes < SERIAL_MAX_BYTES:
             n = 1
         self._locked = False
