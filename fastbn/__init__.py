@@ -21,7 +21,7 @@ from .api import (
 )
 from .module import BatchNorm
 from .preprocessing import minmax_scale, standardize
-from .scalers import MinMaxScaler, StandardScaler
+from .scalers import MinMaxScaler, NotFittedError, StandardScaler
 from ._threads import get_num_threads, set_num_threads, threads
 from ._warmup import warmup
 
@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "MinMaxScaler",
+    "NotFittedError",
     "StandardScaler",
     "batch_norm",
     "batch_norm_backward",

@@ -194,16 +194,34 @@ def feature_last(a):
 
 
 def sklearn_contenders(a):
-    """scikit-learn's StandardScaler on the same data, reshaped to (samples, features)."""
+    """scikit-learn's StandardScaler against fastbn.sklearn's on the same data reshaped to
+    (samples, features), without and with ``sample_weight``."""
     try:
         from sklearn.preprocessing import StandardScaler
+
+        from . import sklearn as fastbn_sklearn
     except ImportError:
         return {}
     if not feature_last(a):
         return {}
     x2 = a.x.reshape(-1, a.x.shape[-1])
-    return {"standardize": {"sklearn StandardScaler().fit_transform":
-                            lambda: StandardScaler().fit_transform(x2)}}
+    w = np.random.default_rng(0).uniform(0.0, 2.0, x2.shape[0])
+    ours = fastbn_sklearn.StandardScaler
+    return {
+        "scaler": {
+            SCALER: lambda: ours().fit_transform(x2),
+            "sklearn StandardScaler().fit_transform": lambda: StandardScaler().fit_transform(x2),
+        },
+        "scaler (weighted)": {
+            WEIGHTED_SCALER: lambda: ours().fit_transform(x2, sample_weight=w),
+            "sklearn StandardScaler().fit_transform(sample_weight)":
+                lambda: StandardScaler().fit_transform(x2, sample_weight=w),
+        },
+    }
+
+
+SCALER = "fastbn.sklearn StandardScaler().fit_transform"
+WEIGHTED_SCALER = "fastbn.sklearn StandardScaler().fit_transform(sample_weight)"
 
 
 def fastbn_contenders(a):
@@ -307,10 +325,11 @@ def _unpermute(t, axis):
 
 
 BYTES_MOVED = {"floor": 2, "forward": 2, "inference": 2, "backward": 3, "stats": 1,
-               "standardize": 2}  # x sizes
+               "standardize": 2, "scaler": 2, "scaler (weighted)": 2}  # x sizes
 BASELINE = {"forward": "fastbn forward (out=)", "inference": "fastbn inference (out=)",
             "backward": "fastbn backward (out=)", "stats": "fastbn batch_stats",
-            "standardize": "fastbn standardize (out=)"}
+            "standardize": "fastbn standardize (out=)", "scaler": SCALER,
+            "scaler (weighted)": WEIGHTED_SCALER}
 
 
 def peak_memory(a):
@@ -341,12 +360,14 @@ def run_case(name, dtype=np.float32, quick=False, repeats=11, naive=True, peers=
             groups[op].update(c)
     if peers:
         for op, c in sklearn_contenders(a).items():
-            groups[op].update(c)
+            groups.setdefault(op, {}).update(c)
     flat = {name_: fn for c in groups.values() for name_, fn in c.items()}
     calls = calls_per_sample(a)
     medians, _ = time_interleaved(flat, repeats=repeats, calls=calls)
     floor_s = medians[FLOOR]
     patterns = {op: name_ for op, (name_, _) in pattern_floors(a).items()}
+    if "standardize" in patterns:  # the scalers move standardize's bytes
+        patterns["scaler"] = patterns["scaler (weighted)"] = patterns["standardize"]
     rows = []
     for op, contenders in groups.items():
         for contender in contenders:

@@ -222,8 +222,11 @@ class _PlainProgress:
 
 def _make_scaler(args, axis):
     if args.method == "standard":
-        return StandardScaler(axis=axis)
-    return MinMaxScaler(tuple(args.feature_range), axis=axis, clip=args.clip)
+        scaler = StandardScaler(axis=axis)
+    else:
+        scaler = MinMaxScaler(tuple(args.feature_range), axis=axis, clip=args.clip)
+    scaler._check_params()  # before any output or progress bar
+    return scaler
 
 
 def _load_stats(path, args, axis, n_features):
@@ -290,11 +293,14 @@ def run(args):
     writer = stats_writer = None
     try:
         ndim = len(reader.shape)
+        out_shape = tuple(reader.shape)
         try:
             axis = v.channel_axis(args.axis, ndim)
         except (TypeError, np.exceptions.AxisError):
             raise UsageError(f"--axis {args.axis} is out of range for an array of "
                              f"{ndim} dimensions {tuple(reader.shape)}") from None
+        if ndim == 1:  # one feature, as fastbn.standardize and minmax_scale take 1-D input
+            reader.shape, axis = out_shape + (1,), 1
         n_features = reader.shape[axis]
         if v.channel_count(reader.shape, axis) == 0 and n_features and not args.stats:
             raise UsageError(f"{args.input}: 0 samples along the axes other than {axis} "
@@ -307,7 +313,7 @@ def run(args):
                 remove_stale_partials(path)
         if args.save_stats:
             stats_writer = _StatsWriter(args.save_stats)
-        writer = AtomicNpyWriter(args.output, reader.shape, out_dtype)
+        writer = AtomicNpyWriter(args.output, out_shape, out_dtype)
         scaler = _normalize(reader, writer, args, axis, rows, given)
         if stats_writer:
             state = scaler.to_dict()

@@ -1,5 +1,7 @@
 """``BatchNorm``: a stateful layer with the semantics of ``torch.nn.BatchNorm{1,2,3}d``."""
 
+from typing import NamedTuple
+
 import numpy as np
 
 from . import _moments
@@ -10,6 +12,13 @@ from .api import batch_norm_backward, batch_norm_forward, batch_norm_inference
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
+class IncompatibleKeys(NamedTuple):
+    """What ``BatchNorm.load_state_dict`` did not load, as PyTorch's named tuple."""
+
+    missing_keys: list
+    unexpected_keys: list
+
+
 class BatchNorm:
     """Batch normalization layer with learnable affine parameters and running statistics.
 
@@ -17,8 +26,6 @@ class BatchNorm:
     ----------
     num_features : int
         Number of channels C.
-    axis : int, default 1
-        The channel axis of the inputs.
     eps : float, default 1e-5
     momentum : float or None, default 0.1
         Running-average factor; None gives the cumulative moving average
@@ -27,9 +34,19 @@ class BatchNorm:
         Learn ``weight`` (ones) and ``bias`` (zeros); otherwise both are None.
     track_running_stats : bool, default True
         Keep ``running_mean`` / ``running_var``; otherwise batch statistics are
-        used in eval mode too and the running attributes are None.
+        used in eval mode too and the running attributes are None.  As in
+        PyTorch, switching it off later stops the updates, and eval mode keeps
+        normalizing with the existing running statistics.
+    axis : int, default 1
+        The channel axis of the inputs.
+    bias : bool, default True
+        With ``affine``, learn ``bias`` too; ``bias=False`` leaves it None (no
+        ``bias`` key in the state), as PyTorch 2's ``bias=False``.
     dtype : dtype, default float32
         dtype of the parameters and running statistics.
+
+    The first five parameters take PyTorch's positions
+    (``BatchNorm(C, eps, momentum, affine, track_running_stats)``).
 
     Examples
     --------
@@ -41,8 +58,8 @@ class BatchNorm:
     >>> bn.eval(); y_eval = bn(x)       # inference with the running statistics
     """
 
-    def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, axis=1, bias=True, dtype=np.float32):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -58,18 +75,36 @@ class BatchNorm:
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.dtype = dtype
-        self.weight = np.ones(num_features, dtype) if affine else None
-        self.bias = np.zeros(num_features, dtype) if affine else None
+        self.weight = np.empty(num_features, dtype) if affine else None
+        self.bias = np.empty(num_features, dtype) if affine and bias else None
         self.grad_weight = None
         self.grad_bias = None
         if track_running_stats:
-            self.running_mean = np.zeros(num_features, dtype)
-            self.running_var = np.ones(num_features, dtype)
+            self.running_mean = np.empty(num_features, dtype)
+            self.running_var = np.empty(num_features, dtype)
             self.num_batches_tracked = np.array(0, dtype=np.int64)
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.training = True
         self._saved = None
+        self.reset_parameters()
+
+    def reset_running_stats(self):
+        """Running mean 0, running variance 1, ``num_batches_tracked`` 0 (in place)."""
+        if self.running_mean is not None:
+            self.running_mean[...] = 0.0
+        if self.running_var is not None:
+            self.running_var[...] = 1.0
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked[...] = 0
+
+    def reset_parameters(self):
+        """``reset_running_stats()``, weight 1 and bias 0 (in place)."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            self.weight[...] = 1.0
+        if self.bias is not None:
+            self.bias[...] = 0.0
 
     # ---------------------------------------------------------------- modes
     def train(self, mode=True):
@@ -82,22 +117,25 @@ class BatchNorm:
         return self.train(False)
 
     def _uses_batch_stats(self):
-        return self.training or not self.track_running_stats
+        # PyTorch's rule: eval mode uses the running statistics whenever they exist
+        return self.training or (self.running_mean is None and self.running_var is None)
 
     # ---------------------------------------------------------------- passes
     def forward(self, x):
         """Normalize ``x``; in training mode also update the running statistics."""
         if self._uses_batch_stats():
             update = self.training and self.track_running_stats
-            factor = 0.0
-            if update:
+            counted = update and self.num_batches_tracked is not None
+            factor = 0.0 if self.momentum is None else self.momentum
+            if counted:
                 tracked = int(self.num_batches_tracked) + 1
-                factor = 1.0 / tracked if self.momentum is None else self.momentum
+                if self.momentum is None:
+                    factor = 1.0 / tracked
             y, mean, invstd = batch_norm_forward(
                 x, self.weight, self.bias, axis=self.axis, eps=self.eps,
                 running_mean=self.running_mean if update else None,
                 running_var=self.running_var if update else None, momentum=factor)
-            if update:
+            if counted:
                 self.num_batches_tracked[...] = tracked
             self._saved = ("batch", x, mean, invstd)
         else:
@@ -123,8 +161,9 @@ class BatchNorm:
                                                      axis=self.axis)
         else:
             dx, dweight, dbias = _eval_backward(dy, x, mean, invstd, self.weight, self.axis)
-        if self.affine:
+        if self.weight is not None:
             self.grad_weight = dweight.astype(self.dtype)
+        if self.bias is not None:
             self.grad_bias = dbias.astype(self.dtype)
         return dx
 
@@ -138,18 +177,37 @@ class BatchNorm:
                 state[key] = np.array(value, copy=True)
         return state
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state, strict=True):
         """Load a ``state_dict`` (from fastbn or a PyTorch BatchNorm: tensors are accepted).
+
+        Parameters
+        ----------
+        state : mapping
+            PyTorch's keys.  A missing ``num_batches_tracked`` keeps its current
+            value (checkpoints from before PyTorch 0.4.1 have none), as PyTorch does.
+        strict : bool, default True
+            Require exactly this layer's keys (``RuntimeError`` listing the
+            missing and unexpected ones, as PyTorch); with ``strict=False`` the
+            keys present are loaded and the others reported.
+
+        Returns
+        -------
+        IncompatibleKeys
+            ``(missing_keys, unexpected_keys)``, as PyTorch's ``load_state_dict``.
 
         Every entry is checked before any is assigned.
         """
         wanted = [k for k in _STATE_KEYS if getattr(self, k) is not None]
-        missing = [k for k in wanted if k not in state]
+        optional = {"num_batches_tracked"}
+        missing = [k for k in wanted if k not in state and k not in optional]
         unexpected = [k for k in state if k not in wanted]
-        if missing or unexpected:
-            raise KeyError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: "
+                               f"missing keys {missing}, unexpected keys {unexpected}")
         values = {}
         for key in wanted:
+            if key not in state:
+                continue
             value = state[key]
             if hasattr(value, "detach"):  # a torch tensor
                 value = value.detach().cpu().numpy()
@@ -164,12 +222,13 @@ class BatchNorm:
             values[key] = value
         for key, value in values.items():
             getattr(self, key)[...] = value
-        return self
+        return IncompatibleKeys(missing, unexpected)
 
     def __repr__(self):
+        bias = "" if not self.affine or self.bias is not None else ", bias=False"
         return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats})")
+                f"track_running_stats={self.track_running_stats}{bias})")
 
 
 def _eval_backward(dy, x, mean, invstd, weight, axis):

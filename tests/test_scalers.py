@@ -121,10 +121,11 @@ def test_out_in_place_and_input_untouched(rng):
 
 def test_bad_arguments(rng):
     x = _data(rng, (50, 3), nan=False)
+    # constructor arguments are stored as given and checked by fit, as in scikit-learn
     with pytest.raises(ValueError, match="Minimum of desired feature range"):
-        fastbn.MinMaxScaler((1.0, 1.0))
+        fastbn.MinMaxScaler((1.0, 1.0)).fit(x)
     with pytest.raises(ValueError, match="feature_range"):
-        fastbn.MinMaxScaler("ab")
+        fastbn.MinMaxScaler("ab").fit(x)
     with pytest.raises(ValueError, match="not fitted"):
         fastbn.StandardScaler().transform(x)
     sc = fastbn.StandardScaler().fit(x)

@@ -178,3 +178,25 @@ def test_threadpoolctl_sees_and_limits_fastbn():
         assert fastbn.get_num_threads() == 1
     assert fastbn.get_num_threads() == info[0]["num_threads"]
     fastbn.set_num_threads(None)
+
+
+@pytest.mark.parametrize("shape", [(100_000, 8), (3000, 5), (7, 3)])
+def test_scaler_statistics_give_the_same_bits_for_any_thread_count(rng, shape, monkeypatch):
+    """The NaN-aware and the weighted feature statistics split rows by the data's size,
+    not by the thread count."""
+    x = rng.normal(1e3, 3.0, shape)
+    x[1, 1] = np.nan  # the NaN-aware kernel
+    w = rng.uniform(0.0, 2.0, shape[0])
+
+    def fits():
+        a = fastbn.StandardScaler().fit(x)
+        b = fastbn.StandardScaler().fit(x, sample_weight=w)
+        c = fastbn.MinMaxScaler().fit(x)
+        return a.mean_, a.var_, b.mean_, b.var_, c.data_min_, c.data_max_
+
+    monkeypatch.setattr(backend, "SERIAL_MAX_BYTES", 0)
+    parallel = fits()
+    with fastbn.threads(1):
+        one = fits()
+    for a, b in zip(parallel, one):
+        np.testing.assert_array_equal(a, b)

@@ -152,6 +152,15 @@ def _in(a):
     return np.asarray(_ReadOnlyAlias(a))
 
 
+def _first_row_shift(x2):
+    """Per column, the first row's value (0 where it is not finite): the feature statistics
+    accumulate relative to it, so that large offsets cost no precision."""
+    if not x2.shape[0]:
+        return np.zeros(x2.shape[1])
+    first = x2[0].astype(np.float64)
+    return np.where(np.isfinite(first), first, 0.0)
+
+
 class CPUBackend:
     name = "cpu"
     device = False
@@ -196,14 +205,11 @@ class CPUBackend:
         outer, channels, inner = x3.shape
         width = channels * inner
         x2 = x3.reshape(outer, width)
-        shift = np.zeros(width)
-        if outer:
-            first = x2[0].astype(np.float64)
-            shift = np.where(np.isfinite(first), first, 0.0)
+        shift = _first_row_shift(x2)
         with _call(x3) as call:
-            nblocks = call.k.column_blocks(outer, call.n)
+            nblocks = call.k.feature_blocks(outer, width)
             parts = [np.empty((nblocks, width)) for _ in range(5)]
-            call.k.feature_moments(x2, nblocks, call.k.chunk_rows(width), shift, *parts)
+            call.k.feature_moments(x2, None, nblocks, call.k.chunk_rows(width), shift, *parts)
         count, mean_rel, m2, vmin, vmax = parts
         # merge the blocks, then the inner columns of each channel
         count, mean, m2 = _moments.merge_moments(count, mean_rel + shift, m2, axis=0)
@@ -218,6 +224,21 @@ class CPUBackend:
         vmin[empty] = np.nan
         vmax[empty] = np.nan
         return count, mean, m2, vmin, vmax
+
+    def weighted_feature_stats(self, x2, weights, dtype):
+        """Per column of ``x2`` (samples, features), NaN ignored, each sample weighted by
+        ``weights`` (samples,) float64 >= 0: ``(weight sum, mean, m2)``, float64; a column
+        with no weight gets NaN mean and M2."""
+        x2 = _in(np.ascontiguousarray(x2, dtype=work_dtype(dtype)))
+        rows, width = x2.shape
+        shift = _first_row_shift(x2)
+        with _call(x2) as call:
+            nblocks = call.k.feature_blocks(rows, width)
+            parts = [np.empty((nblocks, width)) for _ in range(5)]
+            call.k.feature_moments(x2, _in(weights), nblocks, call.k.chunk_rows(width), shift,
+                                   *parts)
+        count, mean_rel, m2 = parts[:3]
+        return _moments.merge_moments(count, mean_rel + shift, m2, axis=0)
 
     # ----------------------------------------------------------------- forward
     def forward_train(self, x, axis, weight, bias, eps, out, out_dtype):
@@ -357,7 +378,7 @@ class CPUBackend:
                 k.merged_channel_moments(x3, 2, *per_channel)
                 k.column_forward(x2, 4, 2, 4, False, zeros, zeros, 0.0, y2, *per_channel)
                 k.run_dx(x3, x3, zeros, ones, ones, zeros, zeros, 2.0, y3, 2, MIN_RUN)
-                k.feature_moments(x2, 2, 4, np.zeros(width),
+                k.feature_moments(x2, None, 2, 4, np.zeros(width),
                                   *[np.empty((2, width)) for _ in range(5)])
         with _Call(math.inf):
             kernels.parallel_copy(x2.reshape(-1), y2.reshape(-1), 2)

@@ -2216,6 +2216,19 @@ def column_blocks(rows, nthreads):
     return max(1, min(nthreads, rows))
 
 
+# Feature statistics (scalers): blocks of rows whose count follows the data's size, never
+# the thread count, so that the bits do not depend on it; each block's partial statistics
+# take (blocks, width) arrays, kept under FEATURE_PARTS_VALUES values.
+FEATURE_BLOCK_VALUES = 1 << 15
+FEATURE_PARTS_VALUES = 1 << 20
+
+
+@kernel()
+def feature_blocks(rows, width):
+    by_size = rows * width // FEATURE_BLOCK_VALUES
+    return max(1, min(rows, by_size, FEATURE_PARTS_VALUES // max(width, 1)))
+
+
 @kernel()
 def chunk_rows(width):
     return max(4, CHUNK_VALUES // max(width, 1))
@@ -2367,29 +2380,41 @@ def run_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthr
 # Chan's formula, so the result does not depend on the offset of the data.
 
 # Branch-free (selects) so that the column loops vectorize; NaN fails every comparison.
+# ``w``: a weight per row (``sample_weight``), or None for weight 1 (the branch on it is
+# resolved at compile time; a weight of 1 gives the unweighted sums' bits).
+
 @kernel()
-def _chunk_counts_sums(x, r0, r1, shift, c, s):
+def _row_weight(w, r):
+    if w is None:
+        return 1.0
+    return w[r]
+
+
+@kernel()
+def _chunk_counts_sums(x, w, r0, r1, shift, c, s):
     for r in range(r0, r1):
+        wr = _row_weight(w, r)
         for j in range(np.uint64(0), np.uint64(x.shape[1])):
             v = np.float64(x[r, j])
             ok = v == v
-            c[j] += 1.0 if ok else 0.0
-            s[j] += (v - shift[j]) if ok else 0.0
+            c[j] += wr if ok else 0.0
+            s[j] += wr * (v - shift[j]) if ok else 0.0
 
 
 @kernel()
-def _chunk_m2_min_max(x, r0, r1, shift, mu, q, vmin, vmax):
+def _chunk_m2_min_max(x, w, r0, r1, shift, mu, q, vmin, vmax):
     for r in range(r0, r1):
+        wr = _row_weight(w, r)
         for j in range(np.uint64(0), np.uint64(x.shape[1])):
             v = np.float64(x[r, j])
             d = (v - shift[j]) - mu[j]
-            q[j] += d * d if v == v else 0.0
+            q[j] += wr * (d * d) if v == v else 0.0
             vmin[j] = v if v < vmin[j] else vmin[j]
             vmax[j] = v if v > vmax[j] else vmax[j]
 
 
 @kernel()
-def _feature_block(x, r0, r1, chunk_rows, shift, count, mean_rel, m2, vmin, vmax):
+def _feature_block(x, w, r0, r1, chunk_rows, shift, count, mean_rel, m2, vmin, vmax):
     """Statistics of rows [r0, r1) of ``x`` (rows, W) into the (W,) arrays given."""
     width = x.shape[1]
     c = np.zeros(width)
@@ -2406,11 +2431,11 @@ def _feature_block(x, r0, r1, chunk_rows, shift, count, mean_rel, m2, vmin, vmax
         c[:] = 0.0
         s[:] = 0.0
         q[:] = 0.0
-        _chunk_counts_sums(x, a, b, shift, c, s)
+        _chunk_counts_sums(x, w, a, b, shift, c, s)
         for j in range(width):
             mu[j] = s[j] / c[j] if c[j] > 0.0 else 0.0
-        _chunk_m2_min_max(x, a, b, shift, mu, q, vmin, vmax)
-        for j in range(width):
+        _chunk_m2_min_max(x, w, a, b, shift, mu, q, vmin, vmax)
+        for j in range(width):  # Chan's merge of the chunk into the block
             if c[j] > 0.0:
                 n = count[j]
                 total = n + c[j]
@@ -2421,14 +2446,15 @@ def _feature_block(x, r0, r1, chunk_rows, shift, count, mean_rel, m2, vmin, vmax
 
 
 @kernel(parallel=True)
-def feature_moments(x, nblocks, chunk_rows, shift, count, mean_rel, m2, vmin, vmax):
-    """Per-(block of rows, column) statistics of ``x`` (rows, W) with NaN ignored:
-    arrays (nblocks, W) of count, mean relative to ``shift``, M2, min and max
-    (min/max are +inf/-inf where a block has no value)."""
+def feature_moments(x, w, nblocks, chunk_rows, shift, count, mean_rel, m2, vmin, vmax):
+    """Per-(block of rows, column) statistics of ``x`` (rows, W) with NaN ignored, each
+    row weighted by ``w`` (rows,) float64, or by 1 when ``w`` is None: arrays (nblocks,
+    W) of the count (weight sum), mean relative to ``shift``, M2, min and max (min/max
+    are +inf/-inf where a block has no value)."""
     rows = x.shape[0]
     for blk in prange(nblocks):
-        _feature_block(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, chunk_rows, shift,
-                       count[blk], mean_rel[blk], m2[blk], vmin[blk], vmax[blk])
+        _feature_block(x, w, blk * rows // nblocks, (blk + 1) * rows // nblocks, chunk_rows,
+                       shift, count[blk], mean_rel[blk], m2[blk], vmin[blk], vmax[blk])
 
 
 # ---------------------------------------------------------------------------

@@ -61,6 +61,16 @@ class NumPyBackend:
                                                  initial=-np.inf), np.nan)
         return count, mean, m2, vmin, vmax
 
+    def weighted_feature_stats(self, x2, weights, dtype):
+        cols = np.asarray(x2, dtype=np.float64)
+        ok = ~np.isnan(cols)
+        w = np.where(ok, np.asarray(weights, dtype=np.float64)[:, None], 0.0)
+        count = w.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(ok, w * cols, 0.0).sum(axis=0) / count
+            m2 = np.where(ok, w * (cols - mean) ** 2, 0.0).sum(axis=0)
+        return count, np.where(count > 0, mean, np.nan), np.where(count > 0, m2, np.nan)
+
     # ----------------------------------------------------------------- forward
     def forward_train(self, x, axis, weight, bias, eps, out, out_dtype):
         n, mean, m2 = self.moments(x, axis, out_dtype)
