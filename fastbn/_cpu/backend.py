@@ -378,6 +378,7 @@ class CPUBackend:
                 k.merged_channel_moments(x3, 2, *per_channel)
                 k.column_forward(x2, 4, 2, 4, False, zeros, zeros, 0.0, y2, *per_channel)
                 k.run_dx(x3, x3, zeros, ones, ones, zeros, zeros, 2.0, y3, 2, MIN_RUN)
+                k.feature_blocks(2, width)
                 k.feature_moments(x2, None, 2, 4, np.zeros(width),
                                   *[np.empty((2, width)) for _ in range(5)])
         with _Call(math.inf):
