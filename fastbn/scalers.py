@@ -142,7 +142,9 @@ class _Scaler(_Params):
                                  "estimator.")
 
     def _check_params(self):
-        v.channel_axis(self.axis, 2)
+        # the range is checked against each input's dimensions
+        if isinstance(self.axis, bool) or not isinstance(self.axis, (int, np.integer)):
+            raise TypeError(f"axis must be an integer, got {self.axis!r}")
 
     def _fit(self, x, sample_weight=None):
         stats = self._statistics(x, sample_weight)  # raises before the state is touched

@@ -31,11 +31,6 @@ def _forget(estimator):
         estimator.__dict__.pop(name, None)
 
 
-def _validate_params(estimator):
-    # scikit-learn's own parameter checks (its fit methods run them through _fit_context)
-    estimator._validate_params()
-
-
 def _out_for(validated, copy):
     """Where the transform writes: into the validated array itself when the caller
     allows it (``copy=False``) and it may be written, else a new array."""
@@ -70,7 +65,7 @@ class StandardScaler(_sk.StandardScaler):
         return self._transform(Xv, self.copy, inverse=False)
 
     def _fit_validated(self, X, sample_weight):
-        _validate_params(self)
+        self._validate_params()  # scikit-learn's checks, which its own fit runs first
         first = not hasattr(self, "n_samples_seen_")
         Xv = validate_data(self, X, accept_sparse=("csr", "csc"), dtype=FLOAT_DTYPES,
                            ensure_all_finite=False, reset=first)
@@ -82,8 +77,7 @@ class StandardScaler(_sk.StandardScaler):
         core._merge(*_finite_statistics(core, Xv, sample_weight))
         self._fastbn = core
         self.mean_, self.var_, self.scale_ = core.mean_, core.var_, core.scale_
-        self.n_samples_seen_ = _n_samples_seen(core.n_samples_seen_, Xv.dtype,
-                                               sample_weight is not None)
+        self.n_samples_seen_ = _n_samples_seen(core.n_samples_seen_, Xv.dtype, core._weighted)
         return Xv
 
     def transform(self, X, copy=None):
@@ -140,7 +134,7 @@ class MinMaxScaler(_sk.MinMaxScaler):
         return self._fastbn.transform(Xv, out=_out_for(Xv, self.copy))
 
     def _fit_validated(self, X):
-        _validate_params(self)
+        self._validate_params()  # scikit-learn's checks, which its own fit runs first
         _core._feature_range(self.feature_range)
         if _sparse.is_sparse(X):
             raise TypeError("MinMaxScaler does not support sparse input. "

@@ -166,6 +166,17 @@ def test_weighted_partial_fit_over_chunks_equals_fit(rng):
                                fastbn.StandardScaler().fit(x).var_, rtol=1e-12)
 
 
+@pytest.mark.parametrize("cls", SCALERS)
+def test_feature_axis_beyond_two_dimensions(rng, cls):
+    x = rng.normal(3.0, 1.5, (5, 6, 4))  # features on the last of three axes
+    ours = cls(axis=2).fit(x)
+    theirs = getattr(sk_pre, cls.__name__)().fit(x.reshape(-1, 4))
+    np.testing.assert_allclose(ours.transform(x).reshape(-1, 4), theirs.transform(x.reshape(-1, 4)),
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(np.exceptions.AxisError):
+        cls(axis=3).fit(x)
+
+
 def test_weights_on_any_feature_axis(rng):
     x = rng.normal(3.0, 1.5, (5, 4, 6))  # features on axis 1: samples are (5, 6)
     w = rng.uniform(0.0, 2.0, (5, 6))

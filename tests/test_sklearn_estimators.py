@@ -92,3 +92,16 @@ def test_pipeline_with_grid_search_as_in_the_readme():
     pipe = make_pipeline(fsk.StandardScaler(), LogisticRegression(max_iter=2000))
     search = GridSearchCV(pipe, {"logisticregression__C": [0.1, 1.0, 10.0]}, cv=3).fit(x, y)
     assert search.best_score_ > 0.95
+
+
+def test_n_samples_seen_stays_a_weight_sum_after_an_unweighted_chunk(rng):
+    """A weighted chunk, then an unweighted one: the unweighted samples weigh 1 each.
+    (scikit-learn 1.9 truncates the earlier weight sum to an integer here: 2.5 -> 2.)"""
+    x = rng.normal(size=(30, 2))
+    w = np.r_[np.full(10, 0.25), np.ones(20)]
+    ours = fsk.StandardScaler().partial_fit(x[:10], sample_weight=w[:10])
+    ours.partial_fit(x[10:])
+    whole = sk_pre.StandardScaler().fit(x, sample_weight=w)
+    assert ours.n_samples_seen_ == whole.n_samples_seen_ == 22.5
+    np.testing.assert_allclose(ours.mean_, whole.mean_, rtol=1e-12)
+    np.testing.assert_allclose(ours.var_, whole.var_, rtol=1e-12)
