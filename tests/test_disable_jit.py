@@ -36,6 +36,14 @@ for shape, axis in [((6, 4, 9, 9), 1), ((50, 7), -1)]:
     bn = fastbn.BatchNorm(c, axis=axis)
     bn(x); bn.backward(dy)
     assert bn.grad_weight.shape == (c,)
+w = rng.uniform(0.0, 2.0, 50)
+xw = rng.normal(1e3, 3.0, (50, 3))
+xw[4, 1] = np.nan
+sc = fastbn.StandardScaler().fit(xw, sample_weight=w)
+ok = ~np.isnan(xw)
+wm = (np.where(ok, xw, 0) * w[:, None]).sum(0) / (ok * w[:, None]).sum(0)
+wv = (np.where(ok, (xw - wm) ** 2, 0) * w[:, None]).sum(0) / (ok * w[:, None]).sum(0)
+assert np.allclose(sc.mean_, wm, rtol=1e-12) and np.allclose(sc.var_, wv, rtol=1e-9)
 fastbn.warmup()
 print("ok")
 """
