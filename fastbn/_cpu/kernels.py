@@ -2391,24 +2391,79 @@ def _row_weight(w, r):
 
 
 @kernel()
+def _weight_of(v, wr):
+    return wr if v == v else 0.0
+
+
+@kernel()
+def _weighted_dev(v, wr, shift):
+    return wr * (v - shift) if v == v else 0.0
+
+
+@kernel()
+def _weighted_sq(v, wr, d):
+    return wr * (d * d) if v == v else 0.0
+
+
+# The chunk loops take four rows per update of the per-column accumulators (a quarter of
+# their loads and stores, which bound a row-at-a-time loop), summed pairwise; the last
+# rows of a chunk one at a time.  Chunks start at fixed rows, so the order is fixed too.
+
+@kernel()
 def _chunk_counts_sums(x, w, r0, r1, shift, c, s):
-    for r in range(r0, r1):
-        wr = _row_weight(w, r)
-        for j in range(np.uint64(0), np.uint64(x.shape[1])):
-            v = np.float64(x[r, j])
-            ok = v == v
-            c[j] += wr if ok else 0.0
-            s[j] += wr * (v - shift[j]) if ok else 0.0
+    width = np.uint64(x.shape[1])
+    r = r0
+    while r + 4 <= r1:
+        w0, w1 = _row_weight(w, r), _row_weight(w, r + 1)
+        w2, w3 = _row_weight(w, r + 2), _row_weight(w, r + 3)
+        for j in range(np.uint64(0), width):
+            a0, a1 = np.float64(x[r, j]), np.float64(x[r + 1, j])
+            a2, a3 = np.float64(x[r + 2, j]), np.float64(x[r + 3, j])
+            sh = shift[j]
+            c[j] += ((_weight_of(a0, w0) + _weight_of(a1, w1))
+                     + (_weight_of(a2, w2) + _weight_of(a3, w3)))
+            s[j] += ((_weighted_dev(a0, w0, sh) + _weighted_dev(a1, w1, sh))
+                     + (_weighted_dev(a2, w2, sh) + _weighted_dev(a3, w3, sh)))
+        r += 4
+    for rr in range(r, r1):
+        wr = _row_weight(w, rr)
+        for j in range(np.uint64(0), width):
+            v = np.float64(x[rr, j])
+            c[j] += _weight_of(v, wr)
+            s[j] += _weighted_dev(v, wr, shift[j])
 
 
 @kernel()
 def _chunk_m2_min_max(x, w, r0, r1, shift, mu, q, vmin, vmax):
-    for r in range(r0, r1):
-        wr = _row_weight(w, r)
-        for j in range(np.uint64(0), np.uint64(x.shape[1])):
-            v = np.float64(x[r, j])
-            d = (v - shift[j]) - mu[j]
-            q[j] += wr * (d * d) if v == v else 0.0
+    # NaN fails every comparison, so it never becomes a minimum or a maximum
+    width = np.uint64(x.shape[1])
+    r = r0
+    while r + 4 <= r1:
+        w0, w1 = _row_weight(w, r), _row_weight(w, r + 1)
+        w2, w3 = _row_weight(w, r + 2), _row_weight(w, r + 3)
+        for j in range(np.uint64(0), width):
+            a0, a1 = np.float64(x[r, j]), np.float64(x[r + 1, j])
+            a2, a3 = np.float64(x[r + 2, j]), np.float64(x[r + 3, j])
+            sh, m = shift[j], mu[j]
+            q[j] += ((_weighted_sq(a0, w0, (a0 - sh) - m) + _weighted_sq(a1, w1, (a1 - sh) - m))
+                     + (_weighted_sq(a2, w2, (a2 - sh) - m)
+                        + _weighted_sq(a3, w3, (a3 - sh) - m)))
+            lo, hi = vmin[j], vmax[j]
+            lo = a0 if a0 < lo else lo
+            lo = a1 if a1 < lo else lo
+            lo = a2 if a2 < lo else lo
+            lo = a3 if a3 < lo else lo
+            hi = a0 if a0 > hi else hi
+            hi = a1 if a1 > hi else hi
+            hi = a2 if a2 > hi else hi
+            hi = a3 if a3 > hi else hi
+            vmin[j], vmax[j] = lo, hi
+        r += 4
+    for rr in range(r, r1):
+        wr = _row_weight(w, rr)
+        for j in range(np.uint64(0), width):
+            v = np.float64(x[rr, j])
+            q[j] += _weighted_sq(v, wr, (v - shift[j]) - mu[j])
             vmin[j] = v if v < vmin[j] else vmin[j]
             vmax[j] = v if v > vmax[j] else vmax[j]
 
