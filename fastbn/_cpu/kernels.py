@@ -2219,7 +2219,7 @@ def column_blocks(rows, nthreads):
 # Feature statistics (scalers): blocks of rows whose count follows the data's size, never
 # the thread count, so that the bits do not depend on it; each block's partial statistics
 # take (blocks, width) arrays, kept under FEATURE_PARTS_VALUES values.
-FEATURE_BLOCK_VALUES = 1 << 15
+FEATURE_BLOCK_VALUES = 1 << 18
 FEATURE_PARTS_VALUES = 1 << 20
 
 
