@@ -2405,6 +2405,18 @@ def _weighted_sq(v, wr, d):
     return wr * (d * d) if v == v else 0.0
 
 
+@kernel()
+def _four_weights(w, r):
+    return _row_weight(w, r), _row_weight(w, r + 1), _row_weight(w, r + 2), _row_weight(w, r + 3)
+
+
+@kernel()
+def _four_values(x, r, j):
+    """Column ``j`` of rows r .. r + 3, as float64."""
+    return (np.float64(x[r, j]), np.float64(x[r + 1, j]), np.float64(x[r + 2, j]),
+            np.float64(x[r + 3, j]))
+
+
 # The chunk loops take four rows per update of the per-column accumulators (a quarter of
 # their loads and stores, which bound a row-at-a-time loop), summed pairwise; the last
 # rows of a chunk one at a time.  Chunks start at fixed rows, so the order is fixed too.
@@ -2414,11 +2426,9 @@ def _chunk_counts_sums(x, w, r0, r1, shift, c, s):
     width = np.uint64(x.shape[1])
     r = r0
     while r + 4 <= r1:
-        w0, w1 = _row_weight(w, r), _row_weight(w, r + 1)
-        w2, w3 = _row_weight(w, r + 2), _row_weight(w, r + 3)
+        w0, w1, w2, w3 = _four_weights(w, r)
         for j in range(np.uint64(0), width):
-            a0, a1 = np.float64(x[r, j]), np.float64(x[r + 1, j])
-            a2, a3 = np.float64(x[r + 2, j]), np.float64(x[r + 3, j])
+            a0, a1, a2, a3 = _four_values(x, r, j)
             sh = shift[j]
             c[j] += ((_weight_of(a0, w0) + _weight_of(a1, w1))
                      + (_weight_of(a2, w2) + _weight_of(a3, w3)))
@@ -2439,11 +2449,9 @@ def _chunk_m2_min_max(x, w, r0, r1, shift, mu, q, vmin, vmax):
     width = np.uint64(x.shape[1])
     r = r0
     while r + 4 <= r1:
-        w0, w1 = _row_weight(w, r), _row_weight(w, r + 1)
-        w2, w3 = _row_weight(w, r + 2), _row_weight(w, r + 3)
+        w0, w1, w2, w3 = _four_weights(w, r)
         for j in range(np.uint64(0), width):
-            a0, a1 = np.float64(x[r, j]), np.float64(x[r + 1, j])
-            a2, a3 = np.float64(x[r + 2, j]), np.float64(x[r + 3, j])
+            a0, a1, a2, a3 = _four_values(x, r, j)
             sh, m = shift[j], mu[j]
             q[j] += ((_weighted_sq(a0, w0, (a0 - sh) - m) + _weighted_sq(a1, w1, (a1 - sh) - m))
                      + (_weighted_sq(a2, w2, (a2 - sh) - m)
