@@ -158,7 +158,8 @@ class MinMaxScaler(_sk.MinMaxScaler):
         Xv = validate_data(self, X, reset=False, dtype=FLOAT_DTYPES,
                            ensure_all_finite="allow-nan")
         core = self._fastbn
-        core.clip = bool(self.clip)
+        # clipped to the current parameters, as scikit-learn's transform does
+        core.feature_range, core.clip = self.feature_range, bool(self.clip)
         return core.transform(Xv, out=_out_for(Xv, self.copy))
 
     def inverse_transform(self, X):

@@ -105,3 +105,11 @@ def test_n_samples_seen_stays_a_weight_sum_after_an_unweighted_chunk(rng):
     assert ours.n_samples_seen_ == whole.n_samples_seen_ == 22.5
     np.testing.assert_allclose(ours.mean_, whole.mean_, rtol=1e-12)
     np.testing.assert_allclose(ours.var_, whole.var_, rtol=1e-12)
+
+
+def test_minmax_clip_follows_parameters_set_after_fit(rng):
+    x = rng.normal(size=(40, 3))
+    test = x * 3.0
+    ours = fsk.MinMaxScaler().fit(x).set_params(clip=True, feature_range=(0, 2))
+    theirs = sk_pre.MinMaxScaler().fit(x).set_params(clip=True, feature_range=(0, 2))
+    np.testing.assert_allclose(ours.transform(test), theirs.transform(test), rtol=1e-12)
