@@ -21,7 +21,7 @@ import numpy as np
 from . import api, preprocessing
 from ._cpu import kernels
 from ._cpu.backend import backend as cpu
-from ._cpu.backend import pipelined
+from ._cpu.backend import pipelined, plan_chains
 
 # name: (shape, channel axis), full size and --quick size
 CASES = {
@@ -34,6 +34,7 @@ CASES = {
 FLOOR = "memory floor: parallel copy"
 READ = "floor: parallel read"
 READ_COPY = "floor: read + copy"
+READ_NEW_COPY = "floor: read + copy into a new array"
 ADD = "floor: a + b (2 reads, 1 write)"
 READ2_ADD = "floor: read x, dy + (x + dy)"
 GROUPED_READ_COPY = "floor: per channel group, read + copy from cache"
@@ -151,7 +152,7 @@ def uses_column_path(shape, axis):
 def fused_channel_path(a):
     from ._cpu.backend import channel_plan
 
-    return channel_plan(a.shape3, a.x.itemsize, numba.get_num_threads())[1] == 1
+    return channel_plan(a.shape3, a.x.itemsize)[1] == 1
 
 
 def pattern_floors(a):
@@ -176,15 +177,18 @@ def pattern_floors(a):
         x3, dy3, dst3 = (v.reshape(a.shape3) for v in (a.x, a.dy, a.copy_dst))
         forward = (GROUPED_READ_COPY, lambda: cpu.grouped_read_copy(x3, dst3))
         backward = (GROUPED_READ2_ADD, lambda: cpu.grouped_read2_add(x3, dy3, dst3))
-        nthreads = numba.get_num_threads()
-        if pipelined(a.shape3, a.x.itemsize, nthreads, dst3):
+        if pipelined(a.shape3, a.x.itemsize, dst3):
             forward = (PIPELINED_READ_COPY, lambda: cpu.pipelined_read_copy(x3, dst3))
-        if pipelined(a.shape3, 2 * a.x.itemsize, nthreads, dst3):
+        if pipelined(a.shape3, 2 * a.x.itemsize, dst3):
             backward = (PIPELINED_READ2_ADD, lambda: cpu.pipelined_read2_add(x3, dy3, dst3))
     floors = {"forward": forward, "inference": (FLOOR, None), "backward": backward,
               "stats": (READ, lambda: cpu.read(a.x))}
     if feature_last(a):  # a statistics pass, then a transform pass
         floors["standardize"] = (READ_COPY, lambda: (cpu.read(a.x), cpu.copy(a.x, a.copy_dst)))
+        # scikit-learn's fit_transform returns a new array: its pages are faulted in
+        # (and zeroed by the kernel) as they are first written
+        floors["scaler"] = (READ_NEW_COPY,
+                            lambda: (cpu.read(a.x), cpu.copy(a.x, np.empty_like(a.x))))
     return floors
 
 
@@ -366,8 +370,8 @@ def run_case(name, dtype=np.float32, quick=False, repeats=11, naive=True, peers=
     medians, _ = time_interleaved(flat, repeats=repeats, calls=calls)
     floor_s = medians[FLOOR]
     patterns = {op: name_ for op, (name_, _) in pattern_floors(a).items()}
-    if "standardize" in patterns:  # the scalers move standardize's bytes
-        patterns["scaler"] = patterns["scaler (weighted)"] = patterns["standardize"]
+    if "scaler" in patterns:
+        patterns["scaler (weighted)"] = patterns["scaler"]
     rows = []
     for op, contenders in groups.items():
         for contender in contenders:
@@ -463,9 +467,9 @@ def floor_sweep(name="nchw", dtype=np.float32, quick=False, repeats=11):
     })
     nthreads = numba.get_num_threads()
     fns["read + copy, pipelined"] = lambda: cpu.pipelined_read_copy(x3, dst3)
-    fns["read x, dy + add, pipelined, a chain of channels per thread"] = (
-        lambda: kernels.pipelined_read2_add(x3, dy3, nthreads, 1, dst3))
-    nchains, nparts = kernels.backward_chains(a.shape3[0], nthreads)
+    fns["read x, dy + add, pipelined, a chain of channels per planned thread"] = (
+        lambda: kernels.pipelined_read2_add(x3, dy3, plan_chains(a.shape3[1]), 1, dst3))
+    nchains, nparts = kernels.backward_chains(a.shape3[0], a.shape3[1], nthreads)
     fns[f"read x, dy + add, pipelined, {nchains} chain(s) of {nparts} row parts (backward)"] = (
         lambda: cpu.pipelined_read2_add(x3, dy3, dst3))
     # one chain of all channels in row parts: one per thread (half a channel each on two

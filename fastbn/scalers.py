@@ -76,11 +76,13 @@ def _sample_weight(sample_weight, shape, axis):
             raise TypeError(f"sample_weight must be real numbers, got dtype {w.dtype}")
         if w.shape != samples:
             raise ValueError(f"sample_weight.shape == {w.shape}, expected {samples}!")
-        w = w.astype(np.float64)
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError("sample_weight must be finite and >= 0")
-    if w.size and not w.any():
-        raise ValueError("Sample weights must contain at least one non-zero number.")
+        w = w.astype(np.float64, copy=False)  # only read
+    if w.size:
+        lo, hi = w.min(), w.max()
+        if not (lo >= 0.0 and hi < np.inf):  # NaN fails both
+            raise ValueError("sample_weight must be finite and >= 0")
+        if hi == 0.0:
+            raise ValueError("Sample weights must contain at least one non-zero number.")
     return w.reshape(-1)
 
 

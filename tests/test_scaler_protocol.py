@@ -142,6 +142,27 @@ def test_sample_weight_matches_sklearn(rng, dtype):
     assert ours.n_samples_seen_.dtype == np.float64  # weight sums, per feature (NaN)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", [64, 40, 100])  # a 64-column tile, 32 + a rest, rows
+def test_sample_weight_column_kernel(rng, dtype, width):
+    """Data without NaN take the column path's register tiles with a weight per row:
+    several chunks of rows, the first ones of weight 0, a large offset."""
+    x = _x(rng, (9000, width), offset=1e4).astype(dtype)
+    w = rng.uniform(0.0, 3.0, x.shape[0])
+    w[:5000] = 0.0  # whole chunks of weight 0 before the first one that counts
+    ours = fastbn.StandardScaler().fit(x, sample_weight=w)
+    xd = x.astype(np.float64)
+    mean = (w @ xd) / w.sum()
+    var = (w @ (xd - mean) ** 2) / w.sum()
+    np.testing.assert_allclose(ours.mean_, mean, rtol=1e-13)
+    np.testing.assert_allclose(ours.var_, var, rtol=1e-10)
+    x[4, 3] = np.nan  # NaN: the NaN-aware kernel, the same statistics elsewhere
+    nan_aware = fastbn.StandardScaler().fit(x, sample_weight=w)
+    assert not np.isnan(nan_aware.mean_[3])  # the NaN is ignored (and its row weighs 0)
+    np.testing.assert_allclose(nan_aware.mean_, mean, rtol=1e-13)
+    np.testing.assert_allclose(nan_aware.var_, var, rtol=1e-10)
+
+
 def test_integer_weights_equal_repeated_samples(rng):
     x = _x(rng, (60, 4), offset=50.0)
     w = rng.integers(0, 4, x.shape[0])

@@ -22,7 +22,8 @@ CASES = [
     ((2, 6, 50_001), 1, np.float64),
 ]
 # Cases that must take the pipelined channel path (forward and backward).
-PIPELINED = [((8, 16, 9216), 4), ((4, 16, 9216), 8), ((3, 8, 70_001), 4), ((2, 6, 50_001), 8)]
+# the pipelined path needs two channels per chain of the plan (kernels.PLAN_THREADS)
+PIPELINED = [((8, 32, 9216), 4), ((4, 32, 9216), 8), ((3, 32, 70_001), 4), ((2, 33, 50_001), 8)]
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
 
@@ -81,23 +82,24 @@ def test_forward_inference_backward_streamed(case, where, rng):
 def test_pipelined_path_is_taken(shape3, itemsize):
     """The channel-path cases above exercise the pipelined kernels, not only the grouped ones."""
     out = np.empty(int(np.prod(shape3)), dtype=f"f{itemsize}")
-    assert kernels.pipelined(*shape3, itemsize, 2, out)
-    assert kernels.pipelined(*shape3, 2 * itemsize, 2, out)
-    assert not kernels.pipelined(*shape3, itemsize, 2, out[:1024])  # small: not streamed
+    assert kernels.pipelined(*shape3, itemsize, kernels.PLAN_THREADS, out)
+    assert kernels.pipelined(*shape3, 2 * itemsize, kernels.PLAN_THREADS, out)
+    small = out[:1024]  # not streamed
+    assert not kernels.pipelined(*shape3, itemsize, kernels.PLAN_THREADS, small)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_pipelined_hard_cases(dtype, rng):
     """Large offset, a constant channel and a NaN on the pipelined path: statistics as
     exact as the reference's, NaN confined to its channel, the constant channel 0."""
-    shape = (3, 8, 70_001)
+    shape = (3, 32, 70_001)
     x = (1e4 + rng.standard_normal(shape)).astype(dtype)
     x[:, 2, :] = dtype(7.5)
     x[1, 5, 123] = np.nan
-    assert kernels.pipelined(*shape, x.itemsize, 2, np.empty_like(x))
+    assert kernels.pipelined(*shape, x.itemsize, kernels.PLAN_THREADS, np.empty_like(x))
     y, mean, invstd = fastbn.batch_norm_forward(x)
-    y_ref, mean_ref, var_ref, inv_ref = ref.forward(x, np.ones(8), np.zeros(8), axis=1)
-    ok = np.arange(8) != 5
+    y_ref, mean_ref, var_ref, inv_ref = ref.forward(x, np.ones(32), np.zeros(32), axis=1)
+    ok = np.arange(32) != 5
     np.testing.assert_allclose(mean[ok], mean_ref[ok], rtol=1e-12 if dtype == np.float64 else 1e-7)
     np.testing.assert_allclose(invstd[ok], inv_ref[ok], rtol=1e-9 if dtype == np.float64 else 1e-5)
     assert np.isnan(mean[5]) and np.isnan(invstd[5]) and np.isnan(y[:, 5]).all()

@@ -56,8 +56,10 @@ import pytest  # noqa: E402
 
 from fastbn._cpu import backend  # noqa: E402
 
+# fused groups, grouped channels, the column path (small and large), channels in parts of
+# rows (few channels), the pipelined path (streamed output): each plan's bits
 SHAPES = [((8, 16, 8, 8), 1), ((64, 8, 2048), 1), ((4, 64, 40, 40), 1), ((20000, 12), -1),
-          ((6, 5, 5, 20), -1)]
+          ((6, 5, 5, 20), -1), ((256, 2, 4096), 1), ((8, 32, 4096), 1), ((200_000, 12), -1)]
 
 
 def _every_op(x, axis, dy):
@@ -69,12 +71,15 @@ def _every_op(x, axis, dy):
     return y, mean, invstd, dx, dw, db, inf, m, v, z
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis", SHAPES)
-def test_one_thread_small_path_and_limits_give_the_same_bits(rng, shape, axis, monkeypatch):
+def test_one_thread_small_path_and_limits_give_the_same_bits(rng, shape, axis, dtype,
+                                                             monkeypatch):
     """Calls below the serial threshold run on one thread: the bits must not change
-    whichever way a call runs (threshold, fastbn's limit, Numba's count)."""
-    x = rng.normal(3.0, 2.0, shape).astype(np.float32)
-    dy = rng.normal(size=shape).astype(np.float32)
+    whichever way a call runs (threshold, fastbn's limit, Numba's count).  float64
+    results show what float32 outputs round away (float64 statistics included)."""
+    x = rng.normal(3.0, 2.0, shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
     monkeypatch.setattr(backend, "SERIAL_MAX_BYTES", 0)
     parallel = _every_op(x, axis, dy)
     monkeypatch.setattr(backend, "SERIAL_MAX_BYTES", 1 << 62)
@@ -200,3 +205,44 @@ def test_scaler_statistics_give_the_same_bits_for_any_thread_count(rng, shape, m
         one = fits()
     for a, b in zip(parallel, one):
         np.testing.assert_array_equal(a, b)
+
+
+ANY_THREAD_COUNT = """
+import numpy as np, fastbn
+from fastbn._cpu import backend
+backend.SERIAL_MAX_BYTES = 0
+rng = np.random.default_rng(5)
+for shape, axis in SHAPES:
+    x = rng.normal(3.0, 2.0, shape)
+    dy = rng.normal(size=shape)
+    w = rng.uniform(0.0, 2.0, x.size // shape[axis])
+    def every_op():
+        y, mean, invstd = fastbn.batch_norm_forward(x, axis=axis)
+        dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, axis=axis)
+        s = fastbn.StandardScaler(axis=axis).fit(x, sample_weight=w.reshape(
+            shape[:axis % x.ndim] + shape[axis % x.ndim + 1:]))
+        return (y, mean, invstd, dx, dw, db, fastbn.batch_stats(x, axis=axis)[2],
+                fastbn.standardize(x, axis=axis), s.mean_, s.var_)
+    many = every_op()
+    with fastbn.threads(1):
+        one = every_op()
+    for a, b in zip(many, one):
+        assert np.array_equal(a, b, equal_nan=True), (shape, axis)
+print("same bits")
+"""
+
+
+@pytest.mark.parametrize("nthreads", [3, 8])
+def test_same_bits_for_more_threads_than_cores(nthreads):
+    """The plans are made for ``kernels.PLAN_THREADS`` whatever Numba's count: a process
+    with more threads than this machine has cores gets one thread's bits."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(nthreads))
+    code = f"SHAPES = {SHAPES!r}\n" + ANY_THREAD_COUNT
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "same bits" in proc.stdout

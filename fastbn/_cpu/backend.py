@@ -111,14 +111,20 @@ def work_dtype(dtype):
     return np.dtype(np.float32) if dtype in (np.float16, np.float32) else np.dtype(np.float64)
 
 
-def channel_plan(shape3, bytes_per_value, nthreads):
+def channel_plan(shape3, bytes_per_value):
     """``(group, nparts)`` of the channel path for an (outer, C, inner) shape."""
-    return kernels.channel_plan(*shape3, bytes_per_value, nthreads)
+    return kernels.channel_plan(*shape3, bytes_per_value, kernels.PLAN_THREADS)
 
 
-def pipelined(shape3, bytes_per_value, nthreads, out):
+def pipelined(shape3, bytes_per_value, out):
     """Whether the fused channel path runs pipelined for this shape and output."""
-    return kernels.pipelined(*shape3, bytes_per_value, nthreads, out)
+    return kernels.pipelined(*shape3, bytes_per_value, kernels.PLAN_THREADS, out)
+
+
+def plan_chains(channels):
+    """The pipelined schedules' chains of channels: one per thread of the plan, none
+    empty (the kernels take the pipelined path only with two channels per chain)."""
+    return max(1, min(kernels.PLAN_THREADS, channels))
 
 
 def _shape3(shape, axis):
@@ -173,12 +179,12 @@ class CPUBackend:
             if self._column_path(x3):
                 mean, var, unused = np.empty(channels), np.empty(channels), np.zeros(channels)
                 x2 = x3.reshape(outer, -1)
-                call.k.column_forward(x2, inner, call.k.column_blocks(outer, call.n),
+                call.k.column_forward(x2, inner, call.k.column_blocks(outer, kernels.PLAN_THREADS),
                                       call.k.chunk_rows(channels * inner), False, unused, unused,
                                       0.0, x2, mean, var, np.empty(channels))
                 return float(outer * inner), mean, np.zeros(channels), var * (outer * inner)
             hi, lo, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
-            n = call.k.merged_channel_moments(x3, call.n, hi, lo, m2)
+            n = call.k.merged_channel_moments(x3, hi, lo, m2)
         return n, hi, lo, m2
 
     def moments(self, x, axis, dtype):
@@ -230,14 +236,23 @@ class CPUBackend:
         ``weights`` (samples,) float64 >= 0: ``(weight sum, mean, m2)``, float64; a column
         with no weight gets NaN mean and M2."""
         x2 = _in(np.ascontiguousarray(x2, dtype=work_dtype(dtype)))
+        weights = _in(weights)
         rows, width = x2.shape
         shift = _first_row_shift(x2)
         with _call(x2) as call:
-            nblocks = call.k.feature_blocks(rows, width)
-            parts = [np.empty((nblocks, width)) for _ in range(5)]
-            call.k.feature_moments(x2, _in(weights), nblocks, call.k.chunk_rows(width), shift,
-                                   *parts)
-        count, mean_rel, m2 = parts[:3]
+            nblocks = call.k.column_blocks(rows, kernels.PLAN_THREADS)
+            count = np.empty(nblocks)
+            mean_rel, m2 = np.empty((nblocks, width)), np.empty((nblocks, width))
+            call.k.column_moments(x2, weights, nblocks, call.k.chunk_rows(width), shift, count,
+                                  mean_rel, m2)
+            count = np.repeat(count[:, None], width, axis=1)
+            if not (np.isfinite(mean_rel).all() and np.isfinite(m2).all()):
+                # NaN (or inf) in the data: the NaN-aware kernel, several times slower
+                nblocks = call.k.feature_blocks(rows, width)
+                parts = [np.empty((nblocks, width)) for _ in range(5)]
+                call.k.feature_moments(x2, weights, nblocks, call.k.chunk_rows(width), shift,
+                                       *parts)
+                count, mean_rel, m2 = parts[:3]
         return _moments.merge_moments(count, mean_rel + shift, m2, axis=0)
 
     # ----------------------------------------------------------------- forward
@@ -316,7 +331,7 @@ class CPUBackend:
         channels = x3.shape[1]
         s, sx = np.empty(channels), np.empty(channels)
         with _call(dy3, x3) as call:
-            call.k.run_grad_sums(dy3, x3, mean, s, sx, call.n, MIN_RUN)
+            call.k.run_grad_sums(dy3, x3, mean, s, sx, MIN_RUN)
         return s, sx
 
     def grad_sums(self, dy, x, axis, mean, dtype):
@@ -375,12 +390,14 @@ class CPUBackend:
                 k.run_backward_train(x3, x3, zeros, ones, ones, y3, *per_channel[:2], 2, MIN_RUN)
                 k.run_affine(x3, zeros, zeros, ones, zeros, y3, 2, MIN_RUN)
                 k.inference_scale(ones, 1e-5, ones)
-                k.merged_channel_moments(x3, 2, *per_channel)
+                k.merged_channel_moments(x3, *per_channel)
                 k.column_forward(x2, 4, 2, 4, False, zeros, zeros, 0.0, y2, *per_channel)
                 k.run_dx(x3, x3, zeros, ones, ones, zeros, zeros, 2.0, y3, 2, MIN_RUN)
                 k.feature_blocks(2, width)
                 k.feature_moments(x2, None, 2, 4, np.zeros(width),
                                   *[np.empty((2, width)) for _ in range(5)])
+                k.column_moments(x2, np.ones(2), 2, 4, np.zeros(width), np.empty(2),
+                                 np.empty((2, width)), np.empty((2, width)))  # sample_weight
         with _Call(math.inf):
             kernels.parallel_copy(x2.reshape(-1), y2.reshape(-1), 2)
             kernels.parallel_read(x2.reshape(-1), 2)
@@ -411,28 +428,28 @@ class CPUBackend:
         """The fused forward's traffic on its own schedule, no arithmetic: per group of
         channels of contiguous ``x3`` (outer, C, inner), a read, then a copy from cache."""
         with _Call(math.inf) as call:
-            group, _ = channel_plan(x3.shape, x3.itemsize, call.n)
+            group, _ = channel_plan(x3.shape, x3.itemsize)
             return call.k.grouped_read_copy(x3, group, y3)
 
     def grouped_read2_add(self, a3, b3, out3):
         """The fused backward's traffic, no arithmetic: per group, read ``a3`` and ``b3``,
         then ``out3 = a3 + b3`` from cache; returns the sum of both."""
         with _Call(math.inf) as call:
-            group, _ = channel_plan(a3.shape, 2 * a3.itemsize, call.n)
+            group, _ = channel_plan(a3.shape, 2 * a3.itemsize)
             return call.k.grouped_read2_add(a3, b3, group, out3)
 
     def pipelined_read_copy(self, x3, y3):
         """The pipelined forward's traffic, no arithmetic: along each thread's chain of
         channels, copy channel c from cache while reading channel c + 1."""
         with _Call(math.inf) as call:
-            return call.k.pipelined_read_copy(x3, call.n, 1, y3)
+            return call.k.pipelined_read_copy(x3, plan_chains(x3.shape[1]), 1, y3)
 
     def pipelined_read2_add(self, a3, b3, out3):
         """The pipelined backward's traffic on its schedule (chains of channels, split
         into parts of rows), no arithmetic: ``out3 = a3 + b3`` for channel c from cache
         while reading channel c + 1 of both."""
         with _Call(math.inf) as call:
-            nchains, nparts = kernels.backward_chains(a3.shape[0], call.n)
+            nchains, nparts = kernels.backward_chains(a3.shape[0], a3.shape[1], call.n)
             return call.k.pipelined_read2_add(a3, b3, nchains, nparts, out3)
 
     def row_tiled_read_copy(self, x3, y3, nparts=None):

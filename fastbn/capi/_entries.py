@@ -5,7 +5,9 @@ in C, then calls one of these compiled functions through its address, which
 wraps the raw pointers as arrays and runs the same plans as the Python API
 (``fastbn._cpu.kernels.run_*``), so both give the same results for the same
 data.  Arguments after the C signature's: ``flags`` (which optional pointers
-are not NULL, bits below) and ``nthreads`` (the plans' thread count).
+are not NULL, bits below) and ``nthreads`` (the thread count the element-wise
+passes are planned for; reductions follow ``kernels.PLAN_THREADS``, so results
+do not depend on it).
 
 These functions are compiled into a cache directory named after a digest of
 this file and of the kernels' source: Numba's cache only watches the file that
