@@ -4,7 +4,7 @@ import numpy as np
 
 
 def invstd(var, eps):
-    """``1 / sqrt(var + eps)``, 0 where ``var + eps == 0`` (CONTRACT section 2)."""
+    """``1 / sqrt(var + eps)``, 0 where ``var + eps == 0`` (docs/contract.md section 2)."""
     v = np.asarray(var, dtype=np.float64) + eps
     with np.errstate(divide="ignore", invalid="ignore"):
         out = 1.0 / np.sqrt(v)
@@ -26,3 +26,11 @@ def merge_moments(count, mean, m2, axis):
         dev = np.where(count > 0, mean - np.expand_dims(mu, axis), 0.0)
         q = np.where(count > 0, m2, 0.0).sum(axis=axis) + (count * dev * dev).sum(axis=axis)
     return n, mu, np.where(n > 0, q, np.nan)
+
+
+def update_running_stats(running_mean, running_var, mean, var, n, momentum):
+    """PyTorch's update: ``rm = (1 - m) rm + m mean``, ``rv = (1 - m) rv + m var n / (n - 1)``."""
+    if running_mean is not None:
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+    if running_var is not None:
+        running_var[...] = (1.0 - momentum) * running_var + momentum * (var * (n / (n - 1)))

@@ -1,4 +1,4 @@
-"""The public functional API (CONTRACT sections 1 and 2).
+"""The public functional API (docs/contract.md sections 1 and 2).
 
 Each function validates every argument first, so that a bad call raises before
 anything visible changes, then hands plain arrays to the backend that
@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _validate as v
 from ._dispatch import backend_for, host_backend
+from ._moments import update_running_stats
 
 __all__ = [
     "batch_norm_forward",
@@ -31,14 +32,6 @@ def _zeros_or(a, channels):
 
 def _empty_result(out, shape, dtype):
     return out if out is not None else np.empty(shape, dtype=dtype)
-
-
-def update_running_stats(running_mean, running_var, mean, var, n, momentum):
-    """PyTorch's update: ``rm = (1 - m) rm + m mean``, ``rv = (1 - m) rv + m var n / (n - 1)``."""
-    if running_mean is not None:
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-    if running_var is not None:
-        running_var[...] = (1.0 - momentum) * running_var + momentum * (var * (n / (n - 1)))
 
 
 def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mean=None,

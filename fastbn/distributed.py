@@ -120,9 +120,7 @@ def sync_batch_norm_forward(x, weight=None, bias=None, *, comm, axis=1, eps=1e-5
         y = backend.affine(xa, ax, mean, invstd * a.weight, a.bias, a.out, a.out_dtype)
     else:
         y = a.out if a.out is not None else np.empty(xa.shape, a.out_dtype)
-    from .api import update_running_stats
-
-    update_running_stats(a.running_mean, a.running_var, mean, var, total, a.momentum)
+    _moments.update_running_stats(a.running_mean, a.running_var, mean, var, total, a.momentum)
     return y, mean.astype(a.stats_dtype), invstd.astype(a.stats_dtype)
 
 

@@ -1,4 +1,4 @@
-"""Streaming scalers with scikit-learn's semantics (CONTRACT section 3), on any feature axis.
+"""Streaming scalers with scikit-learn's semantics (docs/contract.md section 3), on any feature axis.
 
 ``StandardScaler`` and ``MinMaxScaler`` keep float64 per-feature state
 (count, mean, M2, min, max) that ``partial_fit`` merges with Chan's formula,
@@ -20,7 +20,7 @@ import numpy as np
 from . import _moments
 from . import _sparse
 from . import _validate as v
-from . import dask as fastbn_dask
+from . import _dask_graph
 from ._dispatch import backend_for
 
 __all__ = ["StandardScaler", "MinMaxScaler", "NotFittedError"]
@@ -183,14 +183,14 @@ class _Scaler(_Params):
         weighted = sample_weight is not None
         if _sparse.is_sparse(x):
             return self._sparse_statistics(x, sample_weight)
-        if fastbn_dask.is_dask_array(x):
+        if _dask_graph.is_dask_array(x):
             _require_2d(x.ndim, x, "x")
             if weighted:
                 raise TypeError("sample_weight is not supported for dask arrays")
             ax = v.channel_axis(self.axis, x.ndim)
             rows = v.channel_count(x.shape, ax)
             _require_samples(rows, x.shape, ax)  # before any work is scheduled
-            stats = fastbn_dask.feature_stats(x, self.axis).compute()
+            stats = _dask_graph.feature_stats(x, self.axis).compute()
             count = stats["count"]
             empty = count == 0
             vmin = np.where(empty, np.nan, stats["min"])
@@ -238,7 +238,7 @@ class _Scaler(_Params):
         if _sparse.is_sparse(x):
             return self._sparse_affine(x, mean, scale, shift, out, name)
         _require_2d(np.ndim(x), x, name)
-        if fastbn_dask.is_dask_array(x):
+        if _dask_graph.is_dask_array(x):
             if out is not None:
                 raise ValueError("out= is not supported for dask arrays (the result is lazy)")
             features = x.shape[v.channel_axis(self.axis, x.ndim)]
@@ -248,8 +248,8 @@ class _Scaler(_Params):
         if features != self._count.shape[0]:
             raise ValueError(f"{name} has {features} features along axis {self.axis}, but this "
                              f"scaler was fitted with {self._count.shape[0]}")
-        if fastbn_dask.is_dask_array(x):
-            return fastbn_dask.affine(x, self.axis, mean, scale, shift)
+        if _dask_graph.is_dask_array(x):
+            return _dask_graph.affine(x, self.axis, mean, scale, shift)
         ax = v.channel_axis(self.axis, x.ndim)
         out_dtype = v.output_dtype(x.dtype)
         out = v.out_array(out, x.shape, out_dtype)
@@ -351,13 +351,19 @@ def _require_samples(rows, shape, axis):
                          "a fit needs at least 1")
 
 
-def _handle_zeros_in_scale(scale, constant_mask=None):
-    """scikit-learn's rule: a zero (or numerically constant) scale becomes 1."""
-    scale = np.array(scale, dtype=np.float64)
-    if constant_mask is None:
-        constant_mask = scale < 10 * _EPS
-    scale[constant_mask] = 1.0
-    return scale
+# scikit-learn's rules for features without spread, written for NumPy and dask arrays
+# alike (operators, and np.where, which dask arrays take over): a scale of 1 there.
+
+def standard_scale(count, mean, var):
+    """``sqrt(var)`` per feature, 1 where the feature is constant within rounding
+    (scikit-learn's ``_is_constant_feature``); NaN stays NaN."""
+    constant = var <= count * _EPS * var + (count * mean * _EPS) ** 2
+    return np.where(constant, 1.0, np.sqrt(var))
+
+
+def minmax_scale_factor(low, high, data_range):
+    """``(high - low) / data_range`` per feature, a range under ``10 * eps`` taken as 1."""
+    return (high - low) / np.where(data_range < 10 * _EPS, 1.0, data_range)
 
 
 class StandardScaler(_Scaler):
@@ -442,9 +448,7 @@ class StandardScaler(_Scaler):
         self.mean_ = mean if any_stat else None
         self.var_ = var if self.with_std else None
         if self.with_std:
-            # scikit-learn's _is_constant_feature: within rounding of a constant
-            upper = self._count * _EPS * var + (self._count * mean * _EPS) ** 2
-            self.scale_ = _handle_zeros_in_scale(np.sqrt(var), var <= upper)
+            self.scale_ = standard_scale(self._count, mean, var)
         else:
             self.scale_ = None
         self.n_samples_seen_ = self._n_samples_seen()
@@ -518,7 +522,7 @@ class MinMaxScaler(_Scaler):
         fmin, fmax = _feature_range(self.feature_range)
         self.data_min_, self.data_max_ = self._min.copy(), self._max.copy()
         self.data_range_ = self.data_max_ - self.data_min_
-        self.scale_ = (fmax - fmin) / _handle_zeros_in_scale(self.data_range_)
+        self.scale_ = minmax_scale_factor(fmin, fmax, self.data_range_)
         self.min_ = fmin - self.data_min_ * self.scale_
         self.n_samples_seen_ = int(self._rows)
 
@@ -530,7 +534,7 @@ class MinMaxScaler(_Scaler):
         y = self._affine(x, zeros, self.scale_, self.min_, out)
         if self.clip:
             low, high = _feature_range(self.feature_range)
-            if fastbn_dask.is_dask_array(y):
+            if _dask_graph.is_dask_array(y):
                 return y.clip(low, high)
             np.clip(y, low, high, out=y)
         return y
