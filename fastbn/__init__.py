@@ -1,12 +1,12 @@
 """fastbn: fused, parallel batch normalization and data normalization for NumPy.
 
-Public API (see CONTRACT sections 1 and 2 and the README):
+Public API (see docs/contract.md sections 1 and 2 and the README):
 
 - :func:`batch_norm_forward`, :func:`batch_norm_backward`,
   :func:`batch_norm_inference`, :func:`batch_norm`, :func:`batch_stats`
 - :class:`BatchNorm`, a layer with PyTorch's semantics
 - :func:`standardize`, :func:`minmax_scale`, :class:`StandardScaler`,
-  :class:`MinMaxScaler` (CONTRACT section 3), and ``python -m fastbn normalize``
+  :class:`MinMaxScaler` (docs/contract.md section 3), and ``python -m fastbn normalize``
 - :func:`warmup`, which compiles (or loads from the disk cache) the kernels
 - :func:`set_num_threads`, :func:`get_num_threads` and :func:`threads`: fastbn's own
   thread count (README, "Processes, threads and caches")

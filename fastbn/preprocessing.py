@@ -1,4 +1,4 @@
-"""One-call data normalization (CONTRACT section 3): ``standardize`` and ``minmax_scale``.
+"""One-call data normalization (docs/contract.md section 3): ``standardize`` and ``minmax_scale``.
 
 Each is a scaler fitted on ``x`` and applied to it: one statistics pass and
 one fused multiply-add pass, NaN ignored in the statistics and kept in the

@@ -1,4 +1,4 @@
-/* fastbn: batch normalization kernels for C and C++ (CONTRACT section 4).
+/* fastbn: batch normalization kernels for C and C++ (docs/contract.md section 4).
  *
  * Build the library with `python -m fastbn.capi build --outdir DIR`, then
  *     cc prog.c -IDIR -LDIR -lfastbn -Wl,-rpath,DIR

@@ -5,7 +5,7 @@ import numpy as np
 import reference as ref
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
-# CONTRACT section 5: absolute error on unit-variance output, relative on statistics.
+# docs/contract.md section 5: absolute error on unit-variance output, relative on statistics.
 OUTPUT_ATOL = {np.float16: 4e-3, np.float32: 1e-5, np.float64: 1e-12}
 OUTPUT_RTOL = {np.float16: 1e-3, np.float32: 2.4e-7, np.float64: 4.5e-16}
 STATS_RTOL = {np.float16: 1e-5, np.float32: 1e-5, np.float64: 1e-12}

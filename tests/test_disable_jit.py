@@ -1,5 +1,5 @@
 """``NUMBA_DISABLE_JIT=1`` (people debug with it): the Python API still works, in plain
-NumPy, with the same results within CONTRACT section 5."""
+NumPy, with the same results within docs/contract.md section 5."""
 
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""The numerically hard inputs of CONTRACT sections 1 and 5."""
+"""The numerically hard inputs of docs/contract.md sections 1 and 5."""
 
 import numpy as np
 import pytest

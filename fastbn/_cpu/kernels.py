@@ -19,7 +19,7 @@ to stay in cache.  Everything Numba compiles lives in this one module on
 purpose: the disk cache is keyed by this file's contents and would not notice
 an edit to a helper imported from elsewhere.
 
-Numerics (CONTRACT section 5).  Statistics are accumulated in float64 relative
+Numerics (docs/contract.md section 5).  Statistics are accumulated in float64 relative
 to a per-channel shift (the channel's first value) in L1-sized pieces: the
 first piece of a channel is exact two-pass, later pieces take deviations about
 the channel's running mean (see ``_accumulate``), and pieces are combined

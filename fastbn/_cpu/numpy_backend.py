@@ -3,7 +3,7 @@
 People debug Numba code with the JIT disabled, but fastbn's kernels are built on LLVM
 intrinsics (vector lines, non-temporal stores, atomics) that have no pure-Python form.
 With the JIT off, every host call comes here instead: float64 two-pass statistics and
-NumPy arithmetic, the same results within CONTRACT section 5, slowly.
+NumPy arithmetic, the same results within docs/contract.md section 5, slowly.
 """
 
 import numpy as np

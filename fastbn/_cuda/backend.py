@@ -1,4 +1,4 @@
-"""CUDA backend: the functional API on device arrays (CONTRACT section 2, "CUDA").
+"""CUDA backend: the functional API on device arrays (docs/contract.md section 2, "CUDA").
 
 Imported only when a call receives device arrays, so ``import fastbn`` never
 needs numba-cuda, CUDA or a GPU.  Arguments are validated before the first

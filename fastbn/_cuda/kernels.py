@@ -2,7 +2,7 @@
 
 Arrays are C-contiguous device arrays in the canonical (outer, C, inner)
 layout; a channel's ``n = outer * inner`` values are numbered ``e = o * inner + i``.
-Statistics follow CONTRACT section 5 as on the CPU: float64 accumulators,
+Statistics follow docs/contract.md section 5 as on the CPU: float64 accumulators,
 values taken relative to a per-channel shift (the channel's first value),
 Welford updates within a thread and Chan's merge between threads, blocks and
 parts, so there is no ``E[x^2] - E[x]^2`` anywhere.  Normalization subtracts

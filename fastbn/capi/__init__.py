@@ -1,4 +1,4 @@
-"""fastbn's C ABI: ``libfastbn.so`` and ``fastbn.h`` (CONTRACT section 4).
+"""fastbn's C ABI: ``libfastbn.so`` and ``fastbn.h`` (docs/contract.md section 4).
 
 ``python -m fastbn.capi build --outdir DIR`` builds the library with cffi's
 embedding API; a C program then includes ``fastbn.h`` and links ``-lfastbn``.
