@@ -55,7 +55,8 @@ def minmax_scale(x, *, axis=-1, feature_range=(0.0, 1.0)):
     dmin = da.where(s["count"] > 0, s["min"], np.nan)
     data_range = da.where(s["count"] > 0, s["max"], np.nan) - dmin
     scale = minmax_scale_factor(low, high, data_range)
-    return affine(x, ax, da.zeros_like(scale), scale, low - dmin * scale)
+    # about the minimum: it maps to exactly ``low``, and data far from 0 keep their digits
+    return affine(x, ax, dmin, scale, da.full_like(scale, low))
 
 
 def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5):
