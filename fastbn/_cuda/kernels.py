@@ -437,7 +437,8 @@ def standardize_params(x, count, mean_rel, m2, params):
 
 @cuda.jit
 def minmax_params(vmin, vmax, low, high, params):
-    """One thread per channel: ``(0, 0, scale_, min_)`` as scikit-learn's MinMaxScaler."""
+    """One thread per channel: ``(data_min, 0, scale_, low)``, scikit-learn's MinMaxScaler
+    computed about the minimum (which maps to exactly ``low``), as on the host."""
     c = cuda.grid(1)
     if c >= vmin.shape[0]:
         return
@@ -453,10 +454,10 @@ def minmax_params(vmin, vmax, low, high, params):
     if data_range < 10 * 2.220446049250313e-16:
         data_range = 1.0
     scale = (high - low) / data_range
-    params[c, 0] = 0.0
+    params[c, 0] = dmin
     params[c, 1] = 0.0
     params[c, 2] = scale
-    params[c, 3] = low - dmin * scale
+    params[c, 3] = low
 
 
 @cuda.jit
