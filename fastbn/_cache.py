@@ -11,11 +11,16 @@ recompiled, with one warning.
 """
 
 import glob
+import hashlib
 import os
+import shutil
 import stat
+import sys
 import threading
 import warnings
 
+import llvmlite
+import numba
 from numba.core import caching, config
 
 _warned = set()
@@ -68,6 +73,133 @@ def private_cache_dir(name="fastbn"):
                         "this user or others can write to it; kernels are not cached on disk")
         return None
     return path
+
+
+# Everything compiled code depends on besides the function's own file.  Numba stamps a
+# cache entry with the defining file only, so an edit to a helper in another kernel
+# module, to the decorator's options (``_jit.py``) or to a plan constant compiled into the
+# C entry points would otherwise leave stale machine code.  Every fastbn function is
+# cached under one directory named by a digest of all of these.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_DIGESTED = ("_jit.py", "_cache.py", os.path.join("_cpu", "kernels"),
+             os.path.join("_cpu", "floors.py"), os.path.join("capi", "_entries.py"))
+KERNEL_CACHE_PREFIX = "kernels-"
+_digest = None
+
+
+def code_digest():
+    """sha256 (16 hex digits) of the kernels' sources, the benchmark floors, ``_jit.py``,
+    ``_cache.py``, the C entry points, and the Python, Numba and llvmlite versions."""
+    global _digest
+    if _digest is None:
+        h = hashlib.sha256()
+        for name in _DIGESTED:
+            path = os.path.join(_PACKAGE, name)
+            files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".py")]
+                     if os.path.isdir(path) else [path])
+            for f in files:
+                h.update(os.path.relpath(f, _PACKAGE).encode() + b"\0")
+                with open(f, "rb") as fh:
+                    h.update(fh.read())
+        h.update(f"{sys.version_info[:2]} {numba.__version__} {llvmlite.__version__}".encode())
+        _digest = h.hexdigest()[:16]
+    return _digest
+
+
+_kernel_dirs = {}
+
+
+def kernel_cache_dir():
+    """``<root>/kernels-<code_digest()>``, created ``0700``, where every compiled fastbn
+    function is cached: root is ``NUMBA_CACHE_DIR`` when set, else fastbn's private
+    directory in the user's cache home.  None when that cannot be used privately."""
+    key = config.CACHE_DIR
+    if key not in _kernel_dirs:
+        _kernel_dirs[key] = _make_kernel_cache_dir()
+    return _kernel_dirs[key]
+
+
+def _make_kernel_cache_dir():
+    root = config.CACHE_DIR or private_cache_dir()
+    if not root:
+        return None
+    path = os.path.join(root, KERNEL_CACHE_PREFIX + code_digest())
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    if not (is_private(path) and os.access(path, os.W_OK)):
+        return None
+    return path
+
+
+def prune_kernel_caches():
+    """Remove the cache directories of other versions of the code next to this one's
+    (``kernels-<other digest>``, owned by this user); returns the paths removed."""
+    current = kernel_cache_dir()
+    if current is None:
+        return []
+    root = os.path.dirname(current)
+    removed = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if (name.startswith(KERNEL_CACHE_PREFIX) and path != current and not os.path.islink(path)
+                and os.path.isdir(path) and is_private(path)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+# set on a function that fastbn compiles (``_jit.kernel``, the C entry points)
+MARK = "_fastbn_digest_cache"
+
+
+def mark(func):
+    """Have ``func`` cached by ``DigestLocator`` when Numba compiles it; returns it."""
+    setattr(func, MARK, True)
+    return func
+
+
+class DigestLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
+    """Numba's cache locator for the functions fastbn compiles (``mark``):
+    ``kernel_cache_dir()``, then the function's directory within the package
+    (``_cpu/kernels``, ``capi``).  Other code, and fastbn's when no private directory
+    can be used, falls through to Numba's locators."""
+
+    def __init__(self, py_func, py_file, path):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        self._cache_path = path
+
+    def get_cache_path(self):
+        return self._cache_path
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        source = os.path.abspath(py_file)
+        if not getattr(py_func, MARK, False) or not os.path.exists(source):
+            return None
+        root = kernel_cache_dir()
+        if root is None:
+            return None
+        if source.startswith(os.path.join(_PACKAGE, "")):
+            sub = os.path.relpath(os.path.dirname(source), _PACKAGE)
+        else:  # a kernel made with fastbn's decorator elsewhere (the tests' own)
+            sub = os.path.join("external", cls.get_suitable_cache_subpath(source))
+        self = cls(py_func, source, os.path.join(root, sub))
+        try:
+            self.ensure_cache_path()
+        except OSError:
+            return None
+        return self
+
+
+def install_locator():
+    """Put ``DigestLocator`` first in Numba's list (once)."""
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl  # renamed in Numba 0.61
+    classes = impl._locator_classes
+    if DigestLocator not in classes:
+        classes.insert(0, DigestLocator)
 
 
 class _GuardMixin:

@@ -87,12 +87,11 @@ def _affine_block(block, mean, scale, shift, feature_axis, out_dtype):
 
 def kernel_cache_report():
     """``{kernel: (loaded from the disk cache, compiled here)}`` for this process (run it on
-    workers with ``client.run``)."""
-    from ._cpu import kernels
+    workers with ``client.run``); kernels are named ``module.function``."""
+    from ._jit import kernels_defined
 
     report = {}
-    for name in dir(kernels):
-        fn = getattr(kernels, name)
+    for name, fn in kernels_defined():
         stats = getattr(fn, "stats", None)
         if stats is not None and hasattr(stats, "cache_hits"):
             hits, misses = sum(stats.cache_hits.values()), sum(stats.cache_misses.values())

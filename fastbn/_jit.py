@@ -1,12 +1,13 @@
 """Numba ``njit`` with an on-disk cache that can never break ``import fastbn``, and the
 serial twins of the parallel kernels.
 
-Numba looks for a cache directory in this order: ``NUMBA_CACHE_DIR`` (always
-honoured), the package's ``__pycache__``, then the user's cache directory.  When
-none of them is writable (a read-only install under a read-only home), Numba
-refuses to decorate the function; we then fall back to fastbn's own directory in
-the user's cache home (``fastbn._cache``), and as a last resort compile without
-a cache.
+Kernels are cached in ``<root>/kernels-<digest>`` (``fastbn._cache.DigestLocator``):
+root is ``NUMBA_CACHE_DIR`` when set (always honoured), else fastbn's private
+directory in the user's cache home, and the digest covers every source compiled
+code depends on.  When that directory cannot be used, Numba's own locators apply
+(the package's ``__pycache__``, the user's cache directory); when none of them is
+writable (a read-only install under a read-only home), Numba refuses to decorate
+the function, and we compile without a cache.
 """
 
 import types
@@ -17,6 +18,7 @@ from numba.core.cpu_options import ParallelOptions
 from . import _cache, _threads
 
 _threads.preload_tbb()  # before Numba picks its threading layer
+_cache.install_locator()  # before any kernel is decorated
 
 _NO_LOCATOR = "no locator available"
 
@@ -54,6 +56,7 @@ def kernel(**options):
 
 def _njit(func, options):
     options = {"cache": True, "nogil": True, "error_model": "numpy", **options}
+    _cache.mark(func)
     if options.get("parallel") is True:
         options["parallel"] = PRANGE_ONLY
     try:
@@ -61,18 +64,16 @@ def _njit(func, options):
     except RuntimeError as exc:
         if _NO_LOCATOR not in str(exc):
             raise
-    if not numba.config.CACHE_DIR:
-        private = _cache.private_cache_dir()
-        if private is not None:
-            numba.config.CACHE_DIR = private
-            try:
-                return _cache.guard(numba.njit(**options)(func))
-            except RuntimeError as exc:
-                if _NO_LOCATOR not in str(exc):
-                    raise
     _cache.warn_once("no-cache", "fastbn: no writable private Numba cache directory; "
                      "kernels will be recompiled in every process (set NUMBA_CACHE_DIR)")
     return numba.njit(**{**options, "cache": False})(func)
+
+
+def kernels_defined():
+    """``(module.qualname, dispatcher)`` of every kernel ``kernel()`` has decorated so far
+    (not the serial twins)."""
+    return [(f"{func.__module__}.{func.__qualname__}", dispatcher)
+            for dispatcher, func, _ in list(_SOURCES.values())]
 
 
 SERIAL_PREFIX = "serial."

@@ -11,7 +11,9 @@ def warmup(dtypes=(np.float32, np.float64)):
     Runs every kernel once on a tiny input (channel and column paths, fused and
     split, forward, inference and backward), then the public API once.
     The first call in a fresh environment compiles (tens of seconds); later
-    processes load the cached machine code in well under a second.
+    processes load the cached machine code in well under a second.  The cache
+    directories of other versions of fastbn's code (``kernels-<digest>`` next to
+    this version's, see ``fastbn._cache``) are removed.
 
     Parameters
     ----------
@@ -23,7 +25,7 @@ def warmup(dtypes=(np.float32, np.float64)):
     float
         Seconds spent.
     """
-    from . import api
+    from . import _cache, api
     from ._dispatch import host_backend
 
     backend = host_backend()
@@ -35,4 +37,5 @@ def warmup(dtypes=(np.float32, np.float64)):
         x = rng.standard_normal((4, 3, 64)).astype(dtype)
         y, mean, invstd = api.batch_norm_forward(x)
         api.batch_norm_backward(y, x, mean, invstd)
+    _cache.prune_kernel_caches()
     return time.perf_counter() - start

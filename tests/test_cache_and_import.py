@@ -58,7 +58,10 @@ def test_numba_cache_dir_is_honoured_and_reused(tmp_path):
     cache = tmp_path / "numba-cache"
     out1, _ = run_probe({"NUMBA_CACHE_DIR": str(cache)})
     assert counts(out1)[1] >= 1  # compiled ...
-    assert any(p.name.startswith("kernels.") for p in cache_files(cache))
+    # under the digest-named directory, by module (fastbn._cache.DigestLocator)
+    assert any(p.parent.relative_to(cache).parts[1:] == ("_cpu", "kernels")
+               and p.parent.relative_to(cache).parts[0].startswith("kernels-")
+               for p in cache_files(cache))
     out2, _ = run_probe({"NUMBA_CACHE_DIR": str(cache)})
     hits, misses = counts(out2)
     assert hits >= 1 and misses == 0  # ... and loaded from disk by the next process
@@ -218,7 +221,74 @@ def test_warmup_compiles_every_path(tmp_path):
             "fastbn.warmup((np.float32,))\n"
             "from fastbn._cpu import kernels\n"
             "names = [n for n in dir(kernels) if not n.startswith('_') and hasattr(getattr(kernels, n), 'signatures')]\n"
-            "missing = [n for n in names if n != 'parallel_copy' and not getattr(kernels, n).signatures]\n"
-            "print('missing', missing)\n")
+            "missing = [n for n in names if not getattr(kernels, n).signatures]\n"
+            "print('missing', missing)\n"
+            "import sys\n"
+            "print('floors', 'fastbn._cpu.floors' in sys.modules)\n")
     out, _ = run_probe({"NUMBA_CACHE_DIR": str(tmp_path)}, code=code)
     assert "missing []" in out
+    assert "floors False" in out  # the benchmark's floors are neither imported nor compiled
+
+
+EDIT_PROBE = r"""
+import ctypes, os
+import numpy as np
+import fastbn
+from fastbn import _cache, _jit
+from fastbn.capi import _entries
+x = np.full((4, 3, 40), 3.0)
+y = fastbn.batch_norm_inference(x, np.zeros(3), np.full(3, 4.0), eps=0.0)
+from numba import types
+entry = _entries._compile(_entries._forward_infer, _entries._signatures(types.float64)["forward_infer"],
+                          _entries.cache_dir() is not None)
+yc = np.empty_like(x)
+ptr = lambda a: a.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
+assert entry.ctypes(4, 3, 40, ptr(x), ptr(np.zeros(3)), ptr(np.full(3, 4.0)), None, None, 0.0,
+                    ptr(yc), 0, 1) == 0
+hits = sum(sum(f.stats.cache_hits.values()) for _, f in _jit.kernels_defined())
+misses = sum(sum(f.stats.cache_misses.values()) for _, f in _jit.kernels_defined())
+print("y", float(y[0, 0, 0]), "c", float(yc[0, 0, 0]), "c_hits", entry.cache_hits,
+      "hits", hits, "misses", misses)
+print("dir", os.path.basename(_cache.kernel_cache_dir()))
+print("pruned", len(_cache.prune_kernel_caches()))
+"""
+
+
+def test_an_edit_to_any_kernel_source_is_never_served_stale(tmp_path):
+    """Numba stamps a cache entry with its own file only; fastbn caches all compiled code
+    (kernels and C entry points) in one directory named by a digest of every source it
+    depends on.  In a copy of the package, a helper of one kernel module (``_invstd``,
+    which ``ops.inference_scale`` and the C entry point call) is edited, then a plan
+    constant that the C entry points compile in: each fresh process compiles the new
+    code instead of loading the old, for the Python API and the C ABI alike."""
+    site = tmp_path / "site"
+    shutil.copytree(PACKAGE_DIR, site / "fastbn",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+
+    def probe():
+        out, _ = run_probe(env, code=EDIT_PROBE, pythonpath=site, cwd=tmp_path)
+        words = out.split()
+        return {k: words[words.index(k) + 1]
+                for k in ("y", "c", "c_hits", "hits", "misses", "dir", "pruned")}
+
+    def edit(relpath, old, new):
+        path = site / "fastbn" / relpath
+        text = path.read_text()
+        assert text.count(old) == 1
+        path.write_text(text.replace(old, new))
+
+    first = probe()
+    assert float(first["y"]) == float(first["c"]) == 1.5
+    again = probe()  # the same code: loaded from disk
+    assert again["dir"] == first["dir"] and again["misses"] == "0" and again["c_hits"] == "1"
+    edit("_cpu/kernels/numerics.py", "    return 1.0 / np.sqrt(v)\n", "    return 2.0 / np.sqrt(v)\n")
+    second = probe()
+    assert float(second["y"]) == float(second["c"]) == 3.0  # the helper's new code
+    assert second["dir"] != first["dir"] and second["pruned"] == "1"
+    edit("_cpu/kernels/plans.py", "\nMIN_RUN = 64\n", "\nMIN_RUN = 32\n")
+    third = probe()
+    assert third["dir"] not in (first["dir"], second["dir"])
+    assert third["c_hits"] == "0" and int(third["misses"]) > 0  # compiled, not loaded
+    assert float(third["y"]) == float(third["c"]) == 3.0
+    assert [p.name for p in (tmp_path / "cache").glob("kernels-*")] == [third["dir"]]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fastbn.__main__ as cli
-from fastbn._cpu.backend import backend as cpu
+from fastbn._cpu import floors
 
 # (outer, C, inner): a small case and one whose outputs take the streaming stores
 SHAPES = [(3, 5, 7), (4, 16, 40_000), (3, 8, 70_001)]
@@ -21,21 +21,21 @@ def arrays(request):
 
 def test_flat_floors(arrays):
     x, dy, dst = arrays
-    cpu.copy(x, dst)
+    floors.copy(x, dst)
     np.testing.assert_array_equal(dst, x)
-    cpu.add(x, dy, dst)
+    floors.add(x, dy, dst)
     np.testing.assert_array_equal(dst, x + dy)
-    assert cpu.read(x) == pytest.approx(x.sum(dtype=np.float64), rel=1e-9, abs=1e-6)
+    assert floors.read(x) == pytest.approx(x.sum(dtype=np.float64), rel=1e-9, abs=1e-6)
 
 
 @pytest.mark.parametrize("schedule", ["grouped", "pipelined", "row_tiled"])
 def test_channel_path_floors(arrays, schedule):
     x, dy, dst = arrays
-    total = getattr(cpu, f"{schedule}_read_copy")(x, dst)
+    total = getattr(floors, f"{schedule}_read_copy")(x, dst)
     np.testing.assert_array_equal(dst, x)
     assert total == pytest.approx(x.sum(dtype=np.float64), rel=1e-9, abs=1e-6)
     dst[...] = np.nan
-    total = getattr(cpu, f"{schedule}_read2_add")(x, dy, dst)
+    total = getattr(floors, f"{schedule}_read2_add")(x, dy, dst)
     np.testing.assert_array_equal(dst, x + dy)
     # x + dy is added in float32 before the float64 sum
     expected = x.sum(dtype=np.float64) + dy.sum(dtype=np.float64)

@@ -15,10 +15,9 @@ from .._jit import serial_module
 from .._layout import Layout, Output
 from . import kernels
 
-# A channel whose contiguous runs are shorter than this is reduced row-wise
-# over a (rows, C * inner) view instead: short runs defeat vectorization.
-# Passed to the kernels' plans on every call (tests lower it to force a path).
-MIN_RUN = 64
+# Passed to the kernels' plans on every call (``kernels.plans.MIN_RUN``: runs shorter
+# than this are reduced row-wise); tests lower this copy to force a path.
+MIN_RUN = kernels.MIN_RUN
 
 # Calls reading fewer bytes than this run on the calling thread (tests set it).
 SERIAL_MAX_BYTES = _threads.SERIAL_MAX_BYTES
@@ -398,77 +397,6 @@ class CPUBackend:
                                   *[np.empty((2, width)) for _ in range(5)])
                 k.column_moments(x2, np.ones(2), 2, 4, np.zeros(width), np.empty(2),
                                  np.empty((2, width)), np.empty((2, width)))  # sample_weight
-        with _Call(math.inf):
-            kernels.parallel_copy(x2.reshape(-1), y2.reshape(-1), 2)
-            kernels.parallel_read(x2.reshape(-1), 2)
-            kernels.parallel_add(x2.reshape(-1), x2.reshape(-1), y2.reshape(-1), 2)
-            kernels.grouped_read_copy(x3, 2, y3)
-            kernels.grouped_read2_add(x3, x3, 2, y3)
-            kernels.pipelined_read_copy(x3, 1, 2, y3)
-            kernels.pipelined_read2_add(x3, x3, 1, 2, y3)
-
-    # ----------------------------------------------------------------- memory floor
-    # The floors are the parallel traffic of the benchmark's reference: never serial.
-    def copy(self, src, dst):
-        """Parallel copy of ``src`` into ``dst`` (contiguous, same size): the memory floor."""
-        with _Call(math.inf) as call:
-            call.k.parallel_copy(src.reshape(-1), dst.reshape(-1), call.n)
-
-    def read(self, src):
-        """Parallel read-only pass over contiguous ``src`` (the floor of a statistics pass)."""
-        with _Call(math.inf) as call:
-            return call.k.parallel_read(src.reshape(-1), call.n)
-
-    def add(self, a, b, out):
-        """Parallel ``out = a + b`` (contiguous): the floor of two reads and one write."""
-        with _Call(math.inf) as call:
-            call.k.parallel_add(a.reshape(-1), b.reshape(-1), out.reshape(-1), call.n)
-
-    def grouped_read_copy(self, x3, y3):
-        """The fused forward's traffic on its own schedule, no arithmetic: per group of
-        channels of contiguous ``x3`` (outer, C, inner), a read, then a copy from cache."""
-        with _Call(math.inf) as call:
-            group, _ = channel_plan(x3.shape, x3.itemsize)
-            return call.k.grouped_read_copy(x3, group, y3)
-
-    def grouped_read2_add(self, a3, b3, out3):
-        """The fused backward's traffic, no arithmetic: per group, read ``a3`` and ``b3``,
-        then ``out3 = a3 + b3`` from cache; returns the sum of both."""
-        with _Call(math.inf) as call:
-            group, _ = channel_plan(a3.shape, 2 * a3.itemsize)
-            return call.k.grouped_read2_add(a3, b3, group, out3)
-
-    def pipelined_read_copy(self, x3, y3):
-        """The pipelined forward's traffic, no arithmetic: along each thread's chain of
-        channels, copy channel c from cache while reading channel c + 1."""
-        with _Call(math.inf) as call:
-            return call.k.pipelined_read_copy(x3, plan_chains(x3.shape[1]), 1, y3)
-
-    def pipelined_read2_add(self, a3, b3, out3):
-        """The pipelined backward's traffic on its schedule (chains of channels, split
-        into parts of rows), no arithmetic: ``out3 = a3 + b3`` for channel c from cache
-        while reading channel c + 1 of both."""
-        with _Call(math.inf) as call:
-            nchains, nparts = kernels.backward_chains(a3.shape[0], a3.shape[1], call.n)
-            return call.k.pipelined_read2_add(a3, b3, nchains, nparts, out3)
-
-    def row_tiled_read_copy(self, x3, y3, nparts=None):
-        """``pipelined_read_copy`` as one chain of all channels in ``nparts`` blocks of
-        rows (default 4 per thread): the forward's traffic when a channel's re-read comes
-        from a tile in L2."""
-        with _Call(math.inf) as call:
-            return call.k.pipelined_read_copy(x3, 1, self._row_parts(x3, nparts, call.n), y3)
-
-    def row_tiled_read2_add(self, a3, b3, out3, nparts=None):
-        """``pipelined_read2_add`` as one chain in ``nparts`` blocks of rows (default 4
-        per thread)."""
-        with _Call(math.inf) as call:
-            return call.k.pipelined_read2_add(a3, b3, 1, self._row_parts(a3, nparts, call.n),
-                                              out3)
-
-    @staticmethod
-    def _row_parts(x3, nparts, nthreads):
-        return max(1, min(x3.shape[0], nparts or 4 * nthreads))
 
 
 backend = CPUBackend()

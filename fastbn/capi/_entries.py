@@ -9,22 +9,22 @@ are not NULL, bits below) and ``nthreads`` (the thread count the element-wise
 passes are planned for; reductions follow ``kernels.PLAN_THREADS``, so results
 do not depend on it).
 
-These functions are compiled into a cache directory named after a digest of
-this file and of the kernels' source: Numba's cache only watches the file that
-defines a function, and these embed the kernels.
+These functions are cached with the kernels, in the directory named by a digest
+of every source they embed (``fastbn._cache.code_digest``): Numba's cache only
+watches the file that defines a function, and these embed the kernels and the
+plans' ``MIN_RUN``.
 """
 
-import hashlib
 import importlib
-import os
 
 import numba
 import numpy as np
-from numba import carray, cfunc, types
+from numba import carray, types
 
 from .. import _cache, _threads
 from .._cpu import backend, kernels
-from .._cpu.backend import MIN_RUN
+
+MIN_RUN = kernels.MIN_RUN  # compiled into the entry points
 
 HAS_WEIGHT, HAS_BIAS, HAS_RUNNING_MEAN, HAS_RUNNING_VAR = 1, 2, 4, 8
 HAS_SAVE_MEAN, HAS_SAVE_INVSTD, HAS_DWEIGHT, HAS_DBIAS = 16, 32, 64, 128
@@ -122,29 +122,10 @@ def _signatures(real):
 
 
 def cache_dir():
-    """Where the entry points are cached: a directory per version of the code they embed,
-    under ``NUMBA_CACHE_DIR``, the package's ``__pycache__`` or the user's cache home,
-    whichever is first usable and private to this user (``fastbn._cache``); None if none."""
-    digest = hashlib.sha256()
-    for module in (kernels, __import__(__name__, fromlist=["_"])):
-        with open(module.__file__, "rb") as f:
-            digest.update(f.read())
-    digest.update(numba.__version__.encode())
-    name = f"fastbn-capi-{digest.hexdigest()[:16]}"
-    candidates = [numba.config.CACHE_DIR,
-                  os.path.join(os.path.dirname(__file__), "__pycache__"),
-                  _cache.private_cache_dir()]
-    for base in candidates:
-        if not base:
-            continue
-        path = os.path.join(base, name)
-        try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(path, os.W_OK) and _cache.is_private(path):
-            return path
-    return None
+    """Where the entry points are cached: with every kernel, in the directory named by a
+    digest of the sources they embed (``fastbn._cache.kernel_cache_dir``; this file and
+    the plans' constants among them); None if there is none."""
+    return _cache.kernel_cache_dir()
 
 
 def _compile(impl, signature, cached):
@@ -153,6 +134,7 @@ def _compile(impl, signature, cached):
     from numba.core.ccallback import CFunc
 
     # what numba.cfunc does, with the cache guarded between creation and compilation
+    _cache.mark(impl)
     compiled = CFunc(impl, sigutils.normalize_signature(signature), locals={},
                      options={"nogil": True})
     if cached:
@@ -169,18 +151,13 @@ def compile_entries():
     # The entry points' parallel regions link against the threading layer's
     # symbols, and a region started from C needs the layer loaded: load it first.
     _launch_threads()
-    path = cache_dir()
-    saved = numba.config.CACHE_DIR
-    numba.config.CACHE_DIR = path or saved
-    try:
-        entries = {}
-        for suffix, real in (("f32", types.float32), ("f64", types.float64)):
-            sigs = _signatures(real)
-            for op, impl in (("forward_train", _forward_train), ("forward_infer", _forward_infer),
-                             ("backward", _backward)):
-                entries[f"{op}_{suffix}"] = _compile(impl, sigs[op], path is not None)
-    finally:
-        numba.config.CACHE_DIR = saved
+    cached = cache_dir() is not None
+    entries = {}
+    for suffix, real in (("f32", types.float32), ("f64", types.float64)):
+        sigs = _signatures(real)
+        for op, impl in (("forward_train", _forward_train), ("forward_infer", _forward_infer),
+                         ("backward", _backward)):
+            entries[f"{op}_{suffix}"] = _compile(impl, sigs[op], cached)
     return entries
 
 

@@ -1,0 +1,278 @@
+"""LLVM IR code generation that Numba has no syntax for: whole 64-byte lines loaded
+and stored as vectors (non-temporal where the output is large), store fences,
+and the atomic flags of the pipelined backward.
+
+An output pass writes ``out[start:stop]`` (flat, C-contiguous) in three parts:
+scalar up to the first 64-byte boundary of ``out``, whole lines, a scalar tail.
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..._jit import kernel
+
+
+# Streaming stores.  The output of a pass is not read again soon, so each
+# 64-byte line is written with a non-temporal vector store: no read-for-ownership
+# of the destination, and no eviction of the input that is still to be re-read.
+# Helpers write ``out[start:stop]`` (flat, C-contiguous) in three parts: scalar
+# up to the first 64-byte boundary of ``out``, whole lines, a scalar tail.
+
+LINE_BYTES = 64
+
+
+# Outputs below this size are written with ordinary stores: they fit in cache.
+STREAM_MIN_BYTES = 4 << 20
+
+
+def _line_type(context, dtype):
+    elt = context.get_value_type(dtype)
+    return ir.VectorType(elt, LINE_BYTES // (dtype.bitwidth // 8))
+
+
+def _item_pointer(context, builder, aryty, ary, index):
+    arr = context.make_array(aryty)(context, builder, ary)
+    return cgutils.get_item_pointer(context, builder, aryty, arr, [index], wraparound=False,
+                                    boundscheck=False)
+
+
+def _load_line(context, builder, aryty, ary, index, vty):
+    ptr = _item_pointer(context, builder, aryty, ary, index)
+    return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=aryty.dtype.bitwidth // 8)
+
+
+def _splat(context, builder, value, fromty, dtype, vty):
+    value = context.cast(builder, value, fromty, dtype)
+    one = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.IntType(32)(0))
+    mask = ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count)
+    return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), mask)
+
+
+def _store_line_nt(context, builder, aryty, ary, index, value):
+    ptr = _item_pointer(context, builder, aryty, ary, index)
+    store = builder.store(value, builder.bitcast(ptr, value.type.as_pointer()), align=LINE_BYTES)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+
+
+def _store_line(context, builder, aryty, ary, index, value, stream):
+    """Store a line: streamed (aligned, non-temporal) where the i1 ``stream`` is true, else
+    an ordinary store at any item-aligned address, for an output that stays in cache.
+    Callers pass a constant, which LLVM folds: no branch is left in their loops."""
+    with builder.if_else(stream, likely=True) as (streamed, cached):
+        with streamed:
+            _store_line_nt(context, builder, aryty, ary, index, value)
+        with cached:
+            ptr = _item_pointer(context, builder, aryty, ary, index)
+            builder.store(value, builder.bitcast(ptr, value.type.as_pointer()),
+                          align=aryty.dtype.bitwidth // 8)
+
+
+def _affine_expr(builder, v, hi, lo, scale, shift):
+    return builder.fadd(builder.fmul(builder.fsub(builder.fsub(v, hi), lo), scale), shift)
+
+
+def _dx_expr(builder, g, v, hi, lo, a, b, k):
+    xc = builder.fsub(builder.fsub(v, hi), lo)
+    return builder.fmul(builder.fsub(builder.fsub(g, b), builder.fmul(xc, k)), a)
+
+
+def _column_params(context, builder, pty, params, j, count, vty):
+    """Lines of rows 0..count-1 of ``params`` (k, W + lanes) starting at column ``j``."""
+    parr = context.make_array(pty)(context, builder, params)
+    lines = []
+    for k in range(count):
+        ptr = cgutils.get_item_pointer(context, builder, pty, parr,
+                                       [context.get_constant(types.intp, k), j],
+                                       wraparound=False, boundscheck=False)
+        lines.append(builder.load(builder.bitcast(ptr, vty.as_pointer()),
+                                  align=pty.dtype.bitwidth // 8))
+    return lines
+
+
+def _scalar_params(context, builder, sig, args, first, count, vty):
+    dt = sig.args[0].dtype
+    return [_splat(context, builder, args[n], sig.args[n], dt, vty)
+            for n in range(first, first + count)]
+
+
+@intrinsic
+def _line_affine(typingctx, x, i, out, hi, lo, scale, shift, stream):
+    """``out[i:i+L] = ((x[i:i+L] - hi) - lo) * scale + shift``, one line (``_store_line``)."""
+    def codegen(context, builder, sig, args):
+        vty = _line_type(context, sig.args[0].dtype)
+        v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
+        r = _affine_expr(builder, v, *_scalar_params(context, builder, sig, args, 3, 4, vty))
+        _store_line(context, builder, sig.args[2], args[2], args[1], r, args[7])
+        return context.get_dummy_value()
+    return types.void(x, types.intp, out, hi, lo, scale, shift, types.boolean), codegen
+
+
+@intrinsic
+def _line_affine_split(typingctx, x, i, out, split, hi0, lo0, scale0, shift0, hi1, lo1, scale1,
+                       shift1):
+    """``_line_affine`` for a line shared by two channels: its first ``split`` values take
+    the first parameters, the others the second."""
+    def codegen(context, builder, sig, args):
+        vty = _line_type(context, sig.args[0].dtype)
+        v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
+        first = _scalar_params(context, builder, sig, args, 4, 4, vty)
+        second = _scalar_params(context, builder, sig, args, 8, 4, vty)
+        ity = ir.IntType(64)
+        lanes = ir.Constant(ir.VectorType(ity, vty.count), list(range(vty.count)))
+        cut = _splat(context, builder, args[3], sig.args[3], types.int64,
+                     ir.VectorType(ity, vty.count))
+        mask = builder.icmp_signed("<", lanes, cut)
+        params = [builder.select(mask, a, b) for a, b in zip(first, second)]
+        _store_line_nt(context, builder, sig.args[2], args[2], args[1],
+                       _affine_expr(builder, v, *params))
+        return context.get_dummy_value()
+    return types.void(x, types.intp, out, types.intp, hi0, lo0, scale0, shift0, hi1, lo1, scale1,
+                      shift1), codegen
+
+
+@intrinsic
+def _line_affine_cols(typingctx, x, i, out, params, j):
+    """Column form: parameters are rows of ``params`` (4, W) at column ``j``."""
+    def codegen(context, builder, sig, args):
+        vty = _line_type(context, sig.args[0].dtype)
+        v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
+        p = _column_params(context, builder, sig.args[3], args[3], args[4], 4, vty)
+        _store_line_nt(context, builder, sig.args[2], args[2], args[1], _affine_expr(builder, v, *p))
+        return context.get_dummy_value()
+    return types.void(x, types.intp, out, params, types.intp), codegen
+
+
+@intrinsic
+def _line_dx(typingctx, dy, x, i, out, hi, lo, a, b, k, stream):
+    """``out[i:i+L] = ((dy - b) - ((x - hi) - lo) * k) * a``, one line (``_store_line``)."""
+    def codegen(context, builder, sig, args):
+        vty = _line_type(context, sig.args[1].dtype)
+        g = _load_line(context, builder, sig.args[0], args[0], args[2], vty)
+        v = _load_line(context, builder, sig.args[1], args[1], args[2], vty)
+        r = _dx_expr(builder, g, v, *_scalar_params(context, builder, sig, args, 4, 5, vty))
+        _store_line(context, builder, sig.args[3], args[3], args[2], r, args[9])
+        return context.get_dummy_value()
+    return types.void(dy, x, types.intp, out, hi, lo, a, b, k, types.boolean), codegen
+
+
+@intrinsic
+def _line_dx_cols(typingctx, dy, x, i, out, params, j):
+    """Column form of ``_line_dx``: parameters are rows of ``params`` (5, W) at column ``j``."""
+    def codegen(context, builder, sig, args):
+        vty = _line_type(context, sig.args[1].dtype)
+        g = _load_line(context, builder, sig.args[0], args[0], args[2], vty)
+        v = _load_line(context, builder, sig.args[1], args[1], args[2], vty)
+        p = _column_params(context, builder, sig.args[4], args[4], args[5], 5, vty)
+        _store_line_nt(context, builder, sig.args[3], args[3], args[2], _dx_expr(builder, g, v, *p))
+        return context.get_dummy_value()
+    return types.void(dy, x, types.intp, out, params, types.intp), codegen
+
+
+@intrinsic
+def _line_copy(typingctx, src, i, dst):
+    def codegen(context, builder, sig, args):
+        vty = _line_type(context, sig.args[0].dtype)
+        v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
+        _store_line_nt(context, builder, sig.args[2], args[2], args[1], v)
+        return context.get_dummy_value()
+    return types.void(src, types.intp, dst), codegen
+
+
+@intrinsic
+def _line_add(typingctx, a, b, i, out):
+    """``out[i:i+L] = a[i:i+L] + b[i:i+L]``, one line, streamed."""
+    def codegen(context, builder, sig, args):
+        vty = _line_type(context, sig.args[0].dtype)
+        va = _load_line(context, builder, sig.args[0], args[0], args[2], vty)
+        vb = _load_line(context, builder, sig.args[1], args[1], args[2], vty)
+        _store_line_nt(context, builder, sig.args[3], args[3], args[2], builder.fadd(va, vb))
+        return context.get_dummy_value()
+    return types.void(a, b, types.intp, out), codegen
+
+
+def _x86_call(builder, name):
+    """Call the argument-less x86 intrinsic ``name``; whether the target is x86."""
+    if "x86" not in builder.module.triple and "i686" not in builder.module.triple:
+        return False
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), name)
+    builder.call(fn, [])
+    return True
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """Order this thread's streaming stores before whatever it does next (x86 ``sfence``)."""
+    def codegen(context, builder, sig, args):
+        if not _x86_call(builder, "llvm.x86.sse.sfence"):
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+# Hand-offs between the tasks of a row-split chain (``pipelined_backward``): a flag
+# per (channel, part) of int64, 0 free, 1 claimed, 2 sums published.  Numba has no
+# atomics on the CPU, so these are LLVM's, with the C++ memory model's orders.
+
+def _flag_pointer(context, builder, sig, args):
+    return _item_pointer(context, builder, sig.args[0], args[0], args[1])
+
+
+@intrinsic
+def _claim(typingctx, flags, i):
+    """Atomically set ``flags[i]`` from 0 to 1; whether this call did it (acquire-release)."""
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        res = builder.cmpxchg(_flag_pointer(context, builder, sig, args), i64(0), i64(1),
+                              "acq_rel", "acquire")
+        return builder.extract_value(res, 1)
+    return types.boolean(flags, types.intp), codegen
+
+
+@intrinsic
+def _load_acquire(typingctx, flags, i):
+    """``flags[i]``, ordered before every later load of this thread (acquire)."""
+    def codegen(context, builder, sig, args):
+        return builder.load_atomic(_flag_pointer(context, builder, sig, args), "acquire", 8)
+    return types.int64(flags, types.intp), codegen
+
+
+@intrinsic
+def _store_release(typingctx, flags, i, value):
+    """``flags[i] = value`` after every earlier store of this thread is visible (release)."""
+    def codegen(context, builder, sig, args):
+        value = context.cast(builder, args[2], sig.args[2], types.int64)
+        builder.store_atomic(value, _flag_pointer(context, builder, sig, args), "release", 8)
+        return context.get_dummy_value()
+    return types.void(flags, types.intp, value), codegen
+
+
+@intrinsic
+def _spin_pause(typingctx):
+    """A spin-wait hint (x86 ``pause``; nothing elsewhere)."""
+    def codegen(context, builder, sig, args):
+        _x86_call(builder, "llvm.x86.sse2.pause")
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@kernel()
+def _streams(out):
+    """Whether ``out`` is written with streaming stores: large, and aligned to its items."""
+    return out.size * out.itemsize >= STREAM_MIN_BYTES and out.ctypes.data % out.itemsize == 0
+
+
+@kernel()
+def _stream_span(out, start, stop):
+    """``(first, last)``: the whole 64-byte lines of ``out`` in [first, last) get streaming
+    stores; none (``(stop, stop)``) when ``out`` is small enough to stay in cache, where
+    the caller will read it back soonest, or not aligned to its item size."""
+    size = out.itemsize
+    addr = out.ctypes.data + start * size
+    if not _streams(out):
+        return stop, stop
+    first = start + min(((LINE_BYTES - addr % LINE_BYTES) % LINE_BYTES) // size, stop - start)
+    lanes = LINE_BYTES // size
+    last = first + (stop - first) // lanes * lanes
+    return first, last
