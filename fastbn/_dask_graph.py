@@ -107,11 +107,7 @@ def checked_input(x, axis):
     import dask.array as da
 
     x = da.asarray(x)
-    if x.dtype.kind not in "biuf":
-        raise TypeError(f"x has unsupported dtype {x.dtype}: expected float16, float32, "
-                        "float64, an integer or bool dtype")
-    if x.ndim == 0:
-        raise ValueError("x must have at least 1 dimension, got a 0-d array")
+    v.check_input("x", x.dtype, x.ndim)
     return x, v.channel_axis(axis, x.ndim)
 
 

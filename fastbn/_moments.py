@@ -1,14 +1,16 @@
-"""Per-channel helpers shared by the API and every backend (NumPy, float64)."""
+"""Per-channel helpers shared by the API and every host backend (float64)."""
 
 import numpy as np
 
 
 def invstd(var, eps):
-    """``1 / sqrt(var + eps)``, 0 where ``var + eps == 0`` (docs/contract.md section 2)."""
-    v = np.asarray(var, dtype=np.float64) + eps
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = 1.0 / np.sqrt(v)
-    return np.where(v == 0.0, 0.0, out)
+    """``1 / sqrt(var + eps)`` per channel of a 1-D ``var``, 0 where ``var + eps == 0``
+    (docs/contract.md section 2), float64: the kernels' own rule
+    (``fastbn._cpu.kernels.inference_scale``)."""
+    from ._cpu.kernels import inference_scale
+
+    var = np.ascontiguousarray(var, dtype=np.float64)
+    return inference_scale(var, float(eps), np.ones(var.shape[0]))
 
 
 def merge_moments(count, mean, m2, axis):
@@ -29,8 +31,13 @@ def merge_moments(count, mean, m2, axis):
 
 
 def update_running_stats(running_mean, running_var, mean, var, n, momentum):
-    """PyTorch's update: ``rm = (1 - m) rm + m mean``, ``rv = (1 - m) rv + m var n / (n - 1)``."""
-    if running_mean is not None:
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-    if running_var is not None:
-        running_var[...] = (1.0 - momentum) * running_var + momentum * (var * (n / (n - 1)))
+    """PyTorch's update: ``rm = (1 - m) rm + m mean``, ``rv = (1 - m) rv + m var n / (n - 1)``,
+    in float64 (``fastbn._cpu.kernels.update_running``, which the C library runs too);
+    a statistic that is None is not kept."""
+    from ._cpu.kernels import update_running
+
+    none = np.empty(0)
+    update_running(none if running_mean is None else running_mean,
+                   none if running_var is None else running_var,
+                   np.asarray(mean, dtype=np.float64), np.asarray(var, dtype=np.float64),
+                   float(n), float(momentum))

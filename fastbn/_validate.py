@@ -1,4 +1,11 @@
-"""Argument checks shared by the public API.  Every check runs before anything is written."""
+"""The argument rules, each written once: the host API, the CUDA backend, ``fastbn.dask``
+and ``fastbn.distributed`` all raise these messages.  Every check runs before anything
+is written.
+
+The ``check_*`` and ``require_*`` functions take what every array kind has (dtype,
+shape) so that host and device arrays and dask arrays obey one rulebook; the
+functions below them convert host arrays after checking them.
+"""
 
 import math
 import numbers
@@ -10,20 +17,80 @@ import numpy as np
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
+# ----------------------------------------------------------------- the rules
+
+def check_input(name, dtype, ndim):
+    """An input (``x``, ``dy``): float16/32/64, an integer or bool dtype; at least 1-D."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biu" and dtype.newbyteorder("=") not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} has unsupported dtype {dtype}: expected float16, float32, "
+                        "float64, an integer or bool dtype")
+    if ndim == 0:
+        raise ValueError(f"{name} must have at least 1 dimension, got a 0-d array")
+
+
+def check_per_channel(name, dtype, shape, channels):
+    """A per-channel input (weight, bias, mean, invstd, running statistics in inference)."""
+    if np.dtype(dtype).kind not in "biuf":
+        raise TypeError(f"{name} must be a real array, got dtype {dtype}")
+    if tuple(shape) != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), got {tuple(shape)}")
+
+
+def check_running_stat(name, dtype, shape, channels):
+    """A running statistic updated in place: float32 or float64, shape (C,)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f" or dtype.itemsize not in (4, 8):
+        raise ValueError(f"{name} must have dtype float32 or float64, got {dtype}")
+    if tuple(shape) != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), got {tuple(shape)}")
+
+
+def check_out(name, shape, dtype, want_shape, want_dtype):
+    """An output array: exactly the result's shape and dtype."""
+    if tuple(shape) != tuple(want_shape):
+        raise ValueError(f"{name} must have shape {tuple(want_shape)}, got {tuple(shape)}")
+    if dtype != want_dtype:
+        raise ValueError(f"{name} must have dtype {want_dtype}, got {dtype}")
+
+
+def check_same_shape(shape_a, shape_b, name_a, name_b):
+    if tuple(shape_a) != tuple(shape_b):
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got "
+                         f"{tuple(shape_a)} and {tuple(shape_b)}")
+
+
+def require_saved_stats(mean, invstd):
+    if mean is None or invstd is None:
+        raise ValueError("mean and invstd are required: pass the ones the forward returned")
+
+
+def require_running_stats(running_mean, running_var):
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required in inference")
+
+
+def require_global_batch(total):
+    """Synchronized batch norm: more than one value per channel over all ranks."""
+    if total < 2:
+        raise ValueError("Expected more than 1 value per channel when training, got a global "
+                         f"batch of {total:g} values per channel")
+
+
+def check_ddof(ddof):
+    if isinstance(ddof, (bool, np.bool_)) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
+        raise ValueError(f"ddof must be a non-negative integer, got {ddof!r}")
+    return int(ddof)
+
+
+# ----------------------------------------------------------------- host arrays
+
 def as_input(x, name):
     """``np.asarray(x)`` for a real numeric array with at least one dimension."""
     if type(x) is not np.ndarray and hasattr(x, "__cuda_array_interface__"):
         raise TypeError(f"{name} is a CUDA device array; this call computes on the host")
     a = native_order(np.asarray(x))
-    if a.dtype.kind in "biu":
-        pass
-    elif a.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} has unsupported dtype {a.dtype}: expected float16, float32, float64, "
-            "an integer or bool dtype"
-        )
-    if a.ndim == 0:
-        raise ValueError(f"{name} must have at least 1 dimension, got a 0-d array")
+    check_input(name, a.dtype, a.ndim)
     return a
 
 
@@ -94,10 +161,7 @@ def per_channel(value, name, channels):
     if hasattr(value, "__cuda_array_interface__"):
         raise TypeError(f"{name} is a CUDA device array, but x is a host array")
     a = np.asarray(value)
-    if a.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be a real array, got dtype {a.dtype}")
-    if a.shape != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},), got {a.shape}")
+    check_per_channel(name, a.dtype, a.shape, channels)
     return np.array(a, dtype=np.float64, order="C")
 
 
@@ -107,10 +171,7 @@ def running_stat(value, name, channels):
         return None
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray updated in place, got {type(value).__name__}")
-    if value.dtype.kind != "f" or value.dtype.itemsize not in (4, 8):
-        raise ValueError(f"{name} must have dtype float32 or float64, got {value.dtype}")
-    if value.shape != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},), got {value.shape}")
+    check_running_stat(name, value.dtype, value.shape, channels)
     if not value.flags.writeable:
         raise ValueError(f"{name} is read-only")
     return value
@@ -123,18 +184,14 @@ def out_array(out, shape, dtype, name="out"):
         # a matrix stays 2-D under reshape and a masked array's mask would be ignored
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__module__}."
                         f"{type(out).__name__}")
-    if out.shape != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
-    if out.dtype != dtype:
-        raise ValueError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    check_out(name, out.shape, out.dtype, shape, dtype)
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     return out
 
 
 def same_shape(a, b, name_a, name_b):
-    if a.shape != b.shape:
-        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {a.shape} and {b.shape}")
+    check_same_shape(a.shape, b.shape, name_a, name_b)
 
 
 def forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum, out):
@@ -164,8 +221,7 @@ def backward_args(dy, x, mean, invstd, weight, axis, out):
     ax = channel_axis(axis, xa.ndim)
     channels = xa.shape[ax]
     out_dtype = np.result_type(output_dtype(dya.dtype), output_dtype(xa.dtype))
-    if mean is None or invstd is None:
-        raise ValueError("mean and invstd are required: pass the ones the forward returned")
+    require_saved_stats(mean, invstd)
     w = per_channel(weight, "weight", channels)
     return SimpleNamespace(
         dy=dya, x=xa, axis=ax, channels=channels, out_dtype=out_dtype,

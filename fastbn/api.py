@@ -172,8 +172,7 @@ def batch_norm_inference(x, running_mean, running_var, weight=None, bias=None, *
     ax = v.channel_axis(axis, xa.ndim)
     channels = xa.shape[ax]
     out_dtype = v.output_dtype(xa.dtype)
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var are required in inference")
+    v.require_running_stats(running_mean, running_var)
     rm = v.per_channel(running_mean, "running_mean", channels)
     rv = v.per_channel(running_var, "running_var", channels)
     w = v.per_channel(weight, "weight", channels)
@@ -225,10 +224,9 @@ def batch_stats(x, *, axis=1, ddof=0):
         empty batch or ``ddof >= count`` gives NaN or inf with a RuntimeWarning.
     """
     backend = backend_for(x=x)
-    if isinstance(ddof, (bool, np.bool_)) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
-        raise ValueError(f"ddof must be a non-negative integer, got {ddof!r}")
+    ddof = v.check_ddof(ddof)
     if backend.device:
-        return backend.batch_stats(x, axis, int(ddof))
+        return backend.batch_stats(x, axis, ddof)
     xa = v.as_input(x, "x")
     ax = v.channel_axis(axis, xa.ndim)
     channels = xa.shape[ax]

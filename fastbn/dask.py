@@ -24,8 +24,7 @@ __all__ = ["batch_stats", "standardize", "minmax_scale", "batch_norm_forward", "
 def batch_stats(x, *, axis=1, ddof=0):
     """``(count, mean, var)``: count an int, mean and var lazy dask arrays (stats dtype)."""
     x, ax = checked_input(x, axis)
-    if isinstance(ddof, (bool, np.bool_)) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
-        raise ValueError(f"ddof must be a non-negative integer, got {ddof!r}")
+    ddof = v.check_ddof(ddof)
     stats = feature_stats(x, ax, nan_aware=False)
     sd = v.stats_dtype(x.dtype)
     count = math.prod(s for d, s in enumerate(x.shape) if d != ax)

@@ -111,9 +111,7 @@ def sync_batch_norm_forward(x, weight=None, bias=None, *, comm, axis=1, eps=1e-5
                                              gathered[:, 1:1 + channels],
                                              gathered[:, 1 + channels:], axis=0)
     total = float(total[0]) if channels else float(counts.sum())
-    if total < 2:
-        raise ValueError("Expected more than 1 value per channel when training, got a global "
-                         f"batch of {total:g} values per channel")
+    v.require_global_batch(total)
     var = m2 / total
     invstd = _moments.invstd(var, a.eps)
     if xa.size:
@@ -145,9 +143,7 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, axis=1, 
     reduced = comm.allreduce_sum(np.concatenate([[float(n)], sum_dy, sum_dy_xmu]))
     total = reduced[0]
     sum_dy, sum_dy_xmu = reduced[1:1 + channels], reduced[1 + channels:]
-    if total < 2:
-        raise ValueError("Expected more than 1 value per channel when training, got a global "
-                         f"batch of {total:g} values per channel")
+    v.require_global_batch(total)
     dx = backend.dx_from_sums(dya, xa, ax, mu, inv, a.weight, sum_dy, sum_dy_xmu, total, a.out,
                               a.out_dtype)
     return dx, (sum_dy_xmu * inv).astype(a.stats_dtype), sum_dy.astype(a.stats_dtype)

@@ -25,7 +25,6 @@ SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 THREADS = 32 if SIMULATOR else k.THREADS
 MAX_BLOCKS = 4 if SIMULATOR else 4096
 TARGET_BLOCKS = 4 if SIMULATOR else 1024  # reduction blocks to aim for (C x parts)
-FLOATS = (np.float16, np.float32, np.float64)
 
 
 # ----------------------------------------------------------------- arrays
@@ -131,11 +130,7 @@ class _Input:
 
     def __init__(self, a, name, axis=None, layout=None):
         d = _numba_view(a)
-        if d.dtype.kind not in "biu" and d.dtype not in FLOATS:
-            raise TypeError(f"{name} has unsupported dtype {d.dtype}: expected float16, "
-                            "float32, float64, an integer or bool dtype")
-        if d.ndim == 0:
-            raise ValueError(f"{name} must have at least 1 dimension, got a 0-d array")
+        v.check_input(name, d.dtype, d.ndim)
         self.original, self.d, self.shape, self.dtype = a, d, tuple(d.shape), np.dtype(d.dtype)
         if axis is None:
             return
@@ -177,10 +172,7 @@ def _per_channel(a, name, channels, default=None):
     if not is_device_array(a):
         raise TypeError(f"{name} is a host array, but x is a CUDA device array")
     d = _numba_view(a)
-    if d.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be a real array, got dtype {d.dtype}")
-    if tuple(d.shape) != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},), got {tuple(d.shape)}")
+    v.check_per_channel(name, d.dtype, d.shape, channels)
     return _cast(d, np.float64)
 
 
@@ -188,10 +180,7 @@ def _running(a, name, channels):
     if a is None:
         return cuda.device_array(0, dtype=np.float64)
     d = _numba_view(a)
-    if d.dtype not in (np.float32, np.float64):
-        raise ValueError(f"{name} must have dtype float32 or float64, got {d.dtype}")
-    if tuple(d.shape) != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},), got {tuple(d.shape)}")
+    v.check_running_stat(name, d.dtype, d.shape, channels)
     return d
 
 
@@ -200,10 +189,7 @@ def _out(out, xi, dtype):
     if out is None:
         return None
     d = _numba_view(out)
-    if tuple(d.shape) != xi.shape:
-        raise ValueError(f"out must have shape {xi.shape}, got {tuple(d.shape)}")
-    if d.dtype != dtype:
-        raise ValueError(f"out must have dtype {dtype}, got {d.dtype}")
+    v.check_out("out", d.shape, d.dtype, xi.shape, dtype)
     view = _canonical_view(d, xi.layout)
     if view is None:
         raise ValueError("out must be laid out like x in device memory (same strides order)")
@@ -290,8 +276,7 @@ class CUDABackend:
         xi = _Input(x, "x", axis)
         c = xi.channels
         out_dtype = v.output_dtype(xi.dtype)
-        if running_mean is None or running_var is None:
-            raise ValueError("running_mean and running_var are required in inference")
+        v.require_running_stats(running_mean, running_var)
         rm = _per_channel(running_mean, "running_mean", c)
         rv = _per_channel(running_var, "running_var", c)
         w = _per_channel(weight, "weight", c, 1.0)
@@ -312,14 +297,12 @@ class CUDABackend:
     def batch_norm_backward(self, dy, x, mean, invstd, weight, axis, out):
         xi = _Input(x, "x", axis)
         gi = _Input(dy, "dy")
-        if gi.shape != xi.shape:
-            raise ValueError(f"dy and x must have the same shape, got {gi.shape} and {xi.shape}")
+        v.check_same_shape(gi.shape, xi.shape, "dy", "x")
         gi = _Input(dy, "dy", axis, layout=xi.layout)
         c = xi.channels
         out_dtype = np.result_type(v.output_dtype(gi.dtype), v.output_dtype(xi.dtype))
         stats_dtype = v.stats_dtype(out_dtype)
-        if mean is None or invstd is None:
-            raise ValueError("mean and invstd are required: pass the ones batch_norm_forward returned")
+        v.require_saved_stats(mean, invstd)
         mu = _per_channel(mean, "mean", c)
         inv = _per_channel(invstd, "invstd", c)
         w = _per_channel(weight, "weight", c, 1.0)

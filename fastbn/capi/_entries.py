@@ -54,16 +54,9 @@ def _forward_train(outer, channels, inner, x_p, w_p, b_p, eps, momentum, rm_p, r
     mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
     kernels.run_forward_train(x, weight, bias, np.float64(eps), y, mean, var, invstd,
                               nthreads, MIN_RUN)
-    m = np.float64(momentum)
-    n = np.float64(outer * inner)
-    if flags & HAS_RUNNING_MEAN:
-        rm = carray(rm_p, (channels,))
-        for c in range(channels):
-            rm[c] = (1.0 - m) * rm[c] + m * mean[c]
-    if flags & HAS_RUNNING_VAR:
-        rv = carray(rv_p, (channels,))
-        for c in range(channels):
-            rv[c] = (1.0 - m) * rv[c] + m * (var[c] * (n / (n - 1.0)))
+    kernels.update_running(carray(rm_p, (channels if flags & HAS_RUNNING_MEAN else 0,)),
+                           carray(rv_p, (channels if flags & HAS_RUNNING_VAR else 0,)),
+                           mean, var, np.float64(outer * inner), np.float64(momentum))
     if flags & HAS_SAVE_MEAN:
         sm = carray(sm_p, (channels,))
         for c in range(channels):

@@ -62,3 +62,15 @@ def _merge_chunk(s1, s2, m, n, mu, q):
     for j in range(s1.shape[0]):
         mu[j], q[j] = _merged(n, mu[j], q[j], s1[j], s2[j], m)
 
+
+@kernel()
+def update_running(running_mean, running_var, mean, var, n, momentum):
+    """PyTorch's update of the running statistics, in float64 whatever their dtype:
+    ``rm = (1 - m) rm + m mean``, ``rv = (1 - m) rv + m var n / (n - 1)`` (``var`` the
+    biased batch variance over ``n`` values).  An empty array is a statistic not kept.
+    The host API and the C entry points both call this one."""
+    for c in range(running_mean.shape[0]):
+        running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mean[c]
+    for c in range(running_var.shape[0]):
+        running_var[c] = ((1.0 - momentum) * np.float64(running_var[c])
+                          + momentum * (var[c] * (n / (n - 1.0))))
