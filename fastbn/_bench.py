@@ -19,7 +19,8 @@ import numba
 import numpy as np
 
 from . import api, preprocessing
-from ._cpu import floors, kernels
+from ._cpu import floors as traffic
+from ._cpu import kernels
 from ._cpu.backend import pipelined, plan_chains
 
 # name: (shape, channel axis), full size and --quick size
@@ -166,28 +167,30 @@ def pattern_floors(a):
     write), all parallel with streaming stores.
     """
     if uses_column_path(a.shape, a.axis):
-        forward = (READ_COPY, lambda: (floors.read(a.x), floors.copy(a.x, a.copy_dst)))
-        backward = (READ2_ADD, lambda: (floors.read(a.x), floors.read(a.dy),
-                                        floors.add(a.x, a.dy, a.copy_dst)))
+        forward = (READ_COPY, lambda: (traffic.read(a.x), traffic.copy(a.x, a.copy_dst)))
+        backward = (READ2_ADD, lambda: (traffic.read(a.x), traffic.read(a.dy),
+                                        traffic.add(a.x, a.dy, a.copy_dst)))
     elif not fused_channel_path(a):
         forward = (FLOOR, None)
-        backward = (ADD, lambda: floors.add(a.x, a.dy, a.copy_dst))
+        backward = (ADD, lambda: traffic.add(a.x, a.dy, a.copy_dst))
     else:
         x3, dy3, dst3 = (v.reshape(a.shape3) for v in (a.x, a.dy, a.copy_dst))
-        forward = (GROUPED_READ_COPY, lambda: floors.grouped_read_copy(x3, dst3))
-        backward = (GROUPED_READ2_ADD, lambda: floors.grouped_read2_add(x3, dy3, dst3))
+        forward = (GROUPED_READ_COPY, lambda: traffic.grouped_read_copy(x3, dst3))
+        backward = (GROUPED_READ2_ADD, lambda: traffic.grouped_read2_add(x3, dy3, dst3))
         if pipelined(a.shape3, a.x.itemsize, dst3):
-            forward = (PIPELINED_READ_COPY, lambda: floors.pipelined_read_copy(x3, dst3))
+            forward = (PIPELINED_READ_COPY, lambda: traffic.pipelined_read_copy(x3, dst3))
         if pipelined(a.shape3, 2 * a.x.itemsize, dst3):
-            backward = (PIPELINED_READ2_ADD, lambda: floors.pipelined_read2_add(x3, dy3, dst3))
+            backward = (PIPELINED_READ2_ADD,
+                        lambda: traffic.pipelined_read2_add(x3, dy3, dst3))
     floors = {"forward": forward, "inference": (FLOOR, None), "backward": backward,
-              "stats": (READ, lambda: floors.read(a.x))}
+              "stats": (READ, lambda: traffic.read(a.x))}
     if feature_last(a):  # a statistics pass, then a transform pass
-        floors["standardize"] = (READ_COPY, lambda: (floors.read(a.x), floors.copy(a.x, a.copy_dst)))
+        floors["standardize"] = (READ_COPY,
+                                 lambda: (traffic.read(a.x), traffic.copy(a.x, a.copy_dst)))
         # scikit-learn's fit_transform returns a new array: its pages are faulted in
         # (and zeroed by the kernel) as they are first written
         floors["scaler"] = (READ_NEW_COPY,
-                            lambda: (floors.read(a.x), floors.copy(a.x, np.empty_like(a.x))))
+                            lambda: (traffic.read(a.x), traffic.copy(a.x, np.empty_like(a.x))))
     return floors
 
 
@@ -229,7 +232,7 @@ WEIGHTED_SCALER = "fastbn.sklearn StandardScaler().fit_transform(sample_weight)"
 
 def fastbn_contenders(a):
     """op -> {name: callable} for fastbn and the floors."""
-    floors = {FLOOR: lambda: floors.copy(a.x, a.copy_dst)}
+    floors = {FLOOR: lambda: traffic.copy(a.x, a.copy_dst)}
     for name, fn in pattern_floors(a).values():
         if fn is not None:
             floors[name] = fn
@@ -465,28 +468,28 @@ def floor_sweep(name="nchw", dtype=np.float32, quick=False, repeats=11):
         "fastbn backward (out=)": fastbn_contenders(a)["backward"]["fastbn backward (out=)"],
     })
     nthreads = numba.get_num_threads()
-    fns["read + copy, pipelined"] = lambda: floors.pipelined_read_copy(x3, dst3)
+    fns["read + copy, pipelined"] = lambda: traffic.pipelined_read_copy(x3, dst3)
     fns["read x, dy + add, pipelined, a chain of channels per planned thread"] = (
-        lambda: floors.pipelined_read2_add(x3, dy3, dst3, plan_chains(a.shape3[1]), 1))
+        lambda: traffic.pipelined_read2_add(x3, dy3, dst3, plan_chains(a.shape3[1]), 1))
     nchains, nparts = kernels.backward_chains(a.shape3[0], a.shape3[1], nthreads)
     fns[f"read x, dy + add, pipelined, {nchains} chain(s) of {nparts} row parts (backward)"] = (
-        lambda: floors.pipelined_read2_add(x3, dy3, dst3))
+        lambda: traffic.pipelined_read2_add(x3, dy3, dst3))
     # one chain of all channels in row parts: one per thread (half a channel each on two
     # threads, the row-split forward that was tried), or small tiles that fit in L2
     for per_thread in (1, 4, 16):
         parts = min(a.shape3[0], per_thread * nthreads)
         kib = -(-a.shape3[0] // parts) * a.shape3[2] * a.x.itemsize / 1024
         fns[f"read + copy, pipelined over tiles of {kib:.0f} KiB per channel"] = (
-            lambda p=parts: floors.row_tiled_read_copy(x3, dst3, p))
+            lambda p=parts: traffic.row_tiled_read_copy(x3, dst3, p))
         fns[f"read x, dy + add, pipelined over tiles of {kib:.0f} KiB per channel"] = (
-            lambda p=parts: floors.row_tiled_read2_add(x3, dy3, dst3, p))
+            lambda p=parts: traffic.row_tiled_read2_add(x3, dy3, dst3, p))
     for group in sorted({max(1, min(a.shape3[1], (mb << 20) // channel_bytes))
                          for mb in (1, 2, 4, 8, 16)}):
         mib = group * channel_bytes / 2**20
         fns[f"read + copy, groups of {group} channels ({mib:.1f} MiB)"] = (
-            lambda g=group: floors.grouped_read_copy(x3, dst3, g))
+            lambda g=group: traffic.grouped_read_copy(x3, dst3, g))
         fns[f"read x, dy + add, groups of {group} ({2 * mib:.1f} MiB)"] = (
-            lambda g=group: floors.grouped_read2_add(x3, dy3, dst3, g))
+            lambda g=group: traffic.grouped_read2_add(x3, dy3, dst3, g))
     medians, _ = time_interleaved(fns, repeats=repeats)
     return [(n, s, s / medians[FLOOR]) for n, s in medians.items()]
 

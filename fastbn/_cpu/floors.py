@@ -92,33 +92,14 @@ def _parallel_add(a, b, out, nblocks):
 # write), with no arithmetic.  No fused kernel on this schedule can beat them.
 
 @kernel(parallel=True)
-def _grouped_read_copy(x, group, y):
-    """Per group of channels of ``x`` (outer, C, inner): sum it, then copy it into ``y``."""
-    outer, channels, inner = x.shape
-    ngroups = -(-channels // group)
-    xf = x.reshape(x.size)
-    yf = y.reshape(y.size)
-    sums = np.zeros(ngroups)
-    for g in prange(ngroups):
-        c0 = g * group
-        c1 = min(c0 + group, channels)
-        s = 0.0
-        for o in range(outer):
-            s += _flat_sum(xf, (o * channels + c0) * inner, (o * channels + c1) * inner)
-        sums[g] = s
-        for o in range(outer):
-            _copy_span(xf, yf, (o * channels + c0) * inner, (o * channels + c1) * inner)
-        _store_fence()
-    return sums.sum()
-
-
-@kernel(parallel=True)
-def _grouped_read2_add(a, b, group, out):
-    """Per group of channels: sum ``a`` and ``b``, then ``out = a + b`` from cache."""
+def _grouped_traffic(a, b, group, out):
+    """Per group of channels of ``a`` (outer, C, inner): sum it, then copy it into ``out``
+    from cache; with ``b`` (not None), sum ``a`` and ``b``, then ``out = a + b``.  Returns
+    the sum."""
     outer, channels, inner = a.shape
     ngroups = -(-channels // group)
     af = a.reshape(a.size)
-    bf = b.reshape(b.size)
+    bf = af if b is None else b.reshape(b.size)
     outf = out.reshape(out.size)
     sums = np.zeros(ngroups)
     for g in prange(ngroups):
@@ -128,10 +109,15 @@ def _grouped_read2_add(a, b, group, out):
         for o in range(outer):
             lo = (o * channels + c0) * inner
             hi = (o * channels + c1) * inner
-            s += _flat_sum2(af, bf, lo, hi)
+            s += _flat_sum(af, lo, hi) if b is None else _flat_sum2(af, bf, lo, hi)
         sums[g] = s
         for o in range(outer):
-            _add_span(af, bf, outf, (o * channels + c0) * inner, (o * channels + c1) * inner)
+            lo = (o * channels + c0) * inner
+            hi = (o * channels + c1) * inner
+            if b is None:
+                _copy_span(af, outf, lo, hi)
+            else:
+                _add_span(af, bf, outf, lo, hi)
         _store_fence()
     return sums.sum()
 
@@ -263,7 +249,7 @@ def grouped_read_copy(x3, y3, group=None):
     inner), a read, then a copy from cache; returns the sum."""
     with _guard() as call:
         group = group or backend.channel_plan(x3.shape, x3.itemsize)[0]
-        return _kernels(call)._grouped_read_copy(x3, group, y3)
+        return _kernels(call)._grouped_traffic(x3, None, group, y3)
 
 
 def grouped_read2_add(a3, b3, out3, group=None):
@@ -272,7 +258,7 @@ def grouped_read2_add(a3, b3, out3, group=None):
     both."""
     with _guard() as call:
         group = group or backend.channel_plan(a3.shape, 2 * a3.itemsize)[0]
-        return _kernels(call)._grouped_read2_add(a3, b3, group, out3)
+        return _kernels(call)._grouped_traffic(a3, b3, group, out3)
 
 
 def pipelined_read_copy(x3, y3):

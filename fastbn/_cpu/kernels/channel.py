@@ -309,6 +309,16 @@ def _first_values(x):
     return shift
 
 
+@kernel(inline="always")
+def _group_part(t, group, nparts, channels, outer):
+    """Task ``t`` of a plan of (group of ``group`` channels, part of ``nparts`` of the rows):
+    ``(c0, c1, part, o0, o1)``, channels [c0, c1) over rows [o0, o1)."""
+    g = t // nparts
+    part = t - g * nparts
+    c0 = g * group
+    return c0, min(c0 + group, channels), part, part * outer // nparts, (part + 1) * outer // nparts
+
+
 @kernel(parallel=True)
 def channel_moments(x, shift, group, nparts, count, mean_rel, m2):
     """Per-(channel, part) count, mean relative to ``shift[c]`` and M2, arrays (C, nparts).
@@ -318,17 +328,12 @@ def channel_moments(x, shift, group, nparts, count, mean_rel, m2):
     so the hardware prefetchers see long streams instead of short hops.
     """
     outer, channels, inner = x.shape
-    ngroups = -(-channels // group)
-    for t in prange(ngroups * nparts):
-        g = t // nparts
-        part = t - g * nparts
-        c0 = g * group
-        c1 = min(c0 + group, channels)
+    for t in prange(-(-channels // group) * nparts):
+        c0, c1, part, o0, o1 = _group_part(t, group, nparts, channels, outer)
         n = np.zeros(c1 - c0)
         mu = np.zeros(c1 - c0)
         q = np.zeros(c1 - c0)
-        _accumulate_rows(x, part * outer // nparts, (part + 1) * outer // nparts, c0, c1,
-                         shift, n, mu, q)
+        _accumulate_rows(x, o0, o1, c0, c1, shift, n, mu, q)
         for c in range(c0, c1):
             count[c, part] = n[c - c0]
             mean_rel[c, part] = mu[c - c0]

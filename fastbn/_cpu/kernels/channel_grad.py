@@ -10,7 +10,7 @@ from ..._jit import kernel
 from .numerics import CHUNK, REDUCE_MATH
 from .codegen import LINE_BYTES, _line_dx, _store_fence
 from .pipes import _strided_grad_sums
-from .channel import _batch_rows, _block_runs, _dx_stream, _line_stores
+from .channel import _batch_rows, _block_runs, _dx_stream, _group_part, _line_stores
 
 
 @kernel(fastmath=REDUCE_MATH)
@@ -100,16 +100,11 @@ def channel_grad_sums(dy, x, mean, group, nparts, sum_dy, sum_dy_xmu):
     ``mean`` is float64 and exact: the caller's mean, converted.
     """
     outer, channels, inner = x.shape
-    ngroups = -(-channels // group)
-    for t in prange(ngroups * nparts):
-        g = t // nparts
-        part = t - g * nparts
-        c0 = g * group
-        c1 = min(c0 + group, channels)
+    for t in prange(-(-channels // group) * nparts):
+        c0, c1, part, o0, o1 = _group_part(t, group, nparts, channels, outer)
         s = np.zeros(c1 - c0)
         sx = np.zeros(c1 - c0)
-        _rows_grad_sums(dy, x, part * outer // nparts, (part + 1) * outer // nparts, c0, c1,
-                        mean, s, sx)
+        _rows_grad_sums(dy, x, o0, o1, c0, c1, mean, s, sx)
         for c in range(c0, c1):
             sum_dy[c, part] = s[c - c0]
             sum_dy_xmu[c, part] = sx[c - c0]
