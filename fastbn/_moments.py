@@ -36,8 +36,11 @@ def update_running_stats(running_mean, running_var, mean, var, n, momentum):
     a statistic that is None is not kept."""
     from ._cpu.kernels import update_running
 
-    none = np.empty(0)
-    update_running(none if running_mean is None else running_mean,
-                   none if running_var is None else running_var,
-                   np.asarray(mean, dtype=np.float64), np.asarray(var, dtype=np.float64),
-                   float(n), float(momentum))
+    stats = [np.empty(0) if r is None else r if r.dtype.isnative
+             else r.astype(r.dtype.newbyteorder("="))  # the kernels take native order
+             for r in (running_mean, running_var)]
+    update_running(*stats, np.asarray(mean, dtype=np.float64),
+                   np.asarray(var, dtype=np.float64), float(n), float(momentum))
+    for given, updated in zip((running_mean, running_var), stats):
+        if given is not None and given is not updated:
+            given[...] = updated
