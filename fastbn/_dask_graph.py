@@ -76,13 +76,24 @@ def _aggregate_partials(parts, axis=None, keepdims=False):
     return out
 
 
+def _flat(p):
+    return np.ascontiguousarray(p, dtype=np.float64).reshape(-1)
+
+
 def _affine_block(block, mean, scale, shift, feature_axis, out_dtype):
     """fastbn's fused ``(x - mean) * scale + shift`` on one block (parameters broadcast)."""
     if block.size == 0:
         return np.empty(block.shape, out_dtype)
-    flat = lambda p: np.ascontiguousarray(p, dtype=np.float64).reshape(-1)  # noqa: E731
-    return _cpu().affine(np.asarray(block), feature_axis, flat(mean), flat(scale), flat(shift),
-                         None, np.dtype(out_dtype))
+    return _cpu().affine(np.asarray(block), feature_axis, _flat(mean), _flat(scale),
+                         _flat(shift), None, np.dtype(out_dtype))
+
+
+def _minmax_block(block, lo, hi, scale, feature_axis, out_dtype, f0, f1):
+    """fastbn's two-sided min-max map on one block (parameters broadcast)."""
+    if block.size == 0:
+        return np.empty(block.shape, out_dtype)
+    return _cpu().minmax(np.asarray(block), feature_axis, _flat(lo), _flat(hi), _flat(scale),
+                         f0, f1, None, np.dtype(out_dtype))
 
 
 def kernel_cache_report():
@@ -127,6 +138,17 @@ def feature_stats(x, axis, nan_aware=True):
 def affine(x, axis, mean, scale, shift):
     """Lazy ``(x - mean) * scale + shift`` per feature; parameters are (C,) arrays (NumPy or
     dask, chunked like the feature axis)."""
+    return _per_feature_map(_affine_block, x, axis, (mean, scale, shift))
+
+
+def minmax(x, axis, lo, hi, scale, f0, f1):
+    """Lazy min-max scaling about both ends (``fastbn._cpu.kernels.minmax``): ``lo``,
+    ``hi`` the data's minimum and maximum and ``scale`` per feature, ``[f0, f1]`` the
+    feature range."""
+    return _per_feature_map(_minmax_block, x, axis, (lo, hi, scale), f0=f0, f1=f1)
+
+
+def _per_feature_map(block_fn, x, axis, per_feature, **kwargs):
     import dask.array as da
 
     x, ax = checked_input(x, axis)
@@ -134,8 +156,8 @@ def affine(x, axis, mean, scale, shift):
     shape = [1] * x.ndim
     shape[ax] = x.shape[ax]
     params = []
-    for p in (mean, scale, shift):
+    for p in per_feature:
         p = da.asarray(p, chunks=(x.chunks[ax],)) if not is_dask_array(p) else p
         params.append(p.rechunk((x.chunks[ax],)).reshape(shape))
-    return da.map_blocks(_affine_block, x, *params, feature_axis=ax, out_dtype=out_dtype,
-                         dtype=out_dtype, meta=np.empty((0,) * x.ndim, out_dtype))
+    return da.map_blocks(block_fn, x, *params, feature_axis=ax, out_dtype=out_dtype,
+                         dtype=out_dtype, meta=np.empty((0,) * x.ndim, out_dtype), **kwargs)

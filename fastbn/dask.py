@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from . import _validate as v
-from ._dask_graph import STATS, affine, checked_input, feature_stats, is_dask_array
+from ._dask_graph import STATS, affine, checked_input, feature_stats, is_dask_array, minmax
 from ._dask_graph import kernel_cache_report
 from .scalers import _feature_range, minmax_scale_factor, standard_scale
 
@@ -52,10 +52,10 @@ def minmax_scale(x, *, axis=-1, feature_range=(0.0, 1.0)):
     x, ax = checked_input(x, axis)
     s = feature_stats(x, ax)
     dmin = da.where(s["count"] > 0, s["min"], np.nan)
-    data_range = da.where(s["count"] > 0, s["max"], np.nan) - dmin
-    scale = minmax_scale_factor(low, high, data_range)
-    # about the minimum: it maps to exactly ``low``, and data far from 0 keep their digits
-    return affine(x, ax, dmin, scale, da.full_like(scale, low))
+    dmax = da.where(s["count"] > 0, s["max"], np.nan)
+    scale = minmax_scale_factor(low, high, dmax - dmin)
+    # about both ends: the minimum maps to exactly ``low``, the maximum to exactly ``high``
+    return minmax(x, ax, dmin, dmax, scale, low, high)
 
 
 def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5):

@@ -231,9 +231,10 @@ class _Scaler(_Params):
         """``fit(x, **fit_params)`` then ``transform(x, out=out)``; ``y`` is ignored."""
         return self.fit(x, **fit_params).transform(x, out=out)
 
-    def _affine(self, x, mean, scale, shift, out, name="x"):
+    def _affine(self, x, mean, scale, shift, out, name="x", two_sided=None):
         """``(x - mean) * scale + shift`` per feature, one fused pass (float64 parameters);
-        lazy for a ``dask.array``."""
+        lazy for a ``dask.array``.  With ``two_sided=(lo, hi, f0, f1)``, min-max scaling
+        about both ends instead (``fastbn._cpu.kernels.minmax``; ``mean`` unused)."""
         self._check_fitted()
         if _sparse.is_sparse(x):
             return self._sparse_affine(x, mean, scale, shift, out, name)
@@ -249,12 +250,18 @@ class _Scaler(_Params):
             raise ValueError(f"{name} has {features} features along axis {self.axis}, but this "
                              f"scaler was fitted with {self._count.shape[0]}")
         if _dask_graph.is_dask_array(x):
+            if two_sided is not None:
+                lo, hi, f0, f1 = two_sided
+                return _dask_graph.minmax(x, self.axis, lo, hi, scale, f0, f1)
             return _dask_graph.affine(x, self.axis, mean, scale, shift)
         ax = v.channel_axis(self.axis, x.ndim)
         out_dtype = v.output_dtype(x.dtype)
         out = v.out_array(out, x.shape, out_dtype)
         if x.size == 0:
             return out if out is not None else np.empty(x.shape, out_dtype)
+        if two_sided is not None:
+            lo, hi, f0, f1 = two_sided
+            return backend.minmax(x, ax, lo, hi, scale, f0, f1, out, out_dtype)
         return backend.affine(x, ax, mean, scale, shift, out, out_dtype)
 
     def _sparse_affine(self, x, mean, scale, shift, out, name):
@@ -530,19 +537,18 @@ class MinMaxScaler(_Scaler):
     def transform(self, x, *, out=None):
         """``x * scale_ + min_`` per feature (NaN kept), clipped when ``clip``.
 
-        Computed as ``(x - data_min_) * scale + feature_range[0]``, with ``scale``
-        within a few ulp of ``scale_`` such that the data's maximum maps to exactly
-        ``feature_range[1]`` in the output's arithmetic: ``x * scale_ + min_`` loses
-        the low digits of data far from zero (-3.8e-6 at the minimum for float32 data
-        at 1e3 with std 3).
+        Computed about both ends of the fitted range: ``(x - data_min_) * scale_ +
+        feature_range[0]`` below its midpoint, ``(x - data_max_) * scale_ +
+        feature_range[1]`` above it, so that the data's minimum and maximum map to
+        exactly the ends of ``feature_range`` and data far from zero keep their digits
+        (``x * scale_ + min_`` gave -3.8e-6 at the minimum for float32 data at 1e3 with
+        std 3).
         """
         self._check_fitted()
         self._check_params()
         fmin, fmax = self._fit_range
-        dtype = np.float32 if _dtype_of(x) in (np.float16, np.float32) else np.float64
-        scale = _exact_endpoint_scale(self.data_min_, self.data_max_, self.scale_, fmin, fmax,
-                                      dtype)
-        y = self._affine(x, self.data_min_, scale, np.full_like(self.scale_, fmin), out)
+        y = self._affine(x, None, self.scale_, None, out,
+                         two_sided=(self.data_min_, self.data_max_, fmin, fmax))
         if self.clip:
             low, high = _feature_range(self.feature_range)
             if _dask_graph.is_dask_array(y):
@@ -555,37 +561,6 @@ class MinMaxScaler(_Scaler):
         self._check_fitted()
         return self._affine(y, self.min_, 1.0 / self.scale_, np.zeros_like(self.scale_), out,
                             name="y")
-
-
-def _dtype_of(x):
-    dtype = getattr(x, "dtype", None)
-    return v.output_dtype(np.dtype(dtype) if dtype is not None else np.asarray(x).dtype)
-
-
-def _exact_endpoint_scale(lo, hi, scale, fmin, fmax, dtype):
-    """Per feature, the float of ``dtype`` nearest ``scale`` (within 3 ulp) for which the
-    affine pass maps ``hi`` to exactly ``fmax``: ``((hi - c) - c_low) * s + fmin`` in
-    ``dtype`` arithmetic, with the center ``lo`` split as the kernels split it (``lo``
-    itself maps to ``fmin`` exactly).  ``scale`` rounded where none does."""
-    t = np.dtype(dtype).type
-    with np.errstate(all="ignore"):
-        c = lo.astype(dtype)
-        c_low = (lo - c.astype(np.float64)).astype(dtype)
-        d = (hi.astype(dtype) - c) - c_low
-        target, f0 = t(fmax), t(fmin)
-        best = scale.astype(dtype)
-        todo = (d * best + f0 != target) & (hi > lo) & np.isfinite(best)
-        up = down = best
-        for _ in range(3):
-            if not todo.any():
-                break
-            up = np.nextafter(up, t(np.inf))
-            down = np.nextafter(down, t(-np.inf))
-            for candidate in (up, down):
-                hit = todo & (d * candidate + f0 == target)
-                best = np.where(hit, candidate, best)
-                todo &= ~hit
-    return best.astype(np.float64)
 
 
 def _feature_range(value):

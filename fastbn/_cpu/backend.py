@@ -316,6 +316,18 @@ class CPUBackend:
         self._affine3(x3, mean, np.zeros_like(mean), scale, shift, dest.y3)
         return dest.finish()
 
+    def minmax(self, x, axis, lo, hi, scale, f0, f1, out, out_dtype):
+        """Min-max scaling per channel about both ends (``kernels.minmax``): ``lo``, ``hi``
+        the data's minimum and maximum, ``[f0, f1]`` the feature range."""
+        layout = Layout.of(x, axis)
+        wd = work_dtype(out_dtype)
+        x3 = _in(layout.work3(x, wd))
+        dest = Output(layout, out, out_dtype, wd, [x3])
+        with _call(x3) as call:
+            call.k.run_two_sided(x3, lo, hi, scale, float(f0), float(f1), dest.y3, call.n,
+                                 MIN_RUN)
+        return dest.finish()
+
     def _affine3(self, x3, hi64, lo64, scale, shift, y3):
         with _call(x3) as call:
             call.k.run_affine(x3, hi64, lo64, scale, shift, y3, call.n, MIN_RUN)
@@ -388,6 +400,7 @@ class CPUBackend:
                 k.run_forward_train(x3, ones, zeros, 1e-5, y3, *per_channel, 2, MIN_RUN)
                 k.run_backward_train(x3, x3, zeros, ones, ones, y3, *per_channel[:2], 2, MIN_RUN)
                 k.run_affine(x3, zeros, zeros, ones, zeros, y3, 2, MIN_RUN)
+                k.run_two_sided(x3, zeros, ones, ones, 0.0, 1.0, y3, 2, MIN_RUN)
                 k.inference_scale(ones, 1e-5, ones)
                 k.merged_channel_moments(x3, *per_channel)
                 k.column_forward(x2, 4, 2, 4, False, zeros, zeros, 0.0, y2, *per_channel)

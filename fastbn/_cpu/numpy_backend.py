@@ -99,6 +99,15 @@ class NumPyBackend:
     def affine(self, x, axis, mean, scale, shift, out, out_dtype):
         return _result(self._affine_values(x, axis, mean, scale, shift), x, out, out_dtype)
 
+    def minmax(self, x, axis, lo, hi, scale, f0, f1, out, out_dtype):
+        nd = np.ndim(x)
+        x64 = np.asarray(x, dtype=np.float64)
+        lo, hi, scale = (_per_channel_view(v, nd, axis) for v in (lo, hi, scale))
+        with np.errstate(invalid="ignore"):
+            below = (x64 < lo + (hi - lo) / 2) | ~(hi > lo)
+        y = np.where(below, (x64 - lo) * scale + f0, (x64 - hi) * scale + f1)
+        return _result(y, x, out, out_dtype)
+
     # ----------------------------------------------------------------- backward
     def grad_sums(self, dy, x, axis, mean, dtype):
         g, xc = _columns(dy, axis), _columns(x, axis)
@@ -126,15 +135,6 @@ class NumPyBackend:
     # ----------------------------------------------------------------- the rest
     def compile_kernels(self, dtype, serial=False):
         """Nothing to compile with the JIT disabled."""
-
-    def copy(self, src, dst):
-        np.copyto(dst, src)
-
-    def read(self, src):
-        return float(np.sum(src))
-
-    def add(self, a, b, out):
-        np.add(a, b, out=out)
 
 
 backend = NumPyBackend()

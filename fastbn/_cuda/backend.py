@@ -351,7 +351,7 @@ class CUDABackend:
         k.partial_feature_stats[(channels, nparts), THREADS](x3, nparts, *arrays)
         return arrays
 
-    def _normalize(self, x, axis, out, make_params, clip=None):
+    def _normalize(self, x, axis, out, make_params, clip=None, width=4, kernel=k.affine):
         xi = _Input(x, "x", axis)
         c = xi.channels
         out_dtype = v.output_dtype(xi.dtype)
@@ -360,9 +360,9 @@ class CUDABackend:
         x3 = xi.work3(wd)
         dest = _Output(xi, out, out3, out_dtype, wd)
         if x3.size:
-            params = cuda.device_array((c, 4), dtype=wd)
+            params = cuda.device_array((c, width), dtype=wd)
             make_params(xi, x3, params)
-            k.affine[_blocks(x3.size), THREADS](x3, params, dest.y3)
+            kernel[_blocks(x3.size), THREADS](x3, params, dest.y3)
             if clip is not None:
                 flat = dest.y3.reshape(dest.y3.size)
                 k.clip[_blocks(flat.size), THREADS](flat, clip[0], clip[1])
@@ -380,7 +380,8 @@ class CUDABackend:
         def params(xi, x3, p):
             _, _, _, vmin, vmax = self._feature_stats(xi, x3)
             k.minmax_params[_blocks(xi.channels), THREADS](vmin, vmax, low, high, p)
-        return self._normalize(x, axis, out, params, (low, high) if clip else None)
+        return self._normalize(x, axis, out, params, (low, high) if clip else None, width=8,
+                               kernel=k.two_sided)
 
 
 backend = CUDABackend()

@@ -14,6 +14,7 @@ backend make the views):
 ``column``        column path (rows, W): statistics, forward, backward
 ``pipeline``      pipelined channel path: reduce channel c + 1 while writing c
 ``features``      NaN-aware and weighted feature statistics (scalers, ``standardize``)
+``minmax``        min-max scaling about both ends of the range
 ``ops``           whole ops choosing a path: what the backend and the C entry points call
 
 The package's namespace is the union of its modules' (checked: no name is bound to
@@ -24,11 +25,11 @@ a digest of all these sources (``fastbn._cache``): Numba itself watches only the
 file that defines a function, not the helpers it calls from the others.
 """
 
-from . import (channel, channel_grad, codegen, column, features, numerics, ops, pipeline, pipes,
-               plans, tiles)
+from . import (channel, channel_grad, codegen, column, features, minmax, numerics, ops, pipeline,
+               pipes, plans, tiles)
 
 MODULES = (numerics, codegen, plans, tiles, pipes, channel, channel_grad, column, pipeline,
-           features, ops)
+           features, minmax, ops)
 
 
 def _merge_namespaces():

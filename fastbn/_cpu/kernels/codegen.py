@@ -73,6 +73,14 @@ def _affine_expr(builder, v, hi, lo, scale, shift):
     return builder.fadd(builder.fmul(builder.fsub(builder.fsub(v, hi), lo), scale), shift)
 
 
+def _two_sided_expr(builder, v, lo_hi, lo_lo, hi_hi, hi_lo, mid, scale, f0, f1):
+    """``((v - c_hi) - c_lo) * scale + f`` with the center and offset of the piece ``v``
+    falls in: the low end's below ``mid``, the high end's otherwise (NaN too)."""
+    below = builder.fcmp_ordered("<", v, mid)
+    return _affine_expr(builder, v, builder.select(below, lo_hi, hi_hi),
+                        builder.select(below, lo_lo, hi_lo), scale, builder.select(below, f0, f1))
+
+
 def _dx_expr(builder, g, v, hi, lo, a, b, k):
     xc = builder.fsub(builder.fsub(v, hi), lo)
     return builder.fmul(builder.fsub(builder.fsub(g, b), builder.fmul(xc, k)), a)
@@ -140,6 +148,40 @@ def _line_affine_cols(typingctx, x, i, out, params, j):
         v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
         p = _column_params(context, builder, sig.args[3], args[3], args[4], 4, vty)
         _store_line_nt(context, builder, sig.args[2], args[2], args[1], _affine_expr(builder, v, *p))
+        return context.get_dummy_value()
+    return types.void(x, types.intp, out, params, types.intp), codegen
+
+
+@intrinsic
+def _line_two_sided(typingctx, x, i, out, params, c):
+    """``out[i:i+L]`` = the two-sided affine map of ``x[i:i+L]`` with row ``c`` of
+    ``params`` (C, 8) (``_two_sided_expr``; streamed store)."""
+    def codegen(context, builder, sig, args):
+        vty = _line_type(context, sig.args[0].dtype)
+        v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
+        pty, dt = sig.args[3], sig.args[3].dtype
+        parr = context.make_array(pty)(context, builder, args[3])
+        p = []
+        for k in range(8):
+            ptr = cgutils.get_item_pointer(context, builder, pty, parr,
+                                           [args[4], context.get_constant(types.intp, k)],
+                                           wraparound=False, boundscheck=False)
+            p.append(_splat(context, builder, builder.load(ptr), dt, dt, vty))
+        _store_line_nt(context, builder, sig.args[2], args[2], args[1],
+                       _two_sided_expr(builder, v, *p))
+        return context.get_dummy_value()
+    return types.void(x, types.intp, out, params, types.intp), codegen
+
+
+@intrinsic
+def _line_two_sided_cols(typingctx, x, i, out, params, j):
+    """Column form: parameters are the 8 rows of ``params`` (8, W + lanes) at column ``j``."""
+    def codegen(context, builder, sig, args):
+        vty = _line_type(context, sig.args[0].dtype)
+        v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
+        p = _column_params(context, builder, sig.args[3], args[3], args[4], 8, vty)
+        _store_line_nt(context, builder, sig.args[2], args[2], args[1],
+                       _two_sided_expr(builder, v, *p))
         return context.get_dummy_value()
     return types.void(x, types.intp, out, params, types.intp), codegen
 
