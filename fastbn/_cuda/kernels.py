@@ -437,7 +437,7 @@ def standardize_params(x, count, mean_rel, m2, params):
 
 @cuda.jit
 def minmax_params(vmin, vmax, low, high, params):
-    """One thread per channel: the two-sided parameters (C, 8) of scikit-learn's
+    """One thread per channel: the two-sided parameters (C, 6) of scikit-learn's
     MinMaxScaler (``two_sided``), as on the host."""
     c = cuda.grid(1)
     if c >= vmin.shape[0]:
@@ -454,32 +454,31 @@ def minmax_params(vmin, vmax, low, high, params):
     has_range = data_range >= 10 * 2.220446049250313e-16
     if data_range < 10 * 2.220446049250313e-16:
         data_range = 1.0
+    scale = (high - low) / data_range
     params[c, 0] = dmin
-    params[c, 1] = dmin - np.float64(params[c, 0])
-    params[c, 2] = dmax
-    params[c, 3] = dmax - np.float64(params[c, 2])
+    params[c, 1] = dmax
+    params[c, 5] = scale
+    s = np.float64(params[c, 5])
+    params[c, 2] = low - (dmin - np.float64(params[c, 0])) * s
+    params[c, 3] = high - (dmax - np.float64(params[c, 1])) * s
     params[c, 4] = math.inf
     if has_range:
         params[c, 4] = dmin + (dmax - dmin) / 2.0
         if params[c, 4] <= params[c, 0]:
-            params[c, 4] = params[c, 2]
-    params[c, 5] = (high - low) / data_range
-    params[c, 6] = low
-    params[c, 7] = high
+            params[c, 4] = params[c, 1]
 
 
 @cuda.jit
 def two_sided(x, params, y):
-    """Min-max scaling about both ends, ``params`` (C, 8) as the host's
+    """Min-max scaling about both ends, ``params`` (C, 6) as the host's
     (``fastbn._cpu.kernels.minmax``), grid-stride over all values."""
     outer, channels, inner = x.shape
     for k in range(cuda.grid(1), outer * channels * inner, cuda.gridsize(1)):
         o, c, i = _unravel(k, channels, inner)
         v = x[o, c, i]
-        if v < params[c, 4]:
-            y[o, c, i] = ((v - params[c, 0]) - params[c, 1]) * params[c, 5] + params[c, 6]
-        else:
-            y[o, c, i] = ((v - params[c, 2]) - params[c, 3]) * params[c, 5] + params[c, 7]
+        low = (v - params[c, 0]) * params[c, 5] + params[c, 2]
+        high = (v - params[c, 1]) * params[c, 5] + params[c, 3]
+        y[o, c, i] = low if v < params[c, 4] else high
 
 
 @cuda.jit

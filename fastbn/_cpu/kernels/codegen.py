@@ -73,12 +73,12 @@ def _affine_expr(builder, v, hi, lo, scale, shift):
     return builder.fadd(builder.fmul(builder.fsub(builder.fsub(v, hi), lo), scale), shift)
 
 
-def _two_sided_expr(builder, v, lo_hi, lo_lo, hi_hi, hi_lo, mid, scale, f0, f1):
-    """``((v - c_hi) - c_lo) * scale + f`` with the center and offset of the piece ``v``
-    falls in: the low end's below ``mid``, the high end's otherwise (NaN too)."""
+def _two_sided_expr(builder, v, c_low, c_high, g_low, g_high, mid, scale):
+    """``(v - c) * scale + g`` with the center and offset of the piece ``v`` falls in: the
+    low end's below ``mid``, the high end's otherwise (NaN too)."""
     below = builder.fcmp_ordered("<", v, mid)
-    return _affine_expr(builder, v, builder.select(below, lo_hi, hi_hi),
-                        builder.select(below, lo_lo, hi_lo), scale, builder.select(below, f0, f1))
+    centered = builder.fsub(v, builder.select(below, c_low, c_high))
+    return builder.fadd(builder.fmul(centered, scale), builder.select(below, g_low, g_high))
 
 
 def _dx_expr(builder, g, v, hi, lo, a, b, k):
@@ -155,14 +155,14 @@ def _line_affine_cols(typingctx, x, i, out, params, j):
 @intrinsic
 def _line_two_sided(typingctx, x, i, out, params, c):
     """``out[i:i+L]`` = the two-sided affine map of ``x[i:i+L]`` with row ``c`` of
-    ``params`` (C, 8) (``_two_sided_expr``; streamed store)."""
+    ``params`` (C, 6) (``_two_sided_expr``; streamed store)."""
     def codegen(context, builder, sig, args):
         vty = _line_type(context, sig.args[0].dtype)
         v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
         pty, dt = sig.args[3], sig.args[3].dtype
         parr = context.make_array(pty)(context, builder, args[3])
         p = []
-        for k in range(8):
+        for k in range(6):
             ptr = cgutils.get_item_pointer(context, builder, pty, parr,
                                            [args[4], context.get_constant(types.intp, k)],
                                            wraparound=False, boundscheck=False)
@@ -175,11 +175,11 @@ def _line_two_sided(typingctx, x, i, out, params, c):
 
 @intrinsic
 def _line_two_sided_cols(typingctx, x, i, out, params, j):
-    """Column form: parameters are the 8 rows of ``params`` (8, W + lanes) at column ``j``."""
+    """Column form: parameters are the 6 rows of ``params`` (6, W + lanes) at column ``j``."""
     def codegen(context, builder, sig, args):
         vty = _line_type(context, sig.args[0].dtype)
         v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
-        p = _column_params(context, builder, sig.args[3], args[3], args[4], 8, vty)
+        p = _column_params(context, builder, sig.args[3], args[3], args[4], 6, vty)
         _store_line_nt(context, builder, sig.args[2], args[2], args[1],
                        _two_sided_expr(builder, v, *p))
         return context.get_dummy_value()

@@ -8,10 +8,14 @@ is computed from the end it is near, so the output keeps its digits at both
 ends.  A one-sided ``(x - lo) * scale + f0`` reaches ``f1`` only when the rounded
 ``(hi - lo) * scale`` happens to land on ``f1 - f0``.
 
-Per-channel parameters are rows ``(lo_hi, lo_lo, hi_hi, hi_lo, mid, scale, f0,
-f1)`` in the working dtype, the centers split as unevaluated sums (as the affine
-pass's, see ``channel``); a feature with no range (under ``ZERO_RANGE``) has
-``mid = +inf`` and takes the low piece everywhere.  The scalar code computes exactly what a vector line does.
+Per-channel parameters are rows ``(c_low, c_high, g_low, g_high, mid, scale)`` in
+the working dtype: a piece is ``(x - c) * scale + g``, ``c`` the end rounded to the
+working dtype and ``g = f - (end - c) * scale`` (just ``f`` when the end is a value
+of the working dtype, as the fitted data's are; otherwise the center's low part,
+which the affine pass subtracts separately, is folded into the offset: one
+subtraction less per value, which the column path's lines needed to keep pace).
+A feature with no range (under ``ZERO_RANGE``) has ``mid = +inf`` and takes the
+low piece everywhere.  The scalar code computes exactly what a vector line does.
 """
 
 import numpy as np
@@ -32,15 +36,15 @@ ZERO_RANGE = 10 * np.finfo(np.float64).eps
 def _two_sided(v, p, c):
     """The scalar form of ``codegen._two_sided_expr`` with row ``c`` of ``params``: both
     pieces, then a select (no branch, so that the loops vectorize)."""
-    low = ((v - p[c, 0]) - p[c, 1]) * p[c, 5] + p[c, 6]
-    high = ((v - p[c, 2]) - p[c, 3]) * p[c, 5] + p[c, 7]
+    low = (v - p[c, 0]) * p[c, 5] + p[c, 2]
+    high = (v - p[c, 1]) * p[c, 5] + p[c, 3]
     return low if v < p[c, 4] else high
 
 
 @kernel(inline="always")
 def _two_sided_col(v, p, j):
-    low = ((v - p[0, j]) - p[1, j]) * p[5, j] + p[6, j]
-    high = ((v - p[2, j]) - p[3, j]) * p[5, j] + p[7, j]
+    low = (v - p[0, j]) * p[5, j] + p[2, j]
+    high = (v - p[1, j]) * p[5, j] + p[3, j]
     return low if v < p[4, j] else high
 
 
@@ -59,7 +63,7 @@ def _two_sided_run(xf, yf, start, stop, params, c):
 
 @kernel(parallel=True)
 def two_sided_channels(x, params, nblocks, y):
-    """The two-sided map of ``x`` (outer, C, inner) per channel, ``params`` (C, 8), in
+    """The two-sided map of ``x`` (outer, C, inner) per channel, ``params`` (C, 6), in
     ``nblocks`` tasks of contiguous runs."""
     outer, channels, inner = x.shape
     xf = x.reshape(x.size)
@@ -74,7 +78,7 @@ def two_sided_channels(x, params, nblocks, y):
 @kernel()
 def _two_sided_rows(x, r0, r1, cols, y):
     """Rows [r0, r1) of the column path as one span of lines (see ``column._affine_rows``;
-    ``cols`` (8, W + lanes), wrapped)."""
+    ``cols`` (6, W + lanes), wrapped)."""
     width = x.shape[1]
     lanes = LINE_BYTES // y.itemsize
     xf = x.reshape(x.size)
@@ -101,13 +105,13 @@ def _two_sided_rows(x, r0, r1, cols, y):
 
 @kernel(parallel=True)
 def two_sided_columns(x, params, inner, nblocks, y):
-    """The two-sided map over rows of ``x`` (rows, C * inner), ``params`` (C, 8), in
+    """The two-sided map over rows of ``x`` (rows, C * inner), ``params`` (C, 6), in
     ``nblocks`` tasks of contiguous rows."""
     rows, width = x.shape
     lanes = LINE_BYTES // x.itemsize
-    cols = np.zeros((8, width + lanes), x.dtype)
+    cols = np.zeros((6, width + lanes), x.dtype)
     for j in range(width):
-        for k in range(8):
+        for k in range(6):
             cols[k, j] = params[j // inner, k]
     _wrap_columns(cols, width, lanes)
     for blk in prange(nblocks):
@@ -121,22 +125,21 @@ def run_two_sided(x, lo, hi, scale, f0, f1, y, nthreads, min_run):
     ``lo``, ``hi`` (the data's minimum and maximum), ``scale``; ``f0``, ``f1`` the
     feature range."""
     outer, channels, inner = x.shape
-    params = np.empty((channels, 8), x.dtype)
+    params = np.empty((channels, 6), x.dtype)
     for c in range(channels):
         params[c, 0] = lo[c]
-        params[c, 1] = lo[c] - np.float64(params[c, 0])
-        params[c, 2] = hi[c]
-        params[c, 3] = hi[c] - np.float64(params[c, 2])
+        params[c, 1] = hi[c]
+        params[c, 5] = scale[c]
+        s = np.float64(params[c, 5])
+        params[c, 2] = f0 - (lo[c] - np.float64(params[c, 0])) * s
+        params[c, 3] = f1 - (hi[c] - np.float64(params[c, 1])) * s
         params[c, 4] = np.inf
         # the midpoint, strictly above the minimum in the working dtype; none for a range
         # that scikit-learn takes as 0 (under 10 eps: scale for a range of 1, low end only)
         if hi[c] - lo[c] >= ZERO_RANGE:
             params[c, 4] = lo[c] + (hi[c] - lo[c]) / 2.0
             if params[c, 4] <= params[c, 0]:  # hi is lo's neighbour: its value splits them
-                params[c, 4] = params[c, 2]
-        params[c, 5] = scale[c]
-        params[c, 6] = f0
-        params[c, 7] = f1
+                params[c, 4] = params[c, 1]
     if inner < min_run:
         two_sided_columns(x.reshape(outer, channels * inner), params, inner,
                           column_blocks(outer, nthreads), y.reshape(outer, channels * inner))
