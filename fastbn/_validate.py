@@ -194,40 +194,106 @@ def same_shape(a, b, name_a, name_b):
     check_same_shape(a.shape, b.shape, name_a, name_b)
 
 
-def forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum, out):
-    """Validated arguments of a training forward on host arrays (the batch size is the
-    caller's to check: synchronized batch norm checks the global one)."""
-    xa = as_input(x, "x")
+class HostArrays:
+    """How the call descriptions below take host arrays (NumPy, or anything
+    ``np.asarray`` takes).  A device backend has its own (``fastbn._cuda.backend``): the
+    same methods on device arrays, and the same rules, from the ``check_*`` functions."""
+
+    device = False
+
+    def input(self, value, name):
+        return as_input(value, name)
+
+    def at_axis(self, a, axis, like=None):
+        """``a`` with its channel axis known (a device array finds its layout here)."""
+        return a
+
+    def per_channel(self, value, name, channels):
+        return per_channel(value, name, channels)
+
+    def running(self, value, name, channels):
+        return running_stat(value, name, channels)
+
+    def out(self, value, x, dtype, name="out"):
+        return out_array(value, x.shape, dtype, name)
+
+    def filled(self, channels, value):
+        return np.full(channels, float(value))
+
+
+HOST = HostArrays()
+
+
+def forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
+                 arrays=HOST):
+    """The validated call of a training forward, for the backend whose ``arrays`` these
+    are (the batch size is the caller's to check: synchronized batch norm checks the
+    global one)."""
+    xa = arrays.input(x, "x")
     ax = channel_axis(axis, xa.ndim)
+    xa = arrays.at_axis(xa, ax)
     channels = xa.shape[ax]
     out_dtype = output_dtype(xa.dtype)
-    w = per_channel(weight, "weight", channels)
-    b = per_channel(bias, "bias", channels)
+    w = arrays.per_channel(weight, "weight", channels)
+    b = arrays.per_channel(bias, "bias", channels)
     return SimpleNamespace(
         x=xa, axis=ax, channels=channels, out_dtype=out_dtype, stats_dtype=stats_dtype(xa.dtype),
-        weight=np.ones(channels) if w is None else w, bias=np.zeros(channels) if b is None else b,
+        weight=arrays.filled(channels, 1.0) if w is None else w,
+        bias=arrays.filled(channels, 0.0) if b is None else b,
         eps=real_scalar(eps, "eps", low=0.0),
         momentum=real_scalar(momentum, "momentum", low=0.0, high=1.0),
-        running_mean=running_stat(running_mean, "running_mean", channels),
-        running_var=running_stat(running_var, "running_var", channels),
-        out=out_array(out, xa.shape, out_dtype))
+        running_mean=arrays.running(running_mean, "running_mean", channels),
+        running_var=arrays.running(running_var, "running_var", channels),
+        out=arrays.out(out, xa, out_dtype))
 
 
-def backward_args(dy, x, mean, invstd, weight, axis, out):
-    """Validated arguments of a training backward on host arrays."""
-    xa = as_input(x, "x")
-    dya = as_input(dy, "dy")
-    same_shape(dya, xa, "dy", "x")
+def inference_args(x, running_mean, running_var, weight, bias, axis, eps, out, arrays=HOST):
+    """The validated call of an inference forward."""
+    xa = arrays.input(x, "x")
     ax = channel_axis(axis, xa.ndim)
+    xa = arrays.at_axis(xa, ax)
+    channels = xa.shape[ax]
+    out_dtype = output_dtype(xa.dtype)
+    require_running_stats(running_mean, running_var)
+    rm = arrays.per_channel(running_mean, "running_mean", channels)
+    rv = arrays.per_channel(running_var, "running_var", channels)
+    w = arrays.per_channel(weight, "weight", channels)
+    b = arrays.per_channel(bias, "bias", channels)
+    return SimpleNamespace(
+        x=xa, axis=ax, channels=channels, out_dtype=out_dtype, running_mean=rm,
+        running_var=rv, weight=arrays.filled(channels, 1.0) if w is None else w,
+        bias=arrays.filled(channels, 0.0) if b is None else b,
+        eps=real_scalar(eps, "eps", low=0.0), out=arrays.out(out, xa, out_dtype))
+
+
+def backward_args(dy, x, mean, invstd, weight, axis, out, arrays=HOST):
+    """The validated call of a training backward."""
+    xa = arrays.input(x, "x")
+    dya = arrays.input(dy, "dy")
+    check_same_shape(dya.shape, xa.shape, "dy", "x")
+    ax = channel_axis(axis, xa.ndim)
+    xa = arrays.at_axis(xa, ax)
+    dya = arrays.at_axis(dya, ax, like=xa)
     channels = xa.shape[ax]
     out_dtype = np.result_type(output_dtype(dya.dtype), output_dtype(xa.dtype))
     require_saved_stats(mean, invstd)
-    w = per_channel(weight, "weight", channels)
+    w = arrays.per_channel(weight, "weight", channels)
     return SimpleNamespace(
         dy=dya, x=xa, axis=ax, channels=channels, out_dtype=out_dtype,
-        stats_dtype=stats_dtype(out_dtype), mean=per_channel(mean, "mean", channels),
-        invstd=per_channel(invstd, "invstd", channels),
-        weight=np.ones(channels) if w is None else w, out=out_array(out, xa.shape, out_dtype))
+        stats_dtype=stats_dtype(out_dtype), mean=arrays.per_channel(mean, "mean", channels),
+        invstd=arrays.per_channel(invstd, "invstd", channels),
+        weight=arrays.filled(channels, 1.0) if w is None else w,
+        out=arrays.out(out, xa, out_dtype))
+
+
+def stats_args(x, axis, ddof, arrays=HOST):
+    """The validated call of ``batch_stats``."""
+    ddof = check_ddof(ddof)
+    xa = arrays.input(x, "x")
+    ax = channel_axis(axis, xa.ndim)
+    xa = arrays.at_axis(xa, ax)
+    return SimpleNamespace(x=xa, axis=ax, channels=xa.shape[ax], ddof=ddof,
+                           count=channel_count(xa.shape, ax), stats_dtype=stats_dtype(xa.dtype))
 
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)

@@ -30,10 +30,6 @@ def _zeros_or(a, channels):
     return np.zeros(channels) if a is None else a
 
 
-def _empty_result(out, shape, dtype):
-    return out if out is not None else np.empty(shape, dtype=dtype)
-
-
 def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mean=None,
                        running_var=None, momentum=0.1, out=None):
     """Training-mode batch normalization: batch statistics and normalized output in one pass.
@@ -93,16 +89,9 @@ def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_m
         return y, mean.astype(x.dtype), invstd.astype(x.dtype)  # float32/64 keep theirs
     backend = backend_for(x=x, weight=weight, bias=bias, running_mean=running_mean,
                           running_var=running_var, out=out)
-    if backend.device:
-        return backend.batch_norm_forward(x, weight, bias, axis, eps, running_mean, running_var,
-                                          momentum, out)
-    a = v.forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum, out)
-    n = v.require_training_batch(a.x.shape, a.axis)
-
-    y, mean, var, invstd = backend.forward_train(a.x, a.axis, a.weight, a.bias, a.eps, a.out,
-                                                 a.out_dtype)
-    update_running_stats(a.running_mean, a.running_var, mean, var, n, a.momentum)
-    return y, mean.astype(a.stats_dtype), invstd.astype(a.stats_dtype)
+    a = v.forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
+                       arrays=backend.arrays)
+    return backend.batch_norm_forward(a, v.require_training_batch(a.x.shape, a.axis))
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
@@ -138,14 +127,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
             dy, x, ax, v.as_float64(mean), inv64, _ones_or(v.as_float64(weight), channels), out)
         return dx, (sum_dy_xmu * inv64).astype(x.dtype), sum_dy.astype(x.dtype)
     backend = backend_for(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight, out=out)
-    if backend.device:
-        return backend.batch_norm_backward(dy, x, mean, invstd, weight, axis, out)
-    a = v.backward_args(dy, x, mean, invstd, weight, axis, out)
-    v.require_training_batch(a.x.shape, a.axis)
-
-    dx, sum_dy, sum_dy_xmu = backend.backward_train(a.dy, a.x, a.axis, a.mean, a.invstd,
-                                                    a.weight, a.out, a.out_dtype)
-    return dx, (sum_dy_xmu * a.invstd).astype(a.stats_dtype), sum_dy.astype(a.stats_dtype)
+    a = v.backward_args(dy, x, mean, invstd, weight, axis, out, arrays=backend.arrays)
+    return backend.batch_norm_backward(a, v.require_training_batch(a.x.shape, a.axis))
 
 
 def batch_norm_inference(x, running_mean, running_var, weight=None, bias=None, *, axis=1,
@@ -165,25 +148,9 @@ def batch_norm_inference(x, running_mean, running_var, weight=None, bias=None, *
             eps, out)
     backend = backend_for(x=x, running_mean=running_mean, running_var=running_var,
                           weight=weight, bias=bias, out=out)
-    if backend.device:
-        return backend.batch_norm_inference(x, running_mean, running_var, weight, bias, axis,
-                                            eps, out)
-    xa = v.as_input(x, "x")
-    ax = v.channel_axis(axis, xa.ndim)
-    channels = xa.shape[ax]
-    out_dtype = v.output_dtype(xa.dtype)
-    v.require_running_stats(running_mean, running_var)
-    rm = v.per_channel(running_mean, "running_mean", channels)
-    rv = v.per_channel(running_var, "running_var", channels)
-    w = v.per_channel(weight, "weight", channels)
-    b = v.per_channel(bias, "bias", channels)
-    eps = v.real_scalar(eps, "eps", low=0.0)
-    out = v.out_array(out, xa.shape, out_dtype)
-    if xa.size == 0:
-        return _empty_result(out, xa.shape, out_dtype)
-
-    scale = backend.inference_scale(rv, eps, _ones_or(w, channels))
-    return backend.affine(xa, ax, rm, scale, _zeros_or(b, channels), out, out_dtype)
+    a = v.inference_args(x, running_mean, running_var, weight, bias, axis, eps, out,
+                         arrays=backend.arrays)
+    return backend.batch_norm_inference(a)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
@@ -224,23 +191,7 @@ def batch_stats(x, *, axis=1, ddof=0):
         empty batch or ``ddof >= count`` gives NaN or inf with a RuntimeWarning.
     """
     backend = backend_for(x=x)
-    ddof = v.check_ddof(ddof)
-    if backend.device:
-        return backend.batch_stats(x, axis, ddof)
-    xa = v.as_input(x, "x")
-    ax = v.channel_axis(axis, xa.ndim)
-    channels = xa.shape[ax]
-    stats_dtype = v.stats_dtype(xa.dtype)
-    n = v.channel_count(xa.shape, ax)
-    if n == 0:
+    a = v.stats_args(x, axis, ddof, arrays=backend.arrays)
+    if a.count == 0:
         warnings.warn("batch_stats of an empty batch", RuntimeWarning, stacklevel=2)
-        nan = np.full(channels, np.nan, dtype=stats_dtype)
-        return 0, nan, nan.copy()
-    if channels == 0:
-        empty = np.empty(0, dtype=stats_dtype)
-        return n, empty, empty.copy()
-    _, mean, m2 = backend.moments(xa, ax, v.output_dtype(xa.dtype))
-    dof = max(n - int(ddof), 0)
-    with np.errstate(divide="warn", invalid="warn"):
-        var = m2 / np.float64(dof)
-    return n, mean.astype(stats_dtype), var.astype(stats_dtype)
+    return backend.batch_stats(a)

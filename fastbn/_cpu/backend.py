@@ -14,6 +14,7 @@ from .. import _moments, _threads
 from .._jit import serial_module
 from .._layout import Layout, Output
 from . import kernels
+from .calls import HostCalls
 
 # Passed to the kernels' plans on every call (``kernels.plans.MIN_RUN``: runs shorter
 # than this are reduced row-wise); tests lower this copy to force a path.
@@ -166,7 +167,7 @@ def _first_row_shift(x2):
     return np.where(np.isfinite(first), first, 0.0)
 
 
-class CPUBackend:
+class CPUBackend(HostCalls):
     name = "cpu"
     device = False
 

@@ -9,6 +9,7 @@ NumPy arithmetic, the same results within docs/contract.md section 5, slowly.
 import numpy as np
 
 from .. import _moments
+from .calls import HostCalls
 
 
 def _columns(a, axis):
@@ -31,7 +32,7 @@ def _result(values, like, out, out_dtype):
     return dest
 
 
-class NumPyBackend:
+class NumPyBackend(HostCalls):
     name = "numpy"
     device = False
 

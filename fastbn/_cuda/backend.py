@@ -132,16 +132,22 @@ class _Input:
         d = _numba_view(a)
         v.check_input(name, d.dtype, d.ndim)
         self.original, self.d, self.shape, self.dtype = a, d, tuple(d.shape), np.dtype(d.dtype)
-        if axis is None:
-            return
-        self.axis = v.channel_axis(axis, d.ndim)
-        self.channels = self.shape[self.axis]
-        self.layout = layout or Layout.of(_stand_in(d), self.axis)
+        self.name, self.ndim, self.size = name, d.ndim, math.prod(self.shape)
+        if axis is not None:
+            self.at_axis(v.channel_axis(axis, d.ndim), layout)
+
+    def at_axis(self, axis, layout=None):
+        """Take channel axis ``axis`` (normalized): the layout (``layout``, that of the
+        array this one must match, or found from the strides) and the canonical view."""
+        self.axis = axis
+        self.channels = self.shape[axis]
+        self.layout = layout or Layout.of(_stand_in(self.d), axis)
         self.shape3 = self.layout.shape3
-        self.view3 = _canonical_view(d, self.layout)
+        self.view3 = _canonical_view(self.d, self.layout)
         if self.view3 is None:
-            raise ValueError(f"{name}: this device array's strides leave gaps between its "
+            raise ValueError(f"{self.name}: this device array's strides leave gaps between its "
                              "elements; make a contiguous copy on the device first")
+        return self
 
     def work3(self, dtype):
         """The C-contiguous (outer, C, inner) view in ``dtype``: a view, or a converted copy."""
@@ -178,7 +184,7 @@ def _per_channel(a, name, channels, default=None):
 
 def _running(a, name, channels):
     if a is None:
-        return cuda.device_array(0, dtype=np.float64)
+        return None
     d = _numba_view(a)
     v.check_running_stat(name, d.dtype, d.shape, channels)
     return d
@@ -194,6 +200,39 @@ def _out(out, xi, dtype):
     if view is None:
         raise ValueError("out must be laid out like x in device memory (same strides order)")
     return view
+
+
+class _OutArg:
+    """A validated ``out``: what the caller passed, and its canonical (outer, C, inner) view."""
+
+    def __init__(self, out, view3):
+        self.out, self.view3 = out, view3
+
+
+class DeviceArrays:
+    """The call descriptions' view of device arrays (``fastbn._validate.HostArrays``'s
+    methods, on device arrays, under the same rules)."""
+
+    device = True
+
+    def input(self, value, name):
+        return _Input(value, name)
+
+    def at_axis(self, a, axis, like=None):
+        return a.at_axis(axis, like.layout if like is not None else None)
+
+    def per_channel(self, value, name, channels):
+        return _per_channel(value, name, channels)
+
+    def running(self, value, name, channels):
+        return _running(value, name, channels)
+
+    def out(self, value, x, dtype, name="out"):
+        view3 = _out(value, x, dtype)
+        return None if view3 is None else _OutArg(value, view3)
+
+    def filled(self, channels, value):
+        return _filled(channels, value)
 
 
 def _parts(shape3):
@@ -225,8 +264,12 @@ class _Output:
 
 
 class CUDABackend:
+    """The device ops: the host backends' names (``fastbn._cpu.calls``), on the same
+    validated call descriptions, built by ``fastbn._validate`` with ``arrays``."""
+
     name = "cuda"
     device = True
+    arrays = DeviceArrays()
 
     # ----------------------------------------------------------------- statistics
     def _moments(self, x3):
@@ -239,23 +282,17 @@ class CUDABackend:
         k.partial_moments[(channels, nparts), THREADS](x3, nparts, count, mean_rel, m2)
         return count, mean_rel, m2
 
-    def batch_norm_forward(self, x, weight, bias, axis, eps, running_mean, running_var,
-                           momentum, out):
-        xi = _Input(x, "x", axis)
-        c = xi.channels
-        out_dtype, stats_dtype = v.output_dtype(xi.dtype), v.stats_dtype(xi.dtype)
-        w = _per_channel(weight, "weight", c, 1.0)
-        b = _per_channel(bias, "bias", c, 0.0)
-        eps = v.real_scalar(eps, "eps", low=0.0)
-        momentum = v.real_scalar(momentum, "momentum", low=0.0, high=1.0)
-        rm = _running(running_mean, "running_mean", c)
-        rv = _running(running_var, "running_var", c)
-        out3 = _out(out, xi, out_dtype)
-        n = v.require_training_batch(xi.shape, xi.axis)
-
-        wd = _work_dtype(out_dtype)
+    def batch_norm_forward(self, a, n):
+        """``(y, mean, invstd)`` of a training forward (``fastbn._validate.forward_args``)
+        over ``n`` values per channel; the running statistics updated."""
+        xi, c = a.x, a.channels
+        out, out3 = (a.out.out, a.out.view3) if a.out is not None else (None, None)
+        rm = a.running_mean if a.running_mean is not None else cuda.device_array(0)
+        rv = a.running_var if a.running_var is not None else cuda.device_array(0)
+        w, b, eps = a.weight, a.bias, a.eps
+        wd = _work_dtype(a.out_dtype)
         x3 = xi.work3(wd)
-        dest = _Output(xi, out, out3, out_dtype, wd)
+        dest = _Output(xi, out, out3, a.out_dtype, wd)
         y3 = dest.y3
         mean, var, inv = (cuda.device_array(c) for _ in range(3))
         if c:
@@ -268,46 +305,32 @@ class CUDABackend:
                                                       var, inv, params)
                 k.affine[_blocks(x3.size), THREADS](x3, params, y3)
             if rm.shape[0] or rv.shape[0]:
-                k.update_running[_blocks(c), THREADS](rm, rv, mean, var, float(n), momentum)
-        return (dest.finish(x), _wrap(_cast(mean, stats_dtype), x),
-                _wrap(_cast(inv, stats_dtype), x))
+                k.update_running[_blocks(c), THREADS](rm, rv, mean, var, float(n), a.momentum)
+        x = xi.original
+        return (dest.finish(x), _wrap(_cast(mean, a.stats_dtype), x),
+                _wrap(_cast(inv, a.stats_dtype), x))
 
-    def batch_norm_inference(self, x, running_mean, running_var, weight, bias, axis, eps, out):
-        xi = _Input(x, "x", axis)
-        c = xi.channels
-        out_dtype = v.output_dtype(xi.dtype)
-        v.require_running_stats(running_mean, running_var)
-        rm = _per_channel(running_mean, "running_mean", c)
-        rv = _per_channel(running_var, "running_var", c)
-        w = _per_channel(weight, "weight", c, 1.0)
-        b = _per_channel(bias, "bias", c, 0.0)
-        eps = v.real_scalar(eps, "eps", low=0.0)
-        out3 = _out(out, xi, out_dtype)
-
-        wd = _work_dtype(out_dtype)
+    def batch_norm_inference(self, a):
+        """``y`` of an inference forward (``fastbn._validate.inference_args``)."""
+        xi, c = a.x, a.channels
+        out, out3 = (a.out.out, a.out.view3) if a.out is not None else (None, None)
+        wd = _work_dtype(a.out_dtype)
         x3 = xi.work3(wd)
-        dest = _Output(xi, out, out3, out_dtype, wd)
-        y3 = dest.y3
+        dest = _Output(xi, out, out3, a.out_dtype, wd)
         if x3.size:
             params = cuda.device_array((c, 4), dtype=wd)
-            k.inference_params[_blocks(c), THREADS](rm, rv, w, b, eps, params)
-            k.affine[_blocks(x3.size), THREADS](x3, params, y3)
-        return dest.finish(x)
+            k.inference_params[_blocks(c), THREADS](a.running_mean, a.running_var, a.weight,
+                                                    a.bias, a.eps, params)
+            k.affine[_blocks(x3.size), THREADS](x3, params, dest.y3)
+        return dest.finish(xi.original)
 
-    def batch_norm_backward(self, dy, x, mean, invstd, weight, axis, out):
-        xi = _Input(x, "x", axis)
-        gi = _Input(dy, "dy")
-        v.check_same_shape(gi.shape, xi.shape, "dy", "x")
-        gi = _Input(dy, "dy", axis, layout=xi.layout)
-        c = xi.channels
-        out_dtype = np.result_type(v.output_dtype(gi.dtype), v.output_dtype(xi.dtype))
-        stats_dtype = v.stats_dtype(out_dtype)
-        v.require_saved_stats(mean, invstd)
-        mu = _per_channel(mean, "mean", c)
-        inv = _per_channel(invstd, "invstd", c)
-        w = _per_channel(weight, "weight", c, 1.0)
-        out3 = _out(out, xi, out_dtype)
-        n = v.require_training_batch(xi.shape, xi.axis)
+    def batch_norm_backward(self, a, n):
+        """``(dx, dweight, dbias)`` of a training backward (``fastbn._validate.backward_args``)
+        over ``n`` values per channel."""
+        xi, gi, c = a.x, a.dy, a.channels
+        out, out3 = (a.out.out, a.out.view3) if a.out is not None else (None, None)
+        out_dtype, stats_dtype = a.out_dtype, a.stats_dtype
+        mu, inv, w = a.mean, a.invstd, a.weight
 
         wd = _work_dtype(out_dtype)
         x3, g3 = xi.work3(wd), gi.work3(wd)
@@ -325,23 +348,24 @@ class CUDABackend:
         dweight = cuda.device_array(c)
         if c:
             k.multiply[_blocks(c), THREADS](sum_dy_xmu, inv, dweight)
+        x = xi.original
         return (dest.finish(x), _wrap(_cast(dweight, stats_dtype), x),
                 _wrap(_cast(sum_dy, stats_dtype), x))
 
-    def batch_stats(self, x, axis, ddof):
-        xi = _Input(x, "x", axis)
-        c = xi.channels
-        stats_dtype = v.stats_dtype(xi.dtype)
-        n = v.channel_count(xi.shape, xi.axis)
+    def batch_stats(self, a):
+        """``(count, mean, var)`` (``fastbn._validate.stats_args``); NaN for an empty batch."""
+        xi, c, n = a.x, a.channels, a.count
         mean, var = cuda.device_array(c), cuda.device_array(c)
         if c and n:
             x3 = xi.work3(_work_dtype(v.output_dtype(xi.dtype)))
             count, mean_rel, m2 = self._moments(x3)
-            k.finish_stats[_blocks(c), THREADS](x3, count, mean_rel, m2, float(ddof), mean, var)
+            k.finish_stats[_blocks(c), THREADS](x3, count, mean_rel, m2, float(a.ddof), mean,
+                                                var)
         elif c:
             k.fill[_blocks(c), THREADS](mean, math.nan)
             k.fill[_blocks(c), THREADS](var, math.nan)
-        return n, _wrap(_cast(mean, stats_dtype), x), _wrap(_cast(var, stats_dtype), x)
+        x = xi.original
+        return n, _wrap(_cast(mean, a.stats_dtype), x), _wrap(_cast(var, a.stats_dtype), x)
 
     # ----------------------------------------------------------------- data normalization
     def _feature_stats(self, xi, x3):
