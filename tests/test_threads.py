@@ -92,28 +92,50 @@ def test_one_thread_small_path_and_limits_give_the_same_bits(rng, shape, axis, d
         np.testing.assert_array_equal(a, c)
 
 
-def test_serial_twins_give_the_same_bits(rng):
-    """The serial twins (forked children of a GNU OpenMP process) are the same source
-    compiled without ``parallel``: same plans for one thread, same bits."""
-    from fastbn._cpu import kernels
+SERIAL_TWINS = """
+import zlib
+import numpy as np
+from fastbn._cpu import backend, kernels
+twins = backend.serial_kernels()
+assert twins.run_forward_train is not kernels.run_forward_train
+rng = np.random.default_rng(zlib.crc32(b"test_serial_twins_give_the_same_bits"))
+for shape in [(4, 3, 70), (300, 6, 1), (64, 2, 4096), (8, 4, 512)]:
+    x = rng.normal(2.0, 3.0, shape)
+    dy = rng.normal(size=shape)
+    c = shape[1]
+    w, b = rng.uniform(0.5, 2, c), rng.normal(size=c)
+    results = []
+    for k in (kernels, twins):
+        y, dx = np.empty_like(x), np.empty_like(x)
+        stats = [np.empty(c) for _ in range(5)]
+        k.run_forward_train(x, w, b, 1e-5, y, *stats[:3], 1, backend.MIN_RUN)
+        k.run_backward_train(dy, x, stats[0], stats[2], w, dx, *stats[3:], 1, backend.MIN_RUN)
+        results.append([y, dx] + stats)
+    for a, t in zip(*results):
+        assert np.array_equal(a, t), shape
+print("same bits")
+"""
 
-    twins = backend.serial_kernels()
-    assert twins.run_forward_train is not kernels.run_forward_train
-    for shape in [(4, 3, 70), (300, 6, 1), (64, 2, 4096), (8, 4, 512)]:
-        x = rng.normal(2.0, 3.0, shape)
-        dy = rng.normal(size=shape)
-        c = shape[1]
-        w, b = rng.uniform(0.5, 2, c), rng.normal(size=c)
-        results = []
-        for k in (kernels, twins):
-            y, dx = np.empty_like(x), np.empty_like(x)
-            stats = [np.empty(c) for _ in range(5)]
-            k.run_forward_train(x, w, b, 1e-5, y, *stats[:3], 1, backend.MIN_RUN)
-            k.run_backward_train(dy, x, stats[0], stats[2], w, dx, *stats[3:], 1,
-                                 backend.MIN_RUN)
-            results.append([y, dx] + stats)
-        for a, t in zip(*results):
-            np.testing.assert_array_equal(a, t)
+
+def test_serial_twins_give_the_same_bits(tmp_path):
+    """The serial twins (forked children of a GNU OpenMP process) are the same source
+    compiled without ``parallel``: same plans for one thread, same bits.
+
+    Compiled alike, in one process with its own cache.  Known issue (reported, not
+    fixed): a reduction compiled with ``reassoc`` can be vectorized differently
+    depending on what was compiled or loaded from the disk cache before it (a constant
+    argument specializes it; a callee compiled in the same process can be inlined), so a
+    kernel loaded from a cache written by another process may differ from a freshly
+    compiled twin in the last bits (dx of (64, 2, 4096) float64 by 4e-14 relative)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", SERIAL_TWINS], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "same bits" in proc.stdout
 
 
 def test_set_num_threads_and_threads_context():

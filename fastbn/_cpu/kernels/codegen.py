@@ -140,16 +140,24 @@ def _line_affine_split(typingctx, x, i, out, split, hi0, lo0, scale0, shift0, hi
                       shift1), codegen
 
 
-@intrinsic
-def _line_affine_cols(typingctx, x, i, out, params, j):
-    """Column form: parameters are rows of ``params`` (4, W) at column ``j``."""
-    def codegen(context, builder, sig, args):
-        vty = _line_type(context, sig.args[0].dtype)
-        v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
-        p = _column_params(context, builder, sig.args[3], args[3], args[4], 4, vty)
-        _store_line_nt(context, builder, sig.args[2], args[2], args[1], _affine_expr(builder, v, *p))
-        return context.get_dummy_value()
-    return types.void(x, types.intp, out, params, types.intp), codegen
+def _make_line_cols(nparams, expr):
+    """An intrinsic ``(x, i, out, params, j)``: ``out[i:i+L] = expr(x[i:i+L], *p)``, ``p``
+    the lines of the ``nparams`` rows of ``params`` (nparams, W + lanes) at column ``j``
+    (the column path's parameters), streamed."""
+    @intrinsic
+    def line_cols(typingctx, x, i, out, params, j):
+        def codegen(context, builder, sig, args):
+            vty = _line_type(context, sig.args[0].dtype)
+            v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
+            p = _column_params(context, builder, sig.args[3], args[3], args[4], nparams, vty)
+            _store_line_nt(context, builder, sig.args[2], args[2], args[1], expr(builder, v, *p))
+            return context.get_dummy_value()
+        return types.void(x, types.intp, out, params, types.intp), codegen
+    return line_cols
+
+
+_line_affine_cols = _make_line_cols(4, _affine_expr)  # (hi, lo, scale, shift)
+_line_two_sided_cols = _make_line_cols(6, _two_sided_expr)  # see kernels.minmax
 
 
 @intrinsic
@@ -167,19 +175,6 @@ def _line_two_sided(typingctx, x, i, out, params, c):
                                            [args[4], context.get_constant(types.intp, k)],
                                            wraparound=False, boundscheck=False)
             p.append(_splat(context, builder, builder.load(ptr), dt, dt, vty))
-        _store_line_nt(context, builder, sig.args[2], args[2], args[1],
-                       _two_sided_expr(builder, v, *p))
-        return context.get_dummy_value()
-    return types.void(x, types.intp, out, params, types.intp), codegen
-
-
-@intrinsic
-def _line_two_sided_cols(typingctx, x, i, out, params, j):
-    """Column form: parameters are the 6 rows of ``params`` (6, W + lanes) at column ``j``."""
-    def codegen(context, builder, sig, args):
-        vty = _line_type(context, sig.args[0].dtype)
-        v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
-        p = _column_params(context, builder, sig.args[3], args[3], args[4], 6, vty)
         _store_line_nt(context, builder, sig.args[2], args[2], args[1],
                        _two_sided_expr(builder, v, *p))
         return context.get_dummy_value()

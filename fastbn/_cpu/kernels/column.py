@@ -11,7 +11,10 @@ from numba import prange
 
 from ..._jit import kernel
 from .numerics import _merge_chunk
-from .codegen import LINE_BYTES, _line_affine_cols, _line_dx_cols, _store_fence, _stream_span
+from .codegen import (
+    LINE_BYTES, _line_affine_cols, _line_dx_cols, _line_two_sided_cols, _store_fence,
+    _stream_span
+)
 from .tiles import (
     ROW_PREFETCH_BYTES, ROW_TILE_MAX_WIDTH, _prefetch_line, _tile_dev_sums_32, _tile_dev_sums_64,
     _tile_grad_sums_32, _tile_grad_sums_64
@@ -208,19 +211,32 @@ def column_forward(x, inner, nblocks, chunk_rows, normalize, weight, bias, eps, 
     _wrap_columns(params, width, lanes)
     if normalize:
         for blk in prange(nblocks):
-            _affine_rows(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, params, y)
+            _map_rows(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, params, y, None)
             _store_fence()
 
 
-@kernel()
-def _affine_rows(x, r0, r1, params, y):
-    """Rows [r0, r1) of the column path, streamed as one span of lines.
+@kernel(inline="always")
+def _column_value(v, p, j, two_sided):
+    """The column path's map of one value at column ``j`` of ``p``: the affine
+    ``((v - hi) - lo) * scale + shift``, or, with ``two_sided`` not None, min-max scaling
+    about both ends (``kernels.minmax``; the branch is resolved at compile time)."""
+    if two_sided is None:
+        return ((v - p[0, j]) - p[1, j]) * p[2, j] + p[3, j]
+    low = (v - p[0, j]) * p[5, j] + p[2, j]
+    high = (v - p[1, j]) * p[5, j] + p[3, j]
+    return low if v < p[4, j] else high
 
-    ``params`` (4, W + lanes) holds each column's (hi, lo, scale, shift) and,
-    after column W - 1, the first ``lanes`` columns again: a line that starts at
-    column j reads parameters j .. j + lanes - 1 even when it wraps into the
-    next row.  Small outputs (kept in cache) and rows narrower than a line use
-    ordinary stores, row by row.
+
+@kernel()
+def _map_rows(x, r0, r1, params, y, two_sided):
+    """Rows [r0, r1) of the column path, streamed as one span of lines (the map of
+    ``_column_value``).
+
+    ``params`` (k, W + lanes) holds each column's parameters and, after column
+    W - 1, the first ``lanes`` columns again: a line that starts at column j reads
+    parameters j .. j + lanes - 1 even when it wraps into the next row.  Small
+    outputs (kept in cache) and rows narrower than a line use ordinary stores, row
+    by row.
     """
     width = x.shape[1]
     lanes = LINE_BYTES // y.itemsize
@@ -232,35 +248,33 @@ def _affine_rows(x, r0, r1, params, y):
     if width < lanes or first == stop:
         for r in range(r0, r1):
             for j in range(np.uint64(0), np.uint64(width)):
-                y[r, j] = ((x[r, j] - params[0, j]) - params[1, j]) * params[2, j] + params[3, j]
+                y[r, j] = _column_value(x[r, j], params, j, two_sided)
         return
     for i in range(start, first):
-        j = (i - start) % width
-        yf[i] = ((xf[i] - params[0, j]) - params[1, j]) * params[2, j] + params[3, j]
+        yf[i] = _column_value(xf[i], params, (i - start) % width, two_sided)
     j = (first - start) % width if width > 0 else 0
     for i in range(first, last, lanes):
-        _line_affine_cols(xf, i, yf, params, j)
+        if two_sided is None:
+            _line_affine_cols(xf, i, yf, params, j)
+        else:
+            _line_two_sided_cols(xf, i, yf, params, j)
         j += lanes
         if j >= width:
             j -= width
     for i in range(last, stop):
-        j = (i - start) % width
-        yf[i] = ((xf[i] - params[0, j]) - params[1, j]) * params[2, j] + params[3, j]
+        yf[i] = _column_value(xf[i], params, (i - start) % width, two_sided)
 
 
 @kernel(parallel=True)
-def affine_columns(x, params, inner, nblocks, y):
-    """``y = ((x - hi) - lo) * scale + shift`` per channel, ``params`` of shape (C, 4),
-    over rows of ``x`` (rows, C * inner), in ``nblocks`` tasks of contiguous rows."""
+def map_columns(x, params, inner, nblocks, y, two_sided):
+    """Per channel, ``y = ((x - hi) - lo) * scale + shift`` with ``params`` (C, 4), or
+    with ``two_sided`` not None min-max scaling about both ends with ``params`` (C, 6)
+    (``kernels.minmax``), over rows of ``x`` (rows, C * inner), in ``nblocks`` tasks of
+    contiguous rows."""
     rows, width = x.shape
-    lanes = LINE_BYTES // x.itemsize
-    cols = np.zeros((4, width + lanes), x.dtype)
-    for j in range(width):
-        for k in range(4):
-            cols[k, j] = params[j // inner, k]
-    _wrap_columns(cols, width, lanes)
+    cols = _params_by_column(params, inner, width)
     for blk in prange(nblocks):
-        _affine_rows(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, cols, y)
+        _map_rows(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, cols, y, two_sided)
         _store_fence()
 
 
@@ -322,7 +336,7 @@ def column_backward(dy, x, mean, invstd, weight, inner, nblocks, write_dx, dx, s
 
 @kernel()
 def _dx_rows(dy, x, r0, r1, params, dx):
-    """Rows [r0, r1) of the column path's ``dx``, streamed as in ``_affine_rows``;
+    """Rows [r0, r1) of the column path's ``dx``, streamed as in ``_map_rows``;
     ``params`` (5, W + lanes) holds (hi, lo, a, b, k) per column, wrapped."""
     width = x.shape[1]
     lanes = LINE_BYTES // dx.itemsize
@@ -352,6 +366,19 @@ def _dx_rows(dy, x, r0, r1, params, dx):
         j = (i - start) % width
         df[i] = ((gf[i] - params[3, j]) - ((xf[i] - params[0, j]) - params[1, j]) * params[4, j]) \
             * params[2, j]
+
+
+@kernel()
+def _params_by_column(params, inner, width):
+    """Per-channel ``params`` (C, k) as columns (k, W + lanes) of a (rows, W = C * inner)
+    view, the first ``lanes`` columns repeated after the last (``_wrap_columns``)."""
+    lanes = LINE_BYTES // params.itemsize
+    cols = np.zeros((params.shape[1], width + lanes), params.dtype)
+    for j in range(width):
+        for k in range(params.shape[1]):
+            cols[k, j] = params[j // inner, k]
+    _wrap_columns(cols, width, lanes)
+    return cols
 
 
 @kernel()

@@ -22,9 +22,8 @@ import numpy as np
 from numba import prange
 
 from ..._jit import kernel
-from .codegen import (LINE_BYTES, _line_two_sided, _line_two_sided_cols, _store_fence,
-                      _stream_span)
-from .column import _wrap_columns
+from .codegen import LINE_BYTES, _line_two_sided, _store_fence, _stream_span
+from .column import map_columns
 from .plans import column_blocks, run_blocks
 
 
@@ -39,13 +38,6 @@ def _two_sided(v, p, c):
     low = (v - p[c, 0]) * p[c, 5] + p[c, 2]
     high = (v - p[c, 1]) * p[c, 5] + p[c, 3]
     return low if v < p[c, 4] else high
-
-
-@kernel(inline="always")
-def _two_sided_col(v, p, j):
-    low = (v - p[0, j]) * p[5, j] + p[2, j]
-    high = (v - p[1, j]) * p[5, j] + p[3, j]
-    return low if v < p[4, j] else high
 
 
 @kernel()
@@ -76,50 +68,6 @@ def two_sided_channels(x, params, nblocks, y):
 
 
 @kernel()
-def _two_sided_rows(x, r0, r1, cols, y):
-    """Rows [r0, r1) of the column path as one span of lines (see ``column._affine_rows``;
-    ``cols`` (6, W + lanes), wrapped)."""
-    width = x.shape[1]
-    lanes = LINE_BYTES // y.itemsize
-    xf = x.reshape(x.size)
-    yf = y.reshape(y.size)
-    start = r0 * width
-    stop = r1 * width
-    first, last = _stream_span(yf, start, stop)
-    if width < lanes or first == stop:
-        for r in range(r0, r1):
-            for j in range(np.uint64(0), np.uint64(width)):
-                y[r, j] = _two_sided_col(x[r, j], cols, j)
-        return
-    for i in range(start, first):
-        yf[i] = _two_sided_col(xf[i], cols, (i - start) % width)
-    j = (first - start) % width
-    for i in range(first, last, lanes):
-        _line_two_sided_cols(xf, i, yf, cols, j)
-        j += lanes
-        if j >= width:
-            j -= width
-    for i in range(last, stop):
-        yf[i] = _two_sided_col(xf[i], cols, (i - start) % width)
-
-
-@kernel(parallel=True)
-def two_sided_columns(x, params, inner, nblocks, y):
-    """The two-sided map over rows of ``x`` (rows, C * inner), ``params`` (C, 6), in
-    ``nblocks`` tasks of contiguous rows."""
-    rows, width = x.shape
-    lanes = LINE_BYTES // x.itemsize
-    cols = np.zeros((6, width + lanes), x.dtype)
-    for j in range(width):
-        for k in range(6):
-            cols[k, j] = params[j // inner, k]
-    _wrap_columns(cols, width, lanes)
-    for blk in prange(nblocks):
-        _two_sided_rows(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, cols, y)
-        _store_fence()
-
-
-@kernel()
 def run_two_sided(x, lo, hi, scale, f0, f1, y, nthreads, min_run):
     """Min-max scaling of ``x`` (outer, C, inner) per channel about both ends: float64
     ``lo``, ``hi`` (the data's minimum and maximum), ``scale``; ``f0``, ``f1`` the
@@ -141,7 +89,7 @@ def run_two_sided(x, lo, hi, scale, f0, f1, y, nthreads, min_run):
             if params[c, 4] <= params[c, 0]:  # hi is lo's neighbour: its value splits them
                 params[c, 4] = params[c, 1]
     if inner < min_run:
-        two_sided_columns(x.reshape(outer, channels * inner), params, inner,
-                          column_blocks(outer, nthreads), y.reshape(outer, channels * inner))
+        map_columns(x.reshape(outer, channels * inner), params, inner,
+                    column_blocks(outer, nthreads), y.reshape(outer, channels * inner), True)
     else:
         two_sided_channels(x, params, run_blocks(outer, channels, nthreads), y)

@@ -10,7 +10,7 @@ from .numerics import _invstd, _two_sum
 from .plans import PLAN_THREADS, channel_plan, chunk_rows, column_blocks, pipelined, run_blocks
 from .channel import _first_values, affine_channels, channel_forward, channel_moments
 from .channel_grad import _dx_params, channel_backward, channel_grad_sums, dx_channels
-from .column import affine_columns, column_backward, column_forward, dx_columns
+from .column import column_backward, column_forward, dx_columns, map_columns
 from .pipeline import backward_chains, pipelined_backward, pipelined_forward
 
 
@@ -62,8 +62,8 @@ def run_affine(x, hi64, lo64, scale, shift, y, nthreads, min_run):
         params[c, 2] = scale[c]
         params[c, 3] = shift[c]
     if inner < min_run:
-        affine_columns(x.reshape(outer, channels * inner), params, inner,
-                       column_blocks(outer, nthreads), y.reshape(outer, channels * inner))
+        map_columns(x.reshape(outer, channels * inner), params, inner,
+                    column_blocks(outer, nthreads), y.reshape(outer, channels * inner), None)
     else:
         affine_channels(x, params, run_blocks(outer, channels, nthreads), y)
 
