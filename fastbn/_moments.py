@@ -34,6 +34,8 @@ def update_running_stats(running_mean, running_var, mean, var, n, momentum):
     """PyTorch's update: ``rm = (1 - m) rm + m mean``, ``rv = (1 - m) rv + m var n / (n - 1)``,
     in float64 (``fastbn._cpu.kernels.update_running``, which the C library runs too);
     a statistic that is None is not kept."""
+    if running_mean is None and running_var is None:
+        return  # the common call without running statistics: no kernel call to pay for
     from ._cpu.kernels import update_running
 
     stats = [np.empty(0) if r is None else r if r.dtype.isnative
