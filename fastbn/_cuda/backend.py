@@ -171,10 +171,10 @@ def _canonical_view(d, layout):
     return view.reshape(layout.shape3)
 
 
-def _per_channel(a, name, channels, default=None):
-    """A float64 device copy of a per-channel device vector, or ``default`` filled."""
+def _per_channel(a, name, channels):
+    """A float64 device copy of a per-channel device vector (None stays None)."""
     if a is None:
-        return None if default is None else _filled(channels, default)
+        return None
     if not is_device_array(a):
         raise TypeError(f"{name} is a host array, but x is a CUDA device array")
     d = _numba_view(a)
