@@ -195,6 +195,45 @@ def test_minmax_vector_lines_give_the_scalar_bits(rng, dtype, feature_axis):
     assert np.isnan(y[7] if feature_axis == 1 else y[:, 7]).all()
 
 
+@pytest.mark.parametrize("feature_axis", [1, 0], ids=["column-path", "channel-path"])
+def test_minmax_ends_between_float32_values_keep_per_feature_offsets(rng, feature_axis):
+    """Fitted on float64 data, transforming float32: the fitted ends are no float32
+    values, so each feature carries its own offsets (the column path's per-column
+    loads, not the shared ones).  Vector lines and scalar loops give the same bits,
+    and every output is within 2 ulp (its own) of the float64 map of the float32 input."""
+    x64 = 1e3 + 3.0 * rng.standard_normal((20011, 61))
+    x64 = x64 if feature_axis == 1 else np.ascontiguousarray(x64.T)
+    sc = fastbn.MinMaxScaler(axis=feature_axis).fit(x64)
+    assert np.any(sc.data_min_.astype(np.float32) != sc.data_min_)
+    x = x64.astype(np.float32)
+    y = sc.transform(x)
+    assert y.dtype == np.float32 and y.nbytes >= 4 << 20
+    part = (slice(0, 50), slice(None)) if feature_axis == 1 else (slice(None), slice(0, 50))
+    np.testing.assert_array_equal(sc.transform(x[part]), y[part])
+    shape = (1, -1) if feature_axis == 1 else (-1, 1)
+    lo, hi = sc.data_min_.reshape(shape), sc.data_max_.reshape(shape)
+    ref = (x.astype(np.float64) - lo) / (hi - lo)
+    unit = np.spacing(np.abs(y)).astype(np.float64)  # ulp of the output
+    assert (np.abs(y - ref) / unit).max() <= 2.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_minmax_constant_feature_keeps_infinities_and_nan(dtype):
+    """A feature without range scales by 1 about its minimum, as scikit-learn's
+    ``x * scale_ + min_`` does: +inf, -inf and NaN come through as themselves, in the
+    vector lines (a wide slab) and in the scalar loops alike."""
+    for rows in (5, 70000):
+        x = np.full((rows, 24), 7.0, dtype)
+        x[:, 12:] = np.linspace(0.0, 1.0, rows, dtype=dtype)[:, None]
+        sc = fastbn.MinMaxScaler((-1.0, 1.0)).fit(x)
+        x[1, [0, 12]], x[2, [1, 13]], x[3, [2, 14]] = np.inf, -np.inf, np.nan
+        y = sc.transform(x)
+        np.testing.assert_array_equal(y[1:4, 0:3].diagonal(), [np.inf, -np.inf, np.nan])
+        np.testing.assert_array_equal(y[1:4, 12:15].diagonal(), [np.inf, -np.inf, np.nan])
+        np.testing.assert_array_equal(y[0, :12], -1.0)
+        np.testing.assert_array_equal(y[rows - 1, 12:], 1.0)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("feature_range", [(0.0, 1.0), (-1.0, 1.0), (2.0, 5.0)])
 def test_minmax_far_from_zero_keeps_its_digits(rng, dtype, feature_range):

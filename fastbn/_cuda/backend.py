@@ -404,7 +404,7 @@ class CUDABackend:
         def params(xi, x3, p):
             _, _, _, vmin, vmax = self._feature_stats(xi, x3)
             k.minmax_params[_blocks(xi.channels), THREADS](vmin, vmax, low, high, p)
-        return self._normalize(x, axis, out, params, (low, high) if clip else None, width=6,
+        return self._normalize(x, axis, out, params, (low, high) if clip else None, width=7,
                                kernel=k.two_sided)
 
 

@@ -437,7 +437,7 @@ def standardize_params(x, count, mean_rel, m2, params):
 
 @cuda.jit
 def minmax_params(vmin, vmax, low, high, params):
-    """One thread per channel: the two-sided parameters (C, 6) of scikit-learn's
+    """One thread per channel: the two-sided parameters (C, 7) of scikit-learn's
     MinMaxScaler (``two_sided``), as on the host."""
     c = cuda.grid(1)
     if c >= vmin.shape[0]:
@@ -454,31 +454,32 @@ def minmax_params(vmin, vmax, low, high, params):
     has_range = data_range >= 10 * 2.220446049250313e-16
     if data_range < 10 * 2.220446049250313e-16:
         data_range = 1.0
-    scale = (high - low) / data_range
     params[c, 0] = dmin
     params[c, 1] = dmax
-    params[c, 5] = scale
-    s = np.float64(params[c, 5])
-    params[c, 2] = low - (dmin - np.float64(params[c, 0])) * s
-    params[c, 3] = high - (dmax - np.float64(params[c, 1])) * s
-    params[c, 4] = math.inf
-    if has_range:
-        params[c, 4] = dmin + (dmax - dmin) / 2.0
-        if params[c, 4] <= params[c, 0]:
-            params[c, 4] = params[c, 1]
+    params[c, 2] = (high - low) / data_range
+    params[c, 3] = low
+    params[c, 4] = high
+    params[c, 5] = dmin - np.float64(params[c, 0])
+    params[c, 6] = dmax - np.float64(params[c, 1])
+    if not has_range:
+        params[c, 1] = math.inf
+        params[c, 6] = 0.0
 
 
 @cuda.jit
 def two_sided(x, params, y):
-    """Min-max scaling about both ends, ``params`` (C, 6) as the host's
+    """Min-max scaling about both ends, ``params`` (C, 7) as the host's
     (``fastbn._cpu.kernels.minmax``), grid-stride over all values."""
     outer, channels, inner = x.shape
     for k in range(cuda.grid(1), outer * channels * inner, cuda.gridsize(1)):
         o, c, i = _unravel(k, channels, inner)
         v = x[o, c, i]
-        low = (v - params[c, 0]) * params[c, 5] + params[c, 2]
-        high = (v - params[c, 1]) * params[c, 5] + params[c, 3]
-        y[o, c, i] = low if v < params[c, 4] else high
+        d_low = v - params[c, 0]
+        d_high = v - params[c, 1]
+        below = not d_low >= -d_high
+        centered = ((d_low if below else d_high)
+                    - (params[c, 5] if below else params[c, 6]))
+        y[o, c, i] = centered * params[c, 2] + (params[c, 3] if below else params[c, 4])
 
 
 @cuda.jit

@@ -73,12 +73,18 @@ def _affine_expr(builder, v, hi, lo, scale, shift):
     return builder.fadd(builder.fmul(builder.fsub(builder.fsub(v, hi), lo), scale), shift)
 
 
-def _two_sided_expr(builder, v, c_low, c_high, g_low, g_high, mid, scale):
-    """``(v - c) * scale + g`` with the center and offset of the piece ``v`` falls in: the
-    low end's below ``mid``, the high end's otherwise (NaN too)."""
-    below = builder.fcmp_ordered("<", v, mid)
-    centered = builder.fsub(v, builder.select(below, c_low, c_high))
-    return builder.fadd(builder.fmul(centered, scale), builder.select(below, g_low, g_high))
+def _two_sided_expr(builder, v, c_low, c_high, scale, f_low, f_high, r_low=None, r_high=None):
+    """``((v - c) - r) * scale + f`` with the center, residual and end of the end ``v`` is
+    nearer: the low end's unless ``v - c_low >= c_high - v`` (so NaN, and +inf against a
+    high center of +inf, take the low end); no residual subtracted when none is given
+    (``kernels.minmax``)."""
+    d_low = builder.fsub(v, c_low)
+    d_high = builder.fsub(v, c_high)
+    below = builder.fcmp_unordered("<", d_low, builder.fneg(d_high))
+    centered = builder.select(below, d_low, d_high)
+    if r_low is not None:
+        centered = builder.fsub(centered, builder.select(below, r_low, r_high))
+    return builder.fadd(builder.fmul(centered, scale), builder.select(below, f_low, f_high))
 
 
 def _dx_expr(builder, g, v, hi, lo, a, b, k):
@@ -86,16 +92,22 @@ def _dx_expr(builder, g, v, hi, lo, a, b, k):
     return builder.fmul(builder.fsub(builder.fsub(g, b), builder.fmul(xc, k)), a)
 
 
-def _column_params(context, builder, pty, params, j, count, vty):
-    """Lines of rows 0..count-1 of ``params`` (k, W + lanes) starting at column ``j``."""
+def _column_params(context, builder, pty, params, j, rows, vty, shared=()):
+    """Lines of ``rows`` (row numbers) of ``params`` (k, W + lanes) starting at column
+    ``j``; a row in ``shared`` is the same in every column: its column 0, broadcast."""
+    dt = pty.dtype
     parr = context.make_array(pty)(context, builder, params)
     lines = []
-    for k in range(count):
+    for k in rows:
+        column = context.get_constant(types.intp, 0) if k in shared else j
         ptr = cgutils.get_item_pointer(context, builder, pty, parr,
-                                       [context.get_constant(types.intp, k), j],
+                                       [context.get_constant(types.intp, k), column],
                                        wraparound=False, boundscheck=False)
-        lines.append(builder.load(builder.bitcast(ptr, vty.as_pointer()),
-                                  align=pty.dtype.bitwidth // 8))
+        if k in shared:
+            lines.append(_splat(context, builder, builder.load(ptr), dt, dt, vty))
+        else:
+            lines.append(builder.load(builder.bitcast(ptr, vty.as_pointer()),
+                                      align=dt.bitwidth // 8))
     return lines
 
 
@@ -140,37 +152,42 @@ def _line_affine_split(typingctx, x, i, out, split, hi0, lo0, scale0, shift0, hi
                       shift1), codegen
 
 
-def _make_line_cols(nparams, expr):
+def _make_line_cols(rows, expr, shared=()):
     """An intrinsic ``(x, i, out, params, j)``: ``out[i:i+L] = expr(x[i:i+L], *p)``, ``p``
-    the lines of the ``nparams`` rows of ``params`` (nparams, W + lanes) at column ``j``
-    (the column path's parameters), streamed."""
+    the lines of ``rows`` (row numbers) of ``params`` (k, W + lanes) at column ``j`` (the
+    column path's parameters), streamed.  Rows in ``shared`` are the same in every
+    column: their column 0 is read once and broadcast, a load less per line each
+    (loads, not arithmetic, bound these passes)."""
     @intrinsic
     def line_cols(typingctx, x, i, out, params, j):
         def codegen(context, builder, sig, args):
             vty = _line_type(context, sig.args[0].dtype)
             v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
-            p = _column_params(context, builder, sig.args[3], args[3], args[4], nparams, vty)
+            p = _column_params(context, builder, sig.args[3], args[3], args[4], rows, vty, shared)
             _store_line_nt(context, builder, sig.args[2], args[2], args[1], expr(builder, v, *p))
             return context.get_dummy_value()
         return types.void(x, types.intp, out, params, types.intp), codegen
     return line_cols
 
 
-_line_affine_cols = _make_line_cols(4, _affine_expr)  # (hi, lo, scale, shift)
-_line_two_sided_cols = _make_line_cols(6, _two_sided_expr)  # see kernels.minmax
+_line_affine_cols = _make_line_cols(range(4), _affine_expr)  # (hi, lo, scale, shift)
+# rows (c_low, c_high, scale, f_low, f_high, r_low, r_high), the ends f the same in every
+# column (kernels.minmax); without residuals where every one is 0
+_line_two_sided_cols = _make_line_cols(range(7), _two_sided_expr, shared=(3, 4))
+_line_two_sided_exact = _make_line_cols(range(5), _two_sided_expr, shared=(3, 4))
 
 
 @intrinsic
 def _line_two_sided(typingctx, x, i, out, params, c):
     """``out[i:i+L]`` = the two-sided affine map of ``x[i:i+L]`` with row ``c`` of
-    ``params`` (C, 6) (``_two_sided_expr``; streamed store)."""
+    ``params`` (C, 7) (``_two_sided_expr``; streamed store)."""
     def codegen(context, builder, sig, args):
         vty = _line_type(context, sig.args[0].dtype)
         v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
         pty, dt = sig.args[3], sig.args[3].dtype
         parr = context.make_array(pty)(context, builder, args[3])
         p = []
-        for k in range(6):
+        for k in range(7):
             ptr = cgutils.get_item_pointer(context, builder, pty, parr,
                                            [args[4], context.get_constant(types.intp, k)],
                                            wraparound=False, boundscheck=False)
@@ -201,7 +218,7 @@ def _line_dx_cols(typingctx, dy, x, i, out, params, j):
         vty = _line_type(context, sig.args[1].dtype)
         g = _load_line(context, builder, sig.args[0], args[0], args[2], vty)
         v = _load_line(context, builder, sig.args[1], args[1], args[2], vty)
-        p = _column_params(context, builder, sig.args[4], args[4], args[5], 5, vty)
+        p = _column_params(context, builder, sig.args[4], args[4], args[5], range(5), vty)
         _store_line_nt(context, builder, sig.args[3], args[3], args[2], _dx_expr(builder, g, v, *p))
         return context.get_dummy_value()
     return types.void(dy, x, types.intp, out, params, types.intp), codegen

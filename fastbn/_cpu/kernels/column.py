@@ -10,10 +10,10 @@ import numpy as np
 from numba import prange
 
 from ..._jit import kernel
-from .numerics import _merge_chunk
+from .numerics import _merge_chunk, two_sided_value
 from .codegen import (
-    LINE_BYTES, _line_affine_cols, _line_dx_cols, _line_two_sided_cols, _store_fence,
-    _stream_span
+    LINE_BYTES, _line_affine_cols, _line_dx_cols, _line_two_sided_cols, _line_two_sided_exact,
+    _store_fence, _stream_span
 )
 from .tiles import (
     ROW_PREFETCH_BYTES, ROW_TILE_MAX_WIDTH, _prefetch_line, _tile_dev_sums_32, _tile_dev_sums_64,
@@ -222,9 +222,7 @@ def _column_value(v, p, j, two_sided):
     about both ends (``kernels.minmax``; the branch is resolved at compile time)."""
     if two_sided is None:
         return ((v - p[0, j]) - p[1, j]) * p[2, j] + p[3, j]
-    low = (v - p[0, j]) * p[5, j] + p[2, j]
-    high = (v - p[1, j]) * p[5, j] + p[3, j]
-    return low if v < p[4, j] else high
+    return two_sided_value(v, p[0, j], p[1, j], p[2, j], p[3, j], p[4, j], p[5, j], p[6, j])
 
 
 @kernel()
@@ -246,6 +244,14 @@ def _map_rows(x, r0, r1, params, y, two_sided):
     stop = r1 * width
     first, last = _stream_span(yf, start, stop)
     if width < lanes or first == stop:
+        if two_sided is not None:
+            if two_sided:  # no residuals, the same ends everywhere: three loads per value
+                f_low, f_high, zero = params[3, 0], params[4, 0], params[5, 0]
+                for r in range(r0, r1):
+                    for j in range(np.uint64(0), np.uint64(width)):
+                        y[r, j] = two_sided_value(x[r, j], params[0, j], params[1, j],
+                                                  params[2, j], f_low, f_high, zero, zero)
+                return
         for r in range(r0, r1):
             for j in range(np.uint64(0), np.uint64(width)):
                 y[r, j] = _column_value(x[r, j], params, j, two_sided)
@@ -256,6 +262,8 @@ def _map_rows(x, r0, r1, params, y, two_sided):
     for i in range(first, last, lanes):
         if two_sided is None:
             _line_affine_cols(xf, i, yf, params, j)
+        elif two_sided:
+            _line_two_sided_exact(xf, i, yf, params, j)
         else:
             _line_two_sided_cols(xf, i, yf, params, j)
         j += lanes
@@ -268,9 +276,9 @@ def _map_rows(x, r0, r1, params, y, two_sided):
 @kernel(parallel=True)
 def map_columns(x, params, inner, nblocks, y, two_sided):
     """Per channel, ``y = ((x - hi) - lo) * scale + shift`` with ``params`` (C, 4), or
-    with ``two_sided`` not None min-max scaling about both ends with ``params`` (C, 6)
-    (``kernels.minmax``), over rows of ``x`` (rows, C * inner), in ``nblocks`` tasks of
-    contiguous rows."""
+    with ``two_sided`` not None min-max scaling about both ends with ``params`` (C, 7)
+    (``kernels.minmax``; ``two_sided`` true where every residual is 0), over
+    rows of ``x`` (rows, C * inner), in ``nblocks`` tasks of contiguous rows."""
     rows, width = x.shape
     cols = _params_by_column(params, inner, width)
     for blk in prange(nblocks):

@@ -1,21 +1,25 @@
 """Min-max scaling about both ends of the data.
 
-``y = ((x - lo) * scale + f0`` below the midpoint of the data's range and
-``(x - hi) * scale + f1`` above it (``lo``/``hi`` the data's minimum/maximum,
-``[f0, f1]`` the feature range): the minimum maps to exactly ``f0`` and the
-maximum to exactly ``f1`` (``x - lo`` and ``x - hi`` are 0 there), and each half
-is computed from the end it is near, so the output keeps its digits at both
-ends.  A one-sided ``(x - lo) * scale + f0`` reaches ``f1`` only when the rounded
-``(hi - lo) * scale`` happens to land on ``f1 - f0``.
+``y = (x - lo) * scale + f0`` where ``x`` is nearer the data's minimum ``lo`` and
+``(x - hi) * scale + f1`` where it is nearer the maximum ``hi`` (``[f0, f1]`` the
+feature range): the minimum maps to exactly ``f0`` and the maximum to exactly
+``f1`` (``x - lo`` and ``x - hi`` are 0 there), and each half is computed from the
+end it is near, so the output keeps its digits at both ends.  A one-sided
+``(x - lo) * scale + f0`` reaches ``f1`` only when the rounded ``(hi - lo) * scale``
+happens to land on ``f1 - f0``.  "Nearer" is decided on the two differences
+themselves (``x - lo < hi - x``), so no midpoint is stored or loaded.
 
-Per-channel parameters are rows ``(c_low, c_high, g_low, g_high, mid, scale)`` in
-the working dtype: a piece is ``(x - c) * scale + g``, ``c`` the end rounded to the
-working dtype and ``g = f - (end - c) * scale`` (just ``f`` when the end is a value
-of the working dtype, as the fitted data's are; otherwise the center's low part,
-which the affine pass subtracts separately, is folded into the offset: one
-subtraction less per value, which the column path's lines needed to keep pace).
-A feature with no range (under ``ZERO_RANGE``) has ``mid = +inf`` and takes the
-low piece everywhere.  The scalar code computes exactly what a vector line does.
+Per-channel parameters are rows ``(c_low, c_high, scale, f_low, f_high, r_low,
+r_high)`` in the working dtype: a piece is ``((x - c) - r) * scale + f``, ``c`` the end
+rounded to the working dtype and ``r`` what that rounding dropped.  The fitted data's
+ends are values of the working dtype, so ``r`` is 0 (and subtracting it changes no
+bit): the column path then skips it, and with the ends ``f`` broadcast from one column
+it loads no more per line than the one-sided affine pass does.  Ends between values of
+the working dtype (fitted on float64, transforming float32) keep their residuals, so
+that the output stays within 2 of its ulp.  A feature with no range (under
+``ZERO_RANGE``) has ``c_high = +inf`` and takes the low piece everywhere (+inf too:
+``+inf - +inf`` is NaN, and NaN takes the low piece).  The scalar code
+(``numerics.two_sided_value``) computes exactly what a vector line does.
 """
 
 import numpy as np
@@ -24,6 +28,7 @@ from numba import prange
 from ..._jit import kernel
 from .codegen import LINE_BYTES, _line_two_sided, _store_fence, _stream_span
 from .column import map_columns
+from .numerics import two_sided_value
 from .plans import column_blocks, run_blocks
 
 
@@ -33,11 +38,8 @@ ZERO_RANGE = 10 * np.finfo(np.float64).eps
 
 @kernel(inline="always")
 def _two_sided(v, p, c):
-    """The scalar form of ``codegen._two_sided_expr`` with row ``c`` of ``params``: both
-    pieces, then a select (no branch, so that the loops vectorize)."""
-    low = (v - p[c, 0]) * p[c, 5] + p[c, 2]
-    high = (v - p[c, 1]) * p[c, 5] + p[c, 3]
-    return low if v < p[c, 4] else high
+    """``numerics.two_sided_value`` with row ``c`` of ``params``."""
+    return two_sided_value(v, p[c, 0], p[c, 1], p[c, 2], p[c, 3], p[c, 4], p[c, 5], p[c, 6])
 
 
 @kernel()
@@ -55,7 +57,7 @@ def _two_sided_run(xf, yf, start, stop, params, c):
 
 @kernel(parallel=True)
 def two_sided_channels(x, params, nblocks, y):
-    """The two-sided map of ``x`` (outer, C, inner) per channel, ``params`` (C, 6), in
+    """The two-sided map of ``x`` (outer, C, inner) per channel, ``params`` (C, 7), in
     ``nblocks`` tasks of contiguous runs."""
     outer, channels, inner = x.shape
     xf = x.reshape(x.size)
@@ -73,23 +75,24 @@ def run_two_sided(x, lo, hi, scale, f0, f1, y, nthreads, min_run):
     ``lo``, ``hi`` (the data's minimum and maximum), ``scale``; ``f0``, ``f1`` the
     feature range."""
     outer, channels, inner = x.shape
-    params = np.empty((channels, 6), x.dtype)
+    params = np.empty((channels, 7), x.dtype)
+    exact = True  # every end a value of the working dtype: no residual to subtract
     for c in range(channels):
         params[c, 0] = lo[c]
         params[c, 1] = hi[c]
-        params[c, 5] = scale[c]
-        s = np.float64(params[c, 5])
-        params[c, 2] = f0 - (lo[c] - np.float64(params[c, 0])) * s
-        params[c, 3] = f1 - (hi[c] - np.float64(params[c, 1])) * s
-        params[c, 4] = np.inf
-        # the midpoint, strictly above the minimum in the working dtype; none for a range
-        # that scikit-learn takes as 0 (under 10 eps: scale for a range of 1, low end only)
-        if hi[c] - lo[c] >= ZERO_RANGE:
-            params[c, 4] = lo[c] + (hi[c] - lo[c]) / 2.0
-            if params[c, 4] <= params[c, 0]:  # hi is lo's neighbour: its value splits them
-                params[c, 4] = params[c, 1]
+        params[c, 2] = scale[c]
+        params[c, 3] = f0
+        params[c, 4] = f1
+        params[c, 5] = lo[c] - np.float64(params[c, 0])
+        params[c, 6] = hi[c] - np.float64(params[c, 1])
+        # a range that scikit-learn takes as 0 (under 10 eps: scale for a range of 1) has
+        # the low end only
+        if not hi[c] - lo[c] >= ZERO_RANGE:
+            params[c, 1] = np.inf
+            params[c, 6] = 0.0
+        exact = exact and params[c, 5] == 0.0 and params[c, 6] == 0.0
     if inner < min_run:
         map_columns(x.reshape(outer, channels * inner), params, inner,
-                    column_blocks(outer, nthreads), y.reshape(outer, channels * inner), True)
+                    column_blocks(outer, nthreads), y.reshape(outer, channels * inner), exact)
     else:
         two_sided_channels(x, params, run_blocks(outer, channels, nthreads), y)

@@ -74,3 +74,15 @@ def update_running(running_mean, running_var, mean, var, n, momentum):
     for c in range(running_var.shape[0]):
         running_var[c] = ((1.0 - momentum) * np.float64(running_var[c])
                           + momentum * (var[c] * (n / (n - 1.0))))
+
+
+@kernel(inline="always")
+def two_sided_value(v, c_low, c_high, scale, f_low, f_high, r_low, r_high):
+    """Min-max scaling of one value about both ends (``kernels.minmax``): the scalar form
+    of ``codegen._two_sided_expr``, the same operations, so the same bits (a residual of
+    0 changes no bit).  Selects, not branches, so that loops over it vectorize."""
+    d_low = v - c_low
+    d_high = v - c_high
+    below = not d_low >= -d_high
+    centered = (d_low if below else d_high) - (r_low if below else r_high)
+    return centered * scale + (f_low if below else f_high)
