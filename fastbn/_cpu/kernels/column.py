@@ -10,7 +10,7 @@ import numpy as np
 from numba import prange
 
 from ..._jit import kernel
-from .numerics import _merge_chunk, two_sided_value
+from .numerics import _merge_chunk, _two_sided_value
 from .codegen import (
     LINE_BYTES, _line_affine_cols, _line_dx_cols, _line_two_sided_cols, _line_two_sided_exact,
     _store_fence, _stream_span
@@ -222,7 +222,7 @@ def _column_value(v, p, j, two_sided):
     about both ends (``kernels.minmax``; the branch is resolved at compile time)."""
     if two_sided is None:
         return ((v - p[0, j]) - p[1, j]) * p[2, j] + p[3, j]
-    return two_sided_value(v, p[0, j], p[1, j], p[2, j], p[3, j], p[4, j], p[5, j], p[6, j])
+    return _two_sided_value(v, p[0, j], p[1, j], p[2, j], p[3, j], p[4, j], p[5, j], p[6, j])
 
 
 @kernel()
@@ -249,7 +249,7 @@ def _map_rows(x, r0, r1, params, y, two_sided):
                 f_low, f_high, zero = params[3, 0], params[4, 0], params[5, 0]
                 for r in range(r0, r1):
                     for j in range(np.uint64(0), np.uint64(width)):
-                        y[r, j] = two_sided_value(x[r, j], params[0, j], params[1, j],
+                        y[r, j] = _two_sided_value(x[r, j], params[0, j], params[1, j],
                                                   params[2, j], f_low, f_high, zero, zero)
                 return
         for r in range(r0, r1):

@@ -19,7 +19,7 @@ the working dtype (fitted on float64, transforming float32) keep their residuals
 that the output stays within 2 of its ulp.  A feature with no range (under
 ``ZERO_RANGE``) has ``c_high = +inf`` and takes the low piece everywhere (+inf too:
 ``+inf - +inf`` is NaN, and NaN takes the low piece).  The scalar code
-(``numerics.two_sided_value``) computes exactly what a vector line does.
+(``numerics._two_sided_value``) computes exactly what a vector line does.
 """
 
 import numpy as np
@@ -28,7 +28,7 @@ from numba import prange
 from ..._jit import kernel
 from .codegen import LINE_BYTES, _line_two_sided, _store_fence, _stream_span
 from .column import map_columns
-from .numerics import two_sided_value
+from .numerics import _two_sided_value
 from .plans import column_blocks, run_blocks
 
 
@@ -38,8 +38,8 @@ ZERO_RANGE = 10 * np.finfo(np.float64).eps
 
 @kernel(inline="always")
 def _two_sided(v, p, c):
-    """``numerics.two_sided_value`` with row ``c`` of ``params``."""
-    return two_sided_value(v, p[c, 0], p[c, 1], p[c, 2], p[c, 3], p[c, 4], p[c, 5], p[c, 6])
+    """``numerics._two_sided_value`` with row ``c`` of ``params``."""
+    return _two_sided_value(v, p[c, 0], p[c, 1], p[c, 2], p[c, 3], p[c, 4], p[c, 5], p[c, 6])
 
 
 @kernel()

@@ -77,7 +77,7 @@ def update_running(running_mean, running_var, mean, var, n, momentum):
 
 
 @kernel(inline="always")
-def two_sided_value(v, c_low, c_high, scale, f_low, f_high, r_low, r_high):
+def _two_sided_value(v, c_low, c_high, scale, f_low, f_high, r_low, r_high):
     """Min-max scaling of one value about both ends (``kernels.minmax``): the scalar form
     of ``codegen._two_sided_expr``, the same operations, so the same bits (a residual of
     0 changes no bit).  Selects, not branches, so that loops over it vectorize."""
