@@ -8,6 +8,15 @@ torch out; otherwise Numba device arrays).
 
 Work arrays are float32 for float16/float32 input and float64 otherwise, as
 on the CPU; float16 and integer input go through a converted copy.
+
+Streams: a call launches everything on the caller's stream (``_Run``): PyTorch's
+current stream for torch tensors, the CUDA Array Interface v3 ``stream`` of ``x``
+(CuPy exports its current stream there) or CuPy's current stream, a Numba
+array's own stream, else the default stream.  Inputs that carry another stream
+are waited for on the device (an event), never by blocking the host.  Results
+are Numba arrays bound to that stream (their interface exports it); wrapped as
+torch or CuPy they export none, since that library's current stream is the one
+they were written on.
 """
 
 import math
@@ -22,8 +31,11 @@ from . import kernels as k
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 # The simulator runs every thread as a Python thread: keep launches tiny there.
-THREADS = 32 if SIMULATOR else k.THREADS
-MAX_BLOCKS = 4 if SIMULATOR else 4096
+THREADS = 16 if SIMULATOR else k.THREADS
+MAX_BLOCKS = 2 if SIMULATOR else 4096
+# blocks along the channels of a block-per-channel kernel; each block strides over the
+# channels (few under the simulator, so that the tests cross the cap)
+MAX_CHANNEL_BLOCKS = 8 if SIMULATOR else 65535
 TARGET_BLOCKS = 4 if SIMULATOR else 1024  # reduction blocks to aim for (C x parts)
 
 
@@ -39,21 +51,106 @@ def is_device_array(a):
 def _numba_view(a):
     if type(a).__module__.startswith("numba.cuda"):
         return a
-    return cuda.as_cuda_array(a)
+    # sync=False: the interface's stream is waited for on the device (``_Run``), not by
+    # blocking the host
+    return cuda.as_cuda_array(a, sync=False)
 
 
-def _wrap(result, like):
-    """``result`` (a Numba device array) as the array type of ``like``, sharing memory."""
+def _interface_stream(a):
+    """The CUDA Array Interface v3 ``stream`` of ``a`` (None when it gives none)."""
+    cai = getattr(a, "__cuda_array_interface__", None)
+    return cai.get("stream") if isinstance(cai, dict) else None
+
+
+def _stream_from_handle(handle):
+    if handle in (None, 0):
+        return cuda.default_stream()
+    if handle == 1:
+        return cuda.legacy_default_stream()
+    if handle == 2:
+        return cuda.per_thread_default_stream()
+    return cuda.external_stream(handle)
+
+
+class _Run:
+    """One call's stream: where its launches, copies and allocations go."""
+
+    def __init__(self, x, others=()):
+        """The stream of the caller of ``x`` (an ``_Input``); ``others`` (``_Input``s) are
+        waited for on the device where their interface names another stream."""
+        module = type(x.original).__module__
+        handle = None
+        if module.startswith("torch"):
+            import torch
+
+            handle = torch.cuda.current_stream(x.original.device).cuda_stream
+            self.stream = _stream_from_handle(handle)
+        elif x.cai_stream is not None:
+            handle = x.cai_stream
+            self.stream = _stream_from_handle(handle)
+        elif module.startswith("cupy"):
+            import cupy
+
+            handle = cupy.cuda.get_current_stream().ptr
+            self.stream = _stream_from_handle(handle)
+        elif module.startswith("numba.cuda") and x.d.stream:
+            self.stream = x.d.stream
+        else:
+            self.stream = cuda.default_stream()
+        for other in others:
+            if other is not None and other.cai_stream not in (None, handle):
+                done = cuda.event(timing=False)
+                done.record(stream=_stream_from_handle(other.cai_stream))
+                done.wait(stream=self.stream)
+
+    def array(self, shape, dtype=np.float64):
+        return cuda.device_array(shape, dtype=dtype, stream=self.stream)
+
+    def launch(self, kernel, blocks, threads=None):
+        return kernel[blocks, THREADS if threads is None else threads, self.stream]
+
+    def map(self, kernel, inputs, params, out):
+        """Launch a channel map (``kernels.affine``, ``dx``, ``two_sided``) of the
+        (outer, C, inner) arrays ``inputs`` into ``out`` with per-channel ``params``."""
+        outer, channels, inner = out.shape
+        flat = [a.reshape(a.size) for a in inputs]
+        self.launch(kernel, map_blocks(out.size, channels * inner))(
+            *flat, params, out.reshape(out.size), channels, inner)
+
+    def cast(self, src, dtype):
+        """A C-contiguous copy of device array ``src`` converted to ``dtype`` (same shape)."""
+        dst = self.array(src.shape, dtype)
+        if src.size:
+            self.launch(k.cast, _blocks(src.size))(src.reshape(src.size), dst.reshape(dst.size))
+        return dst
+
+    def filled(self, n, value):
+        a = self.array(n)
+        if n:
+            self.launch(k.fill, _blocks(n))(a, value)
+        return a
+
+    def vector(self, v):
+        """A per-channel argument (``_Vector``) as a float64 device vector on this stream."""
+        return None if v is None else v.on(self)
+
+
+def _wrap(result, like, run):
+    """``result`` (a Numba device array written on ``run``'s stream) as the array type of
+    ``like``, sharing memory.  A Numba result is bound to that stream (its interface
+    exports it).  A torch or CuPy result exports none: it was written on that library's
+    current stream, where its consumer works (exporting it would make the consumer
+    block the host on it, as the interface's version 3 asks)."""
     module = type(like).__module__
     if module.startswith("cupy"):
         import cupy
 
-        return cupy.asarray(result)
+        return cupy.asarray(result.bind(0))
     if module.startswith("torch"):
         import torch
 
-        return torch.as_tensor(result, device=like.device)
-    return result
+        return torch.as_tensor(result.bind(0), device=like.device)
+    return result.bind(run.stream)
 
 
 def _work_dtype(dtype):
@@ -64,19 +161,20 @@ def _blocks(total):
     return max(1, min(MAX_BLOCKS, -(-total // THREADS)))
 
 
-def _cast(src, dtype):
-    """A C-contiguous copy of device array ``src`` converted to ``dtype`` (same shape)."""
-    dst = cuda.device_array(src.shape, dtype=dtype)
-    if src.size:
-        k.cast[_blocks(src.size), THREADS](src.reshape(src.size), dst.reshape(dst.size))
-    return dst
+def map_blocks(n, width):
+    """Blocks of a channel map (``kernels._channel_map``) over ``n`` values in rows of
+    ``width = C * inner``: a multiple of ``width`` threads in all (each thread's values
+    then share one channel), or one thread a value, whichever is fewer; about
+    ``MAX_BLOCKS`` where both allow."""
+    full = max(1, -(-n // THREADS))  # one thread a value
+    unit = math.lcm(max(width, 1), THREADS) // THREADS  # blocks in a multiple of width threads
+    if unit >= full:
+        return full
+    return min(full, max(unit, MAX_BLOCKS // unit * unit))
 
 
-def _filled(n, value):
-    a = cuda.device_array(n, dtype=np.float64)
-    if n:
-        k.fill[_blocks(n), THREADS](a, value)
-    return a
+def _channel_blocks(channels):
+    return max(1, min(MAX_CHANNEL_BLOCKS, channels))
 
 
 def _stand_in(d):
@@ -132,6 +230,7 @@ class _Input:
         d = _numba_view(a)
         v.check_input(name, d.dtype, d.ndim)
         self.original, self.d, self.shape, self.dtype = a, d, tuple(d.shape), np.dtype(d.dtype)
+        self.cai_stream = None if d is a else _interface_stream(a)
         self.name, self.ndim, self.size = name, d.ndim, math.prod(self.shape)
         if axis is not None:
             self.at_axis(v.channel_axis(axis, d.ndim), layout)
@@ -149,16 +248,12 @@ class _Input:
                              "elements; make a contiguous copy on the device first")
         return self
 
-    def work3(self, dtype):
-        """The C-contiguous (outer, C, inner) view in ``dtype``: a view, or a converted copy."""
+    def work3(self, dtype, run):
+        """The C-contiguous (outer, C, inner) view in ``dtype``: a view, or a converted copy
+        (made on ``run``'s stream)."""
         if self.dtype == dtype:
             return self.view3
-        return _cast(self.view3, dtype)
-
-    def new(self, dtype):
-        """(work view (outer, C, inner), caller-facing array laid out like the input)."""
-        t = cuda.device_array(self.layout.tshape, dtype=dtype)
-        return t.reshape(self.shape3), _untransformed(t, self.layout)
+        return run.cast(self.view3, dtype)
 
 
 def _canonical_view(d, layout):
@@ -171,15 +266,29 @@ def _canonical_view(d, layout):
     return view.reshape(layout.shape3)
 
 
+class _Vector:
+    """A validated per-channel argument: a device vector, or a value for every channel.
+    Nothing is launched until the op knows its stream (``_Run.vector``)."""
+
+    def __init__(self, d=None, channels=0, value=0.0):
+        self.d, self.channels, self.value = d, channels, value
+
+    def on(self, run):
+        """A float64 device copy on ``run``'s stream."""
+        if self.d is None:
+            return run.filled(self.channels, self.value)
+        return run.cast(self.d, np.float64)
+
+
 def _per_channel(a, name, channels):
-    """A float64 device copy of a per-channel device vector (None stays None)."""
+    """A validated per-channel device vector (None stays None)."""
     if a is None:
         return None
     if not is_device_array(a):
         raise TypeError(f"{name} is a host array, but x is a CUDA device array")
     d = _numba_view(a)
     v.check_per_channel(name, d.dtype, d.shape, channels)
-    return _cast(d, np.float64)
+    return _Vector(d)
 
 
 def _running(a, name, channels):
@@ -232,7 +341,7 @@ class DeviceArrays:
         return None if view3 is None else _OutArg(value, view3)
 
     def filled(self, channels, value):
-        return _filled(channels, value)
+        return _Vector(channels=channels, value=value)
 
 
 def _parts(shape3):
@@ -243,24 +352,26 @@ def _parts(shape3):
 
 
 class _Output:
-    """Where kernels write (``y3``, work dtype) and what the caller gets (``result``)."""
+    """Where kernels write (``y3``, work dtype) and what the caller gets (``finish``)."""
 
-    def __init__(self, xi, out, out3, out_dtype, wd):
-        self.out, self.out3, self.out_dtype = out, out3, out_dtype
-        if out3 is not None and out3.dtype == wd:
-            self.y3 = out3
+    def __init__(self, run, xi, out, out_dtype, wd):
+        self.run, self.xi, self.out_dtype = run, xi, out_dtype
+        self.out, self.out3 = (out.out, out.view3) if out is not None else (None, None)
+        if self.out3 is not None and self.out3.dtype == wd:
+            self.y3 = self.out3
         else:
-            self.y3 = cuda.device_array(xi.shape3, dtype=wd)
-        self.xi = xi
+            self.y3 = run.array(xi.shape3, wd)
 
     def finish(self, like):
+        run = self.run
         if self.out3 is not None:
             if self.y3 is not self.out3:
-                k.cast[_blocks(self.y3.size), THREADS](self.y3.reshape(self.y3.size),
-                                                       self.out3.reshape(self.out3.size))
+                run.launch(k.cast, _blocks(self.y3.size))(self.y3.reshape(self.y3.size),
+                                                         self.out3.reshape(self.out3.size))
             return self.out
-        y3 = self.y3 if self.y3.dtype == self.out_dtype else _cast(self.y3, self.out_dtype)
-        return _wrap(_untransformed(y3.reshape(self.xi.layout.tshape), self.xi.layout), like)
+        y3 = self.y3 if self.y3.dtype == self.out_dtype else run.cast(self.y3, self.out_dtype)
+        return _wrap(_untransformed(y3.reshape(self.xi.layout.tshape), self.xi.layout), like,
+                     run)
 
 
 class CUDABackend:
@@ -272,107 +383,106 @@ class CUDABackend:
     arrays = DeviceArrays()
 
     # ----------------------------------------------------------------- statistics
-    def _moments(self, x3):
+    def _moments(self, run, x3):
         """Per-(channel, part) moments of ``x3``; returns the (count, mean_rel, m2) arrays."""
         channels = x3.shape[1]
         nparts = _parts(x3.shape)
-        count = cuda.device_array((channels, nparts))
-        mean_rel = cuda.device_array((channels, nparts))
-        m2 = cuda.device_array((channels, nparts))
-        k.partial_moments[(channels, nparts), THREADS](x3, nparts, count, mean_rel, m2)
+        count, mean_rel, m2 = (run.array((channels, nparts)) for _ in range(3))
+        run.launch(k.partial_moments, (_channel_blocks(channels), nparts))(
+            x3, nparts, count, mean_rel, m2)
         return count, mean_rel, m2
 
     def batch_norm_forward(self, a, n):
         """``(y, mean, invstd)`` of a training forward (``fastbn._validate.forward_args``)
         over ``n`` values per channel; the running statistics updated."""
         xi, c = a.x, a.channels
-        out, out3 = (a.out.out, a.out.view3) if a.out is not None else (None, None)
-        rm = a.running_mean if a.running_mean is not None else cuda.device_array(0)
-        rv = a.running_var if a.running_var is not None else cuda.device_array(0)
-        w, b, eps = a.weight, a.bias, a.eps
+        run = _Run(xi)
+        rm = a.running_mean if a.running_mean is not None else run.array(0)
+        rv = a.running_var if a.running_var is not None else run.array(0)
+        w, b, eps = run.vector(a.weight), run.vector(a.bias), a.eps
         wd = _work_dtype(a.out_dtype)
-        x3 = xi.work3(wd)
-        dest = _Output(xi, out, out3, a.out_dtype, wd)
+        x3 = xi.work3(wd, run)
+        dest = _Output(run, xi, a.out, a.out_dtype, wd)
         y3 = dest.y3
-        mean, var, inv = (cuda.device_array(c) for _ in range(3))
+        mean, var, inv = (run.array(c) for _ in range(3))
         if c:
             if wd == np.float32 and n <= k.FUSED_MAX_VALUES:
-                k.fused_forward[c, THREADS](x3, w, b, eps, y3, mean, var, inv)
+                run.launch(k.fused_forward, _channel_blocks(c))(x3, w, b, eps, y3, mean, var, inv)
             else:
-                count, mean_rel, m2 = self._moments(x3)
-                params = cuda.device_array((c, 4), dtype=wd)
-                k.finish_forward[_blocks(c), THREADS](x3, count, mean_rel, m2, w, b, eps, mean,
-                                                      var, inv, params)
-                k.affine[_blocks(x3.size), THREADS](x3, params, y3)
+                count, mean_rel, m2 = self._moments(run, x3)
+                params = run.array((c, 4), wd)
+                run.launch(k.finish_forward, _blocks(c))(x3, count, mean_rel, m2, w, b, eps,
+                                                         mean, var, inv, params)
+                run.map(k.affine, [x3], params, y3)
             if rm.shape[0] or rv.shape[0]:
-                k.update_running[_blocks(c), THREADS](rm, rv, mean, var, float(n), a.momentum)
+                run.launch(k.update_running, _blocks(c))(rm, rv, mean, var, float(n), a.momentum)
         x = xi.original
-        return (dest.finish(x), _wrap(_cast(mean, a.stats_dtype), x),
-                _wrap(_cast(inv, a.stats_dtype), x))
+        return (dest.finish(x), _wrap(run.cast(mean, a.stats_dtype), x, run),
+                _wrap(run.cast(inv, a.stats_dtype), x, run))
 
     def batch_norm_inference(self, a):
         """``y`` of an inference forward (``fastbn._validate.inference_args``)."""
         xi, c = a.x, a.channels
-        out, out3 = (a.out.out, a.out.view3) if a.out is not None else (None, None)
+        run = _Run(xi)
         wd = _work_dtype(a.out_dtype)
-        x3 = xi.work3(wd)
-        dest = _Output(xi, out, out3, a.out_dtype, wd)
+        x3 = xi.work3(wd, run)
+        dest = _Output(run, xi, a.out, a.out_dtype, wd)
         if x3.size:
-            params = cuda.device_array((c, 4), dtype=wd)
-            k.inference_params[_blocks(c), THREADS](a.running_mean, a.running_var, a.weight,
-                                                    a.bias, a.eps, params)
-            k.affine[_blocks(x3.size), THREADS](x3, params, dest.y3)
+            params = run.array((c, 4), wd)
+            run.launch(k.inference_params, _blocks(c))(
+                run.vector(a.running_mean), run.vector(a.running_var), run.vector(a.weight),
+                run.vector(a.bias), a.eps, params)
+            run.map(k.affine, [x3], params, dest.y3)
         return dest.finish(xi.original)
 
     def batch_norm_backward(self, a, n):
         """``(dx, dweight, dbias)`` of a training backward (``fastbn._validate.backward_args``)
         over ``n`` values per channel."""
         xi, gi, c = a.x, a.dy, a.channels
-        out, out3 = (a.out.out, a.out.view3) if a.out is not None else (None, None)
-        out_dtype, stats_dtype = a.out_dtype, a.stats_dtype
-        mu, inv, w = a.mean, a.invstd, a.weight
-
-        wd = _work_dtype(out_dtype)
-        x3, g3 = xi.work3(wd), gi.work3(wd)
-        dest = _Output(xi, out, out3, out_dtype, wd)
-        d3 = dest.y3
-        sum_dy, sum_dy_xmu = cuda.device_array(c), cuda.device_array(c)
+        run = _Run(xi, (gi,))
+        stats_dtype = a.stats_dtype
+        mu, inv, w = run.vector(a.mean), run.vector(a.invstd), run.vector(a.weight)
+        wd = _work_dtype(a.out_dtype)
+        x3, g3 = xi.work3(wd, run), gi.work3(wd, run)
+        dest = _Output(run, xi, a.out, a.out_dtype, wd)
+        sum_dy, sum_dy_xmu, dweight = (run.array(c) for _ in range(3))
         if c:
             nparts = _parts(xi.shape3)
-            s, sx = cuda.device_array((c, nparts)), cuda.device_array((c, nparts))
-            k.partial_grad_sums[(c, nparts), THREADS](g3, x3, mu, nparts, s, sx)
-            params = cuda.device_array((c, 5), dtype=wd)
-            k.finish_backward[_blocks(c), THREADS](s, sx, mu, inv, w, float(n), sum_dy,
-                                                   sum_dy_xmu, params)
-            k.dx[_blocks(x3.size), THREADS](g3, x3, params, d3)
-        dweight = cuda.device_array(c)
-        if c:
-            k.multiply[_blocks(c), THREADS](sum_dy_xmu, inv, dweight)
+            s, sx = run.array((c, nparts)), run.array((c, nparts))
+            run.launch(k.partial_grad_sums, (_channel_blocks(c), nparts))(g3, x3, mu, nparts, s, sx)
+            params = run.array((c, 5), wd)
+            run.launch(k.finish_backward, _blocks(c))(s, sx, mu, inv, w, float(n), sum_dy,
+                                                      sum_dy_xmu, params)
+            run.map(k.dx, [g3, x3], params, dest.y3)
+            run.launch(k.multiply, _blocks(c))(sum_dy_xmu, inv, dweight)
         x = xi.original
-        return (dest.finish(x), _wrap(_cast(dweight, stats_dtype), x),
-                _wrap(_cast(sum_dy, stats_dtype), x))
+        return (dest.finish(x), _wrap(run.cast(dweight, stats_dtype), x, run),
+                _wrap(run.cast(sum_dy, stats_dtype), x, run))
 
     def batch_stats(self, a):
         """``(count, mean, var)`` (``fastbn._validate.stats_args``); NaN for an empty batch."""
         xi, c, n = a.x, a.channels, a.count
-        mean, var = cuda.device_array(c), cuda.device_array(c)
+        run = _Run(xi)
+        mean, var = run.array(c), run.array(c)
         if c and n:
-            x3 = xi.work3(_work_dtype(v.output_dtype(xi.dtype)))
-            count, mean_rel, m2 = self._moments(x3)
-            k.finish_stats[_blocks(c), THREADS](x3, count, mean_rel, m2, float(a.ddof), mean,
-                                                var)
+            x3 = xi.work3(_work_dtype(v.output_dtype(xi.dtype)), run)
+            count, mean_rel, m2 = self._moments(run, x3)
+            run.launch(k.finish_stats, _blocks(c))(x3, count, mean_rel, m2, float(a.ddof), mean,
+                                                   var)
         elif c:
-            k.fill[_blocks(c), THREADS](mean, math.nan)
-            k.fill[_blocks(c), THREADS](var, math.nan)
+            run.launch(k.fill, _blocks(c))(mean, math.nan)
+            run.launch(k.fill, _blocks(c))(var, math.nan)
         x = xi.original
-        return n, _wrap(_cast(mean, a.stats_dtype), x), _wrap(_cast(var, a.stats_dtype), x)
+        return (n, _wrap(run.cast(mean, a.stats_dtype), x, run),
+                _wrap(run.cast(var, a.stats_dtype), x, run))
 
     # ----------------------------------------------------------------- data normalization
-    def _feature_stats(self, xi, x3):
+    def _feature_stats(self, run, xi, x3):
         channels = xi.channels
         nparts = _parts(xi.shape3)
-        arrays = [cuda.device_array((channels, nparts)) for _ in range(5)]
-        k.partial_feature_stats[(channels, nparts), THREADS](x3, nparts, *arrays)
+        arrays = [run.array((channels, nparts)) for _ in range(5)]
+        run.launch(k.partial_feature_stats, (_channel_blocks(channels), nparts))(x3, nparts,
+                                                                                 *arrays)
         return arrays
 
     def _normalize(self, x, axis, out, make_params, clip=None, width=4, kernel=k.affine):
@@ -380,30 +490,31 @@ class CUDABackend:
         c = xi.channels
         out_dtype = v.output_dtype(xi.dtype)
         out3 = _out(out, xi, out_dtype)
+        run = _Run(xi)
         wd = _work_dtype(out_dtype)
-        x3 = xi.work3(wd)
-        dest = _Output(xi, out, out3, out_dtype, wd)
+        x3 = xi.work3(wd, run)
+        dest = _Output(run, xi, None if out3 is None else _OutArg(out, out3), out_dtype, wd)
         if x3.size:
-            params = cuda.device_array((c, width), dtype=wd)
-            make_params(xi, x3, params)
-            kernel[_blocks(x3.size), THREADS](x3, params, dest.y3)
+            params = run.array((c, width), wd)
+            make_params(run, xi, x3, params)
+            run.map(kernel, [x3], params, dest.y3)
             if clip is not None:
                 flat = dest.y3.reshape(dest.y3.size)
-                k.clip[_blocks(flat.size), THREADS](flat, clip[0], clip[1])
+                run.launch(k.clip, _blocks(flat.size))(flat, clip[0], clip[1])
         return dest.finish(x)
 
     def standardize(self, x, axis, out):
-        def params(xi, x3, p):
-            count, mean_rel, m2, _, _ = self._feature_stats(xi, x3)
-            k.standardize_params[_blocks(xi.channels), THREADS](x3, count, mean_rel, m2, p)
+        def params(run, xi, x3, p):
+            count, mean_rel, m2, _, _ = self._feature_stats(run, xi, x3)
+            run.launch(k.standardize_params, _blocks(xi.channels))(x3, count, mean_rel, m2, p)
         return self._normalize(x, axis, out, params)
 
     def minmax_scale(self, x, axis, feature_range, out, clip=False):
         low, high = feature_range
 
-        def params(xi, x3, p):
-            _, _, _, vmin, vmax = self._feature_stats(xi, x3)
-            k.minmax_params[_blocks(xi.channels), THREADS](vmin, vmax, low, high, p)
+        def params(run, xi, x3, p):
+            _, _, _, vmin, vmax = self._feature_stats(run, xi, x3)
+            run.launch(k.minmax_params, _blocks(xi.channels))(vmin, vmax, low, high, p)
         return self._normalize(x, axis, out, params, (low, high) if clip else None, width=7,
                                kernel=k.two_sided)
 

@@ -31,6 +31,7 @@ import math
 import numpy as np
 from numba import cuda
 
+U = np.uint64  # index arithmetic: unsigned, so no negative-index wraparound code
 THREADS = 256          # threads per block of the reductions and element-wise kernels
 FUSED_MAX_VALUES = 8192  # float32 values of one channel held in shared memory (32 KiB)
 
@@ -96,10 +97,10 @@ def _two_sum(a, b):
 
 @cuda.jit(device=True)
 def _block_part(n, nparts):
-    """This block's channel, this thread's index, and the block's part [lo, hi) of the
-    channel's ``n`` values (grid C x nparts)."""
+    """This thread's index and the block's part [lo, hi) of a channel's ``n`` values
+    (grid (channels, nparts); each block strides over the channels)."""
     part = cuda.blockIdx.y
-    return cuda.blockIdx.x, cuda.threadIdx.x, part * n // nparts, (part + 1) * n // nparts
+    return cuda.threadIdx.x, part * n // nparts, (part + 1) * n // nparts
 
 
 @cuda.jit(device=True)
@@ -136,7 +137,6 @@ def _invstd(var, eps):
 def fused_forward(x, weight, bias, eps, y, mean, var, invstd):
     """One block per channel, the channel's values in shared memory (n <= FUSED_MAX_VALUES)."""
     outer, channels, inner = x.shape
-    c = cuda.blockIdx.x
     t = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     n = outer * inner
@@ -145,33 +145,35 @@ def fused_forward(x, weight, bias, eps, y, mean, var, invstd):
     sn = cuda.shared.array(THREADS, dtype=np.float64)
     smean = cuda.shared.array(THREADS, dtype=np.float64)
     sm2 = cuda.shared.array(THREADS, dtype=np.float64)
-    shift = np.float64(x[0, c, 0])
-    cnt = 0.0
-    mu = 0.0
-    m2 = 0.0
-    for e in range(t, n, nthreads):
-        v = x[e // inner, c, e % inner]
-        vals[e] = v
-        cnt, mu, m2 = _welford(cnt, mu, m2, np.float64(v) - shift)
-    _block_moments(sn, smean, sm2, cnt, mu, m2)
-    if t == 0:
-        v_ = sm2[0] / sn[0]
-        inv = _invstd(v_, eps)
-        hi, lo = _two_sum(shift, smean[0])
-        mean[c] = hi
-        var[c] = v_
-        invstd[c] = inv
-        sn[0] = hi
-        smean[0] = lo
-        sm2[0] = inv * weight[c]
-        shared_bias[0] = bias[c]
-    cuda.syncthreads()
-    hi32 = np.float32(sn[0])
-    lo32 = np.float32((sn[0] - np.float64(hi32)) + smean[0])
-    scale = np.float32(sm2[0])
-    b = np.float32(shared_bias[0])
-    for e in range(t, n, nthreads):
-        y[e // inner, c, e % inner] = ((vals[e] - hi32) - lo32) * scale + b
+    for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
+        shift = np.float64(x[0, c, 0])
+        cnt = 0.0
+        mu = 0.0
+        m2 = 0.0
+        for e in range(t, n, nthreads):
+            v = x[e // inner, c, e % inner]
+            vals[e] = v
+            cnt, mu, m2 = _welford(cnt, mu, m2, np.float64(v) - shift)
+        _block_moments(sn, smean, sm2, cnt, mu, m2)
+        if t == 0:
+            v_ = sm2[0] / sn[0]
+            inv = _invstd(v_, eps)
+            hi, lo = _two_sum(shift, smean[0])
+            mean[c] = hi
+            var[c] = v_
+            invstd[c] = inv
+            sn[0] = hi
+            smean[0] = lo
+            sm2[0] = inv * weight[c]
+            shared_bias[0] = bias[c]
+        cuda.syncthreads()
+        hi32 = np.float32(sn[0])
+        lo32 = np.float32((sn[0] - np.float64(hi32)) + smean[0])
+        scale = np.float32(sm2[0])
+        b = np.float32(shared_bias[0])
+        for e in range(t, n, nthreads):
+            y[e // inner, c, e % inner] = ((vals[e] - hi32) - lo32) * scale + b
+        cuda.syncthreads()  # every thread done with the shared values before the next channel
 
 
 @cuda.jit
@@ -179,21 +181,23 @@ def partial_moments(x, nparts, count, mean_rel, m2):
     """Grid (C, nparts): count, mean relative to the channel's first value, and M2 of
     each part of each channel, arrays (C, nparts)."""
     outer, channels, inner = x.shape
-    c, t, lo_e, hi_e = _block_part(outer * inner, nparts)
-    shift = np.float64(x[0, c, 0])
+    t, lo_e, hi_e = _block_part(outer * inner, nparts)
     sn = cuda.shared.array(THREADS, dtype=np.float64)
     smean = cuda.shared.array(THREADS, dtype=np.float64)
     sm2 = cuda.shared.array(THREADS, dtype=np.float64)
-    cnt = 0.0
-    mu = 0.0
-    q = 0.0
-    for e in range(lo_e + t, hi_e, cuda.blockDim.x):
-        cnt, mu, q = _welford(cnt, mu, q, np.float64(x[e // inner, c, e % inner]) - shift)
-    _block_moments(sn, smean, sm2, cnt, mu, q)
-    if t == 0:
-        count[c, cuda.blockIdx.y] = sn[0]
-        mean_rel[c, cuda.blockIdx.y] = smean[0]
-        m2[c, cuda.blockIdx.y] = sm2[0]
+    for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
+        shift = np.float64(x[0, c, 0])
+        cnt = 0.0
+        mu = 0.0
+        q = 0.0
+        for e in range(lo_e + t, hi_e, cuda.blockDim.x):
+            cnt, mu, q = _welford(cnt, mu, q, np.float64(x[e // inner, c, e % inner]) - shift)
+        _block_moments(sn, smean, sm2, cnt, mu, q)
+        if t == 0:
+            count[c, cuda.blockIdx.y] = sn[0]
+            mean_rel[c, cuda.blockIdx.y] = smean[0]
+            m2[c, cuda.blockIdx.y] = sm2[0]
+        cuda.syncthreads()
 
 
 @cuda.jit(device=True)
@@ -210,73 +214,56 @@ def _merge_parts(count, mean_rel, m2, c):
 def finish_forward(x, count, mean_rel, m2, weight, bias, eps, mean, var, invstd, params):
     """One thread per channel: merge the parts; mean, biased var, invstd and the
     affine parameters ``(hi, lo, scale, shift)``."""
-    c = cuda.grid(1)
-    if c >= count.shape[0]:
-        return
-    n, mu, q = _merge_parts(count, mean_rel, m2, c)
-    shift = np.float64(x[0, c, 0])
-    v = q / n
-    inv = _invstd(v, eps)
-    hi, lo = _two_sum(shift, mu)
-    mean[c] = hi
-    var[c] = v
-    invstd[c] = inv
-    params[c, 0] = hi
-    params[c, 1] = (hi - np.float64(params[c, 0])) + lo
-    params[c, 2] = inv * weight[c]
-    params[c, 3] = bias[c]
+    for c in range(cuda.grid(1), count.shape[0], cuda.gridsize(1)):
+        n, mu, q = _merge_parts(count, mean_rel, m2, c)
+        shift = np.float64(x[0, c, 0])
+        v = q / n
+        inv = _invstd(v, eps)
+        hi, lo = _two_sum(shift, mu)
+        mean[c] = hi
+        var[c] = v
+        invstd[c] = inv
+        params[c, 0] = hi
+        params[c, 1] = (hi - np.float64(params[c, 0])) + lo
+        params[c, 2] = inv * weight[c]
+        params[c, 3] = bias[c]
 
 
 @cuda.jit
 def finish_stats(x, count, mean_rel, m2, ddof, mean, var):
     """One thread per channel: merged mean and variance with ``ddof``."""
-    c = cuda.grid(1)
-    if c >= count.shape[0]:
-        return
-    n, mu, q = _merge_parts(count, mean_rel, m2, c)
-    mean[c] = np.float64(x[0, c, 0]) + mu
-    d = n - ddof
-    if d > 0:
-        var[c] = q / d
-    elif q == 0.0:
-        var[c] = math.nan  # 0 / 0, as np.var
-    else:
-        var[c] = math.inf
+    for c in range(cuda.grid(1), count.shape[0], cuda.gridsize(1)):
+        n, mu, q = _merge_parts(count, mean_rel, m2, c)
+        mean[c] = np.float64(x[0, c, 0]) + mu
+        d = n - ddof
+        if d > 0:
+            var[c] = q / d
+        elif q == 0.0:
+            var[c] = math.nan  # 0 / 0, as np.var
+        else:
+            var[c] = math.inf
 
 
 @cuda.jit
 def inference_params(mean, var, weight, bias, eps, params):
     """One thread per channel: ``(hi, lo, scale, shift)`` from given statistics."""
-    c = cuda.grid(1)
-    if c >= mean.shape[0]:
-        return
-    m = np.float64(mean[c])
-    params[c, 0] = m
-    params[c, 1] = m - np.float64(params[c, 0])
-    params[c, 2] = _invstd(np.float64(var[c]), eps) * weight[c]
-    params[c, 3] = bias[c]
-
-
-@cuda.jit
-def affine(x, params, y):
-    """``y = ((x - hi) - lo) * scale + shift`` per channel, grid-stride over all values."""
-    outer, channels, inner = x.shape
-    for k in range(cuda.grid(1), outer * channels * inner, cuda.gridsize(1)):
-        o, c, i = _unravel(k, channels, inner)
-        y[o, c, i] = ((x[o, c, i] - params[c, 0]) - params[c, 1]) * params[c, 2] + params[c, 3]
+    for c in range(cuda.grid(1), mean.shape[0], cuda.gridsize(1)):
+        m = np.float64(mean[c])
+        params[c, 0] = m
+        params[c, 1] = m - np.float64(params[c, 0])
+        params[c, 2] = _invstd(np.float64(var[c]), eps) * weight[c]
+        params[c, 3] = bias[c]
 
 
 @cuda.jit
 def update_running(running_mean, running_var, mean, var, n, momentum):
     """``r = (1 - m) r + m s`` with the unbiased variance, one thread per channel."""
-    c = cuda.grid(1)
-    if c >= mean.shape[0]:
-        return
-    if running_mean.shape[0] > 0:
-        running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mean[c]
-    if running_var.shape[0] > 0:
-        running_var[c] = ((1.0 - momentum) * np.float64(running_var[c])
-                          + momentum * (var[c] * (n / (n - 1.0))))
+    for c in range(cuda.grid(1), mean.shape[0], cuda.gridsize(1)):
+        if running_mean.shape[0] > 0:
+            running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mean[c]
+        if running_var.shape[0] > 0:
+            running_var[c] = ((1.0 - momentum) * np.float64(running_var[c])
+                              + momentum * (var[c] * (n / (n - 1.0))))
 
 
 # ----------------------------------------------------------------- backward
@@ -285,56 +272,148 @@ def update_running(running_mean, running_var, mean, var, n, momentum):
 def partial_grad_sums(dy, x, mean, nparts, s, sx):
     """Grid (C, nparts): ``sum(dy)`` and ``sum(dy * (x - mean))`` per part, float64."""
     outer, channels, inner = x.shape
-    c, t, lo_e, hi_e = _block_part(outer * inner, nparts)
-    m = mean[c]
+    t, lo_e, hi_e = _block_part(outer * inner, nparts)
     sa = cuda.shared.array(THREADS, dtype=np.float64)
     sb = cuda.shared.array(THREADS, dtype=np.float64)
-    a = 0.0
-    b = 0.0
-    for e in range(lo_e + t, hi_e, cuda.blockDim.x):
-        o = e // inner
-        i = e % inner
-        g = np.float64(dy[o, c, i])
-        a += g
-        b += g * (np.float64(x[o, c, i]) - m)
-    sa[t] = a
-    sb[t] = b
-    cuda.syncthreads()
-    _block_sum2(sa, sb)
-    if t == 0:
-        s[c, cuda.blockIdx.y] = sa[0]
-        sx[c, cuda.blockIdx.y] = sb[0]
+    for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
+        m = mean[c]
+        a = 0.0
+        b = 0.0
+        for e in range(lo_e + t, hi_e, cuda.blockDim.x):
+            o = e // inner
+            i = e % inner
+            g = np.float64(dy[o, c, i])
+            a += g
+            b += g * (np.float64(x[o, c, i]) - m)
+        sa[t] = a
+        sb[t] = b
+        cuda.syncthreads()
+        _block_sum2(sa, sb)
+        if t == 0:
+            s[c, cuda.blockIdx.y] = sa[0]
+            sx[c, cuda.blockIdx.y] = sb[0]
+        cuda.syncthreads()
 
 
 @cuda.jit
 def finish_backward(s, sx, mean, invstd, weight, n, sum_dy, sum_dy_xmu, params):
     """One thread per channel: the sums, and ``(hi, lo, a, b, k)`` with
     ``dx = ((dy - b) - ((x - hi) - lo) * k) * a``."""
-    c = cuda.grid(1)
-    if c >= s.shape[0]:
-        return
-    a = 0.0
-    b = 0.0
-    for p in range(s.shape[1]):
-        a += s[c, p]
-        b += sx[c, p]
-    sum_dy[c] = a
-    sum_dy_xmu[c] = b
-    params[c, 0] = mean[c]
-    params[c, 1] = mean[c] - np.float64(params[c, 0])
-    params[c, 2] = weight[c] * invstd[c]
-    params[c, 3] = a / n
-    params[c, 4] = invstd[c] * invstd[c] * b / n
+    for c in range(cuda.grid(1), s.shape[0], cuda.gridsize(1)):
+        a = 0.0
+        b = 0.0
+        for p in range(s.shape[1]):
+            a += s[c, p]
+            b += sx[c, p]
+        sum_dy[c] = a
+        sum_dy_xmu[c] = b
+        params[c, 0] = mean[c]
+        params[c, 1] = mean[c] - np.float64(params[c, 0])
+        params[c, 2] = weight[c] * invstd[c]
+        params[c, 3] = a / n
+        params[c, 4] = invstd[c] * invstd[c] * b / n
 
 
-@cuda.jit
-def dx(dy, x, params, out):
-    """The training-mode input gradient, grid-stride over all values."""
-    outer, channels, inner = x.shape
-    for k in range(cuda.grid(1), outer * channels * inner, cuda.gridsize(1)):
-        o, c, i = _unravel(k, channels, inner)
-        out[o, c, i] = ((dy[o, c, i] - params[c, 3])
-                        - ((x[o, c, i] - params[c, 0]) - params[c, 1]) * params[c, 4]) * params[c, 2]
+# ----------------------------------------------------------------- channel maps
+
+# Element-wise kernels over flat (outer, C, inner) data whose grid has a multiple of
+# C * inner threads (or at least one per value: ``map_blocks``): a thread's values are
+# then all in one channel, so it loads that channel's parameters once and its loop is
+# a load, the arithmetic and a store (about 13 SASS instructions a value on sm_90,
+# bench/gpu_proxy.py), four loads in flight.
+
+def _channel_map(load, value):
+    """A kernel ``(x, params, y, channels, inner)``: ``y[k] = value(x[k], p)`` with ``p =
+    load(params, c)`` for the channel ``c`` of flat index ``k``."""
+    @cuda.jit
+    def kernel(x, params, y, channels, inner):
+        n = U(x.size)
+        k = U(cuda.grid(1))
+        if k >= n:
+            return
+        step = U(cuda.gridsize(1))
+        p = load(params, (k // U(inner)) % U(channels))
+        while k + U(3) * step < n:
+            a0, a1, a2, a3 = x[k], x[k + step], x[k + U(2) * step], x[k + U(3) * step]
+            y[k] = value(a0, p)
+            y[k + step] = value(a1, p)
+            y[k + U(2) * step] = value(a2, p)
+            y[k + U(3) * step] = value(a3, p)
+            k += U(4) * step
+        while k < n:
+            y[k] = value(x[k], p)
+            k += step
+    return kernel
+
+
+def _channel_map2(load, value):
+    """``_channel_map`` of two inputs: ``out[k] = value(a[k], b[k], p)``."""
+    @cuda.jit
+    def kernel(a, b, params, out, channels, inner):
+        n = U(a.size)
+        k = U(cuda.grid(1))
+        if k >= n:
+            return
+        step = U(cuda.gridsize(1))
+        p = load(params, (k // U(inner)) % U(channels))
+        while k + U(3) * step < n:
+            a0, a1, a2, a3 = a[k], a[k + step], a[k + U(2) * step], a[k + U(3) * step]
+            b0, b1, b2, b3 = b[k], b[k + step], b[k + U(2) * step], b[k + U(3) * step]
+            out[k] = value(a0, b0, p)
+            out[k + step] = value(a1, b1, p)
+            out[k + U(2) * step] = value(a2, b2, p)
+            out[k + U(3) * step] = value(a3, b3, p)
+            k += U(4) * step
+        while k < n:
+            out[k] = value(a[k], b[k], p)
+            k += step
+    return kernel
+
+
+@cuda.jit(device=True, inline=True)
+def _four(p, c):
+    return p[c, 0], p[c, 1], p[c, 2], p[c, 3]
+
+
+@cuda.jit(device=True, inline=True)
+def _five(p, c):
+    return p[c, 0], p[c, 1], p[c, 2], p[c, 3], p[c, 4]
+
+
+@cuda.jit(device=True, inline=True)
+def _seven(p, c):
+    return p[c, 0], p[c, 1], p[c, 2], p[c, 3], p[c, 4], p[c, 5], p[c, 6]
+
+
+@cuda.jit(device=True, inline=True)
+def _affine_value(v, p):
+    hi, lo, scale, shift = p
+    return ((v - hi) - lo) * scale + shift
+
+
+@cuda.jit(device=True, inline=True)
+def _dx_value(g, v, p):
+    hi, lo, a, b, k = p
+    return ((g - b) - ((v - hi) - lo) * k) * a
+
+
+@cuda.jit(device=True, inline=True)
+def _two_sided_value(v, p):
+    """Min-max scaling about both ends (``fastbn._cpu.kernels.minmax``)."""
+    c_low, c_high, scale, f_low, f_high, r_low, r_high = p
+    d_low = v - c_low
+    d_high = v - c_high
+    below = not d_low >= -d_high
+    centered = (d_low if below else d_high) - (r_low if below else r_high)
+    return centered * scale + (f_low if below else f_high)
+
+
+# y = ((x - hi) - lo) * scale + shift per channel, params (C, 4)
+affine = _channel_map(_four, _affine_value)
+# the training-mode input gradient dx = ((dy - b) - ((x - hi) - lo) * k) * a, params (C, 5)
+dx = _channel_map2(_five, _dx_value)
+# min-max scaling about both ends, params (C, 7) as the host's
+two_sided = _channel_map(_seven, _two_sided_value)
 
 
 @cuda.jit
@@ -355,8 +434,7 @@ def fill(dst, value):
 @cuda.jit
 def multiply(a, b, out):
     """``out = a * b`` element-wise (per-channel vectors)."""
-    c = cuda.grid(1)
-    if c < out.shape[0]:
+    for c in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
         out[c] = a[c] * b[c]
 
 
@@ -374,112 +452,94 @@ def partial_feature_stats(x, nparts, count, mean_rel, m2, vmin, vmax):
     """Grid (C, nparts): like ``partial_moments`` with NaN ignored, plus min and max
     (+inf / -inf where a part has no value)."""
     outer, channels, inner = x.shape
-    c, t, lo_e, hi_e = _block_part(outer * inner, nparts)
-    shift = _finite_shift(x, c)
+    t, lo_e, hi_e = _block_part(outer * inner, nparts)
     sn = cuda.shared.array(THREADS, dtype=np.float64)
     smean = cuda.shared.array(THREADS, dtype=np.float64)
     sm2 = cuda.shared.array(THREADS, dtype=np.float64)
     smin = cuda.shared.array(THREADS, dtype=np.float64)
     smax = cuda.shared.array(THREADS, dtype=np.float64)
-    cnt = 0.0
-    mu = 0.0
-    q = 0.0
-    lo = math.inf
-    hi = -math.inf
-    for e in range(lo_e + t, hi_e, cuda.blockDim.x):
-        v = np.float64(x[e // inner, c, e % inner])
-        if v == v:
-            cnt, mu, q = _welford(cnt, mu, q, v - shift)
-            lo = min(lo, v)
-            hi = max(hi, v)
-    smin[t] = lo
-    smax[t] = hi
-    _block_moments(sn, smean, sm2, cnt, mu, q)  # synchronizes before merging
-    stride = cuda.blockDim.x // 2
-    while stride > 0:
-        if t < stride:
-            smin[t] = min(smin[t], smin[t + stride])
-            smax[t] = max(smax[t], smax[t + stride])
+    for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
+        shift = _finite_shift(x, c)
+        cnt = 0.0
+        mu = 0.0
+        q = 0.0
+        lo = math.inf
+        hi = -math.inf
+        for e in range(lo_e + t, hi_e, cuda.blockDim.x):
+            v = np.float64(x[e // inner, c, e % inner])
+            if v == v:
+                cnt, mu, q = _welford(cnt, mu, q, v - shift)
+                lo = min(lo, v)
+                hi = max(hi, v)
+        smin[t] = lo
+        smax[t] = hi
+        _block_moments(sn, smean, sm2, cnt, mu, q)  # synchronizes before merging
+        stride = cuda.blockDim.x // 2
+        while stride > 0:
+            if t < stride:
+                smin[t] = min(smin[t], smin[t + stride])
+                smax[t] = max(smax[t], smax[t + stride])
+            cuda.syncthreads()
+            stride //= 2
+        if t == 0:
+            p = cuda.blockIdx.y
+            count[c, p] = sn[0]
+            mean_rel[c, p] = smean[0]
+            m2[c, p] = sm2[0]
+            vmin[c, p] = smin[0]
+            vmax[c, p] = smax[0]
         cuda.syncthreads()
-        stride //= 2
-    if t == 0:
-        p = cuda.blockIdx.y
-        count[c, p] = sn[0]
-        mean_rel[c, p] = smean[0]
-        m2[c, p] = sm2[0]
-        vmin[c, p] = smin[0]
-        vmax[c, p] = smax[0]
 
 
 @cuda.jit
 def standardize_params(x, count, mean_rel, m2, params):
     """One thread per channel: ``(hi, lo, 1 / scale, 0)`` with scikit-learn's scale
     (``sqrt(var)``, 1 for a feature within rounding of a constant)."""
-    c = cuda.grid(1)
-    if c >= count.shape[0]:
-        return
-    n, mu, q = _merge_parts(count, mean_rel, m2, c)
-    if n == 0.0:
-        hi, lo, var = math.nan, 0.0, math.nan
-    else:
-        hi, lo = _two_sum(_finite_shift(x, c), mu)
-        var = q / n
-    eps = 2.220446049250313e-16
-    mean = hi + lo
-    scale = math.sqrt(var)
-    if var <= n * eps * var + (n * mean * eps) ** 2:
-        scale = 1.0
-    params[c, 0] = hi
-    params[c, 1] = (hi - np.float64(params[c, 0])) + lo
-    params[c, 2] = 1.0 / scale
-    params[c, 3] = 0.0
+    for c in range(cuda.grid(1), count.shape[0], cuda.gridsize(1)):
+        n, mu, q = _merge_parts(count, mean_rel, m2, c)
+        if n == 0.0:
+            hi, lo, var = math.nan, 0.0, math.nan
+        else:
+            hi, lo = _two_sum(_finite_shift(x, c), mu)
+            var = q / n
+        eps = 2.220446049250313e-16
+        mean = hi + lo
+        scale = math.sqrt(var)
+        if var <= n * eps * var + (n * mean * eps) ** 2:
+            scale = 1.0
+        params[c, 0] = hi
+        params[c, 1] = (hi - np.float64(params[c, 0])) + lo
+        params[c, 2] = 1.0 / scale
+        params[c, 3] = 0.0
 
 
 @cuda.jit
 def minmax_params(vmin, vmax, low, high, params):
     """One thread per channel: the two-sided parameters (C, 7) of scikit-learn's
     MinMaxScaler (``two_sided``), as on the host."""
-    c = cuda.grid(1)
-    if c >= vmin.shape[0]:
-        return
-    dmin = math.inf
-    dmax = -math.inf
-    for p in range(vmin.shape[1]):
-        dmin = min(dmin, vmin[c, p])
-        dmax = max(dmax, vmax[c, p])
-    if dmin > dmax:  # no value in this channel
-        dmin = math.nan
-        dmax = math.nan
-    data_range = dmax - dmin
-    has_range = data_range >= 10 * 2.220446049250313e-16
-    if data_range < 10 * 2.220446049250313e-16:
-        data_range = 1.0
-    params[c, 0] = dmin
-    params[c, 1] = dmax
-    params[c, 2] = (high - low) / data_range
-    params[c, 3] = low
-    params[c, 4] = high
-    params[c, 5] = dmin - np.float64(params[c, 0])
-    params[c, 6] = dmax - np.float64(params[c, 1])
-    if not has_range:
-        params[c, 1] = math.inf
-        params[c, 6] = 0.0
-
-
-@cuda.jit
-def two_sided(x, params, y):
-    """Min-max scaling about both ends, ``params`` (C, 7) as the host's
-    (``fastbn._cpu.kernels.minmax``), grid-stride over all values."""
-    outer, channels, inner = x.shape
-    for k in range(cuda.grid(1), outer * channels * inner, cuda.gridsize(1)):
-        o, c, i = _unravel(k, channels, inner)
-        v = x[o, c, i]
-        d_low = v - params[c, 0]
-        d_high = v - params[c, 1]
-        below = not d_low >= -d_high
-        centered = ((d_low if below else d_high)
-                    - (params[c, 5] if below else params[c, 6]))
-        y[o, c, i] = centered * params[c, 2] + (params[c, 3] if below else params[c, 4])
+    for c in range(cuda.grid(1), vmin.shape[0], cuda.gridsize(1)):
+        dmin = math.inf
+        dmax = -math.inf
+        for p in range(vmin.shape[1]):
+            dmin = min(dmin, vmin[c, p])
+            dmax = max(dmax, vmax[c, p])
+        if dmin > dmax:  # no value in this channel
+            dmin = math.nan
+            dmax = math.nan
+        data_range = dmax - dmin
+        has_range = data_range >= 10 * 2.220446049250313e-16
+        if data_range < 10 * 2.220446049250313e-16:
+            data_range = 1.0
+        params[c, 0] = dmin
+        params[c, 1] = dmax
+        params[c, 2] = (high - low) / data_range
+        params[c, 3] = low
+        params[c, 4] = high
+        params[c, 5] = dmin - np.float64(params[c, 0])
+        params[c, 6] = dmax - np.float64(params[c, 1])
+        if not has_range:
+            params[c, 1] = math.inf
+            params[c, 6] = 0.0
 
 
 @cuda.jit

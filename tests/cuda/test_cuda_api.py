@@ -11,7 +11,7 @@ import pytest
 
 import fastbn
 import reference as ref
-from conftest import host
+from conftest import SIMULATOR, host
 from helpers import assert_output, assert_stats, make
 
 # (shape, axis): fused path, parts path (n > FUSED_MAX_VALUES = 8192), channels-last, 2-D
@@ -138,26 +138,57 @@ def test_bad_arguments_write_nothing(rng, dev):
         fastbn.batch_norm_forward(dev(x), out=dev(np.empty(x.shape, np.float64)))
 
 
+def _device_view(x, layout):
+    """``x`` (host) as a device view in ``layout``.  Under the simulator: Numba views.  On
+    a GPU: CuPy views, or torch ones (torch has no negative strides), since a GPU's
+    Numba can neither transpose a 4-D array nor copy negative strides to the host."""
+    if SIMULATOR:
+        from numba import cuda
+
+        dev = cuda.to_device
+        if layout == "channels-last":
+            return dev(np.ascontiguousarray(np.moveaxis(x, 1, -1))).transpose((0, 3, 1, 2))
+        if layout == "reversed":
+            return dev(np.ascontiguousarray(x[::-1, :, ::-1]))[::-1, :, ::-1]
+        return dev(np.ascontiguousarray(x.transpose(3, 2, 1, 0))).transpose((3, 2, 1, 0))
+    try:
+        import cupy
+    except ImportError:
+        torch = pytest.importorskip("torch", reason="views on a GPU need CuPy or torch")
+        if layout == "reversed":
+            pytest.skip("torch has no negative strides (and CuPy is absent)")
+        if layout == "channels-last":
+            return torch.as_tensor(x, device="cuda").contiguous(memory_format=torch.channels_last)
+        return torch.as_tensor(np.ascontiguousarray(x.transpose(3, 2, 1, 0)),
+                               device="cuda").permute(3, 2, 1, 0)
+    if layout == "channels-last":
+        return cupy.asarray(np.ascontiguousarray(np.moveaxis(x, 1, -1))).transpose(0, 3, 1, 2)
+    if layout == "reversed":
+        return cupy.asarray(np.ascontiguousarray(x[::-1, :, ::-1]))[::-1, :, ::-1]
+    return cupy.asarray(np.ascontiguousarray(x.transpose(3, 2, 1, 0))).transpose(3, 2, 1, 0)
+
+
+def _byte_strides(a):
+    if type(a).__module__.startswith("torch"):
+        return tuple(s * a.element_size() for s in a.stride())
+    return tuple(a.strides)
+
+
 @pytest.mark.parametrize("layout", ["channels-last", "reversed", "transposed"])
-def test_permuted_and_reversed_device_arrays_need_no_copy(rng, dev, layout):
+def test_permuted_and_reversed_device_arrays_need_no_copy(rng, layout):
     """A torch channels-last tensor and other permuted or reversed views work as on the
     CPU: the result has the input's shape and memory order."""
     x = make(rng, (4, 3, 5, 2), np.float32, offset=2.0)
-    if layout == "channels-last":
-        xd = dev(np.ascontiguousarray(np.moveaxis(x, 1, -1)))
-        xd = xd.transpose((0, 3, 1, 2))
-    elif layout == "reversed":
-        xd = dev(np.ascontiguousarray(x[::-1, :, ::-1]))[::-1, :, ::-1]
-    else:
-        xd = dev(np.ascontiguousarray(x.transpose(3, 2, 1, 0))).transpose((3, 2, 1, 0))
+    xd = _device_view(x, layout)
     np.testing.assert_array_equal(host(xd), x)
     y, mean, invstd = fastbn.batch_norm_forward(xd)
     y_ref, mean_ref, _, _ = ref.forward(x)
     np.testing.assert_allclose(host(y), y_ref, atol=1e-5)
-    assert host(y).strides == host(xd).strides
+    assert _byte_strides(y) == _byte_strides(xd)
     dx, _, _ = fastbn.batch_norm_backward(xd, xd, mean, invstd)  # dy laid out like x
     dx_ref = ref.backward(x, x, host(mean), host(invstd))[0]
     np.testing.assert_allclose(host(dx), dx_ref, atol=1e-4)
+    assert _byte_strides(dx) == _byte_strides(xd)
 
 
 def test_device_arrays_with_gaps_are_refused_clearly(rng, dev):
@@ -193,3 +224,40 @@ def test_standardize_and_minmax_on_device(rng, dev, dtype, shape, axis):
         np.testing.assert_allclose(y, fastbn.minmax_scale(x, axis=axis, feature_range=rng_), **tol)
     out = dev(np.zeros_like(x))
     assert fastbn.standardize(dev(x), axis=axis, out=out) is out
+
+
+def test_more_channels_than_one_launch_covers(rng, dev):
+    """Every kernel strides over what it is given: 40 channels are more than the
+    per-channel kernels' threads (32 under the simulator; about a million on a GPU)
+    and than the block-per-channel kernels' blocks (8 under the simulator; 65,535 on
+    a GPU)."""
+    from fastbn._cuda import backend
+
+    c = 40
+    if SIMULATOR:  # on a GPU the caps are far above: the test then checks plain results
+        assert c > backend.MAX_BLOCKS * backend.THREADS and c > backend.MAX_CHANNEL_BLOCKS
+    x = make(rng, (2, c), np.float64, offset=3.0)
+    x[:, -1] = [1.0, 4.0]
+    n, mean, var = fastbn.batch_stats(dev(x), axis=1)
+    np.testing.assert_allclose(host(mean), x.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(host(var), x.var(0), rtol=1e-12)
+    w, b = rng.uniform(0.5, 2, c), rng.normal(size=c)
+    rm, rv = dev(np.zeros(c)), dev(np.ones(c))
+    y, m, inv = fastbn.batch_norm_forward(dev(x), dev(w), dev(b), running_mean=rm,
+                                          running_var=rv)
+    y_ref, _, var_ref, inv_ref = ref.forward(x, w, b, axis=1)
+    np.testing.assert_allclose(host(y), y_ref, atol=1e-12)
+    np.testing.assert_allclose(host(inv), inv_ref, rtol=1e-12)
+    np.testing.assert_allclose(host(rv), 0.9 + 0.1 * x.var(0, ddof=1), rtol=1e-12)
+    dx, dw, db = fastbn.batch_norm_backward(dev(x), dev(x), m, inv, dev(w))
+    dx_ref, dw_ref, db_ref = ref.backward(x, x, host(m), host(inv), w, axis=1)
+    np.testing.assert_allclose(host(dx), dx_ref, atol=1e-9)
+    np.testing.assert_allclose(host(db), db_ref, rtol=1e-12)
+    y = fastbn.batch_norm_inference(dev(x), rm, rv, dev(w), dev(b))
+    y_ref = ref.inference(x, host(rm), host(rv), w, b, axis=1)
+    np.testing.assert_allclose(host(y), y_ref, atol=1e-12)
+    x32 = x[:, :].astype(np.float32)  # the fused one-block-per-channel forward
+    y, _, _ = fastbn.batch_norm_forward(dev(x32))
+    np.testing.assert_allclose(host(y), ref.forward(x32, axis=1)[0], atol=1e-5)
+    for fn in (fastbn.standardize, fastbn.minmax_scale):
+        np.testing.assert_allclose(host(fn(dev(x), axis=1)), fn(x, axis=1), atol=1e-12)

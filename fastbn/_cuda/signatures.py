@@ -1,0 +1,68 @@
+"""The argument types of every kernel launch in ``fastbn._cuda.backend``, and a PTX
+compiler for them that needs no GPU (NVVM and NVRTC only).
+
+``tests/test_cuda_ptx.py`` compiles every entry (what only the CUDA compiler
+rejects: typing, float16 conversions, shared arrays), and ``bench/gpu_proxy.py``
+assembles the streaming kernels for sm_90 to count their machine instructions.
+"""
+
+import types as pytypes
+
+from numba import cuda, types
+
+
+def _arr(dtype, ndim):
+    return types.Array(dtype, ndim, "C")
+
+
+F16, F32, F64, I32, I64 = types.float16, types.float32, types.float64, types.int32, types.int64
+
+
+def launch_signatures():
+    """(kernel name, argument types) for every launch in fastbn._cuda.backend."""
+    sigs = []
+    for wd in (F32, F64):
+        x1, x3, p2 = _arr(wd, 1), _arr(wd, 3), _arr(wd, 2)
+        v, m = _arr(F64, 1), _arr(F64, 2)
+        sigs += [
+            ("partial_moments", (x3, I64, m, m, m)),
+            ("finish_forward", (x3, m, m, m, v, v, F64, v, v, v, p2)),
+            ("finish_stats", (x3, m, m, m, F64, v, v)),
+            ("inference_params", (v, v, v, v, F64, p2)),
+            ("affine", (x1, p2, x1, I64, I64)),
+            ("partial_grad_sums", (x3, x3, v, I64, m, m)),
+            ("finish_backward", (m, m, v, v, v, F64, v, v, p2)),
+            ("dx", (x1, x1, p2, x1, I64, I64)),
+            ("partial_feature_stats", (x3, I64, m, m, m, m, m)),
+            ("standardize_params", (x3, m, m, m, p2)),
+            ("minmax_params", (m, m, F64, F64, p2)),
+            ("two_sided", (x1, p2, x1, I64, I64)),
+            ("clip", (_arr(wd, 1), F64, F64)),
+        ]
+        for running in (F32, F64):
+            r = _arr(running, 1)
+            sigs.append(("update_running", (r, r, v, v, F64, F64)))
+    sigs.append(("fused_forward", (_arr(F32, 3), _arr(F64, 1), _arr(F64, 1), F64, _arr(F32, 3),
+                                   _arr(F64, 1), _arr(F64, 1), _arr(F64, 1))))
+    for src, dst in [(F16, F32), (I32, F64), (F64, F32), (F32, F16), (F64, F64), (F32, F64),
+                     (I64, F64), (types.boolean, F64), (F16, F64)]:
+        sigs.append(("cast", (_arr(src, 1), _arr(dst, 1))))
+    sigs += [("fill", (_arr(F64, 1), F64)), ("multiply", (_arr(F64, 1),) * 3)]
+    return sigs
+
+
+def compile_ptx(name, args, cc=(8, 0)):
+    """PTX of kernel ``name`` of ``fastbn._cuda.kernels`` for ``args``, compute capability
+    ``cc``; no GPU needed (device functions ask the current device for its compute
+    capability: there is none, so the answer is ``cc``)."""
+    import numba.cuda.dispatcher as dispatcher
+
+    from . import kernels
+
+    original = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=cc)
+    try:
+        ptx, _ = cuda.compile_ptx(getattr(kernels, name).py_func, args, cc=cc)
+    finally:
+        dispatcher.get_current_device = original
+    return ptx
