@@ -34,8 +34,10 @@ STREAMING = [
     ("affine", "float32", "map", 1),
     ("dx", "float32", "map", 2),
     ("two_sided", "float32", "map", 1),
-    ("partial_moments", "float32", "reduce", 1),
-    ("partial_grad_sums", "float32", "reduce", 2),
+    ("plane_moments", "float32", "reduce", 1),
+    ("row_moments", "float32", "reduce", 1),
+    ("plane_grad_sums", "float32", "reduce", 2),
+    ("row_grad_sums", "float32", "reduce", 2),
     ("partial_feature_stats", "float32", "reduce", 1),
 ]
 

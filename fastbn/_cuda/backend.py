@@ -36,6 +36,10 @@ MAX_BLOCKS = 2 if SIMULATOR else 4096
 # blocks along the channels of a block-per-channel kernel; each block strides over the
 # channels (few under the simulator, so that the tests cross the cap)
 MAX_CHANNEL_BLOCKS = 8 if SIMULATOR else 65535
+# float32 channels of at most this many values take the fused one-block forward (its
+# shared memory holds k.FUSED_MAX_VALUES); few under the simulator, so that its tests
+# reach the two-pass path with tiny shapes
+FUSED_MAX = 64 if SIMULATOR else k.FUSED_MAX_VALUES
 TARGET_BLOCKS = 4 if SIMULATOR else 1024  # reduction blocks to aim for (C x parts)
 
 
@@ -344,6 +348,20 @@ class DeviceArrays:
         return _Vector(channels=channels, value=value)
 
 
+def _row_grid(shape3):
+    """(grid, block, row parts) of a row-layout statistics kernel (``kernels.row_moments``)
+    over (outer, C, inner) seen as (outer, W = C * inner): threads along the columns (a
+    power of two covering W, at most a block), the rest along rows."""
+    outer, channels, inner = shape3
+    width = channels * inner
+    bx = min(THREADS, 1 << max(0, (width - 1).bit_length()))
+    by = THREADS // bx
+    gx = min(-(-width // bx), 65535)
+    rows_per_part = by * k.CHUNK * 4  # at least a few chunks a thread
+    gy = max(1, min(-(-TARGET_BLOCKS // gx), -(-outer // rows_per_part), 65535))
+    return (gx, gy), (bx, by), gy
+
+
 def _parts(shape3):
     outer, channels, inner = shape3
     n = outer * inner
@@ -384,13 +402,37 @@ class CUDABackend:
 
     # ----------------------------------------------------------------- statistics
     def _moments(self, run, x3):
-        """Per-(channel, part) moments of ``x3``; returns the (count, mean_rel, m2) arrays."""
-        channels = x3.shape[1]
-        nparts = _parts(x3.shape)
-        count, mean_rel, m2 = (run.array((channels, nparts)) for _ in range(3))
-        run.launch(k.partial_moments, (_channel_blocks(channels), nparts))(
-            x3, nparts, count, mean_rel, m2)
-        return count, mean_rel, m2
+        """Partial moments of ``x3``: (count, mean_rel, m2) arrays (C, parts)."""
+        outer, channels, inner = x3.shape
+        zero = x3.dtype.type(0)
+        if inner >= k.PLANE_MIN:
+            nparts = _parts(x3.shape)
+            arrays = [run.array((channels, nparts)) for _ in range(3)]
+            run.launch(k.plane_moments, (_channel_blocks(channels), nparts))(
+                x3.reshape(x3.size), outer, channels, inner, nparts, zero, *arrays)
+            return arrays
+        grid, block, nparts = _row_grid(x3.shape)
+        arrays = [run.array((channels * inner, nparts)) for _ in range(3)]
+        run.launch(k.row_moments, grid, block)(x3.reshape(x3.size), outer, channels, inner, zero,
+                                               *arrays)
+        return [a.reshape(channels, inner * nparts) for a in arrays]
+
+    def _grad_sums(self, run, g3, x3, mean):
+        """Partial ``sum(dy)`` and ``sum(dy * (x - mean))``: float64 arrays (C, parts)."""
+        outer, channels, inner = x3.shape
+        zero = x3.dtype.type(0)
+        if inner >= k.PLANE_MIN:
+            nparts = _parts(x3.shape)
+            s, sx = run.array((channels, nparts)), run.array((channels, nparts))
+            run.launch(k.plane_grad_sums, (_channel_blocks(channels), nparts))(
+                g3.reshape(g3.size), x3.reshape(x3.size), outer, channels, inner, mean, nparts,
+                zero, s, sx)
+            return s, sx
+        grid, block, nparts = _row_grid(x3.shape)
+        s, sx = run.array((channels * inner, nparts)), run.array((channels * inner, nparts))
+        run.launch(k.row_grad_sums, grid, block)(g3.reshape(g3.size), x3.reshape(x3.size), outer,
+                                                 channels, inner, mean, zero, s, sx)
+        return s.reshape(channels, inner * nparts), sx.reshape(channels, inner * nparts)
 
     def batch_norm_forward(self, a, n):
         """``(y, mean, invstd)`` of a training forward (``fastbn._validate.forward_args``)
@@ -406,7 +448,7 @@ class CUDABackend:
         y3 = dest.y3
         mean, var, inv = (run.array(c) for _ in range(3))
         if c:
-            if wd == np.float32 and n <= k.FUSED_MAX_VALUES:
+            if wd == np.float32 and n <= FUSED_MAX:
                 run.launch(k.fused_forward, _channel_blocks(c))(x3, w, b, eps, y3, mean, var, inv)
             else:
                 count, mean_rel, m2 = self._moments(run, x3)
@@ -447,9 +489,7 @@ class CUDABackend:
         dest = _Output(run, xi, a.out, a.out_dtype, wd)
         sum_dy, sum_dy_xmu, dweight = (run.array(c) for _ in range(3))
         if c:
-            nparts = _parts(xi.shape3)
-            s, sx = run.array((c, nparts)), run.array((c, nparts))
-            run.launch(k.partial_grad_sums, (_channel_blocks(c), nparts))(g3, x3, mu, nparts, s, sx)
+            s, sx = self._grad_sums(run, g3, x3, mu)
             params = run.array((c, 5), wd)
             run.launch(k.finish_backward, _blocks(c))(s, sx, mu, inv, w, float(n), sum_dy,
                                                       sum_dy_xmu, params)

@@ -29,11 +29,25 @@ Kernel launches by ``fastbn._cuda.backend``:
 import math
 
 import numpy as np
-from numba import cuda
+from numba import cuda, types
+from numba.extending import overload
 
 U = np.uint64  # index arithmetic: unsigned, so no negative-index wraparound code
 THREADS = 256          # threads per block of the reductions and element-wise kernels
 FUSED_MAX_VALUES = 8192  # float32 values of one channel held in shared memory (32 KiB)
+
+
+def as_work(value, like):
+    """``value`` in the working dtype, the type of ``like`` (float32 or float64); under
+    the simulator, plain Python."""
+    return type(like)(value)
+
+
+@overload(as_work, target="cuda")
+def _as_work(value, like):
+    if isinstance(like, types.Float) and like.bitwidth == 32:
+        return lambda value, like: np.float32(value)
+    return lambda value, like: np.float64(value)
 
 
 # ----------------------------------------------------------------- device helpers
@@ -176,27 +190,145 @@ def fused_forward(x, weight, bias, eps, y, mean, var, invstd):
         cuda.syncthreads()  # every thread done with the shared values before the next channel
 
 
+# Partial statistics.  A thread reads ``CHUNK`` values at once (independent loads),
+# reduces them in the working dtype (two-pass: their mean, then the squares about it)
+# and merges the chunk into its float64 (count, mean, M2) with Chan's formula: one
+# float64 division per chunk, not per value.  Values are taken relative to the
+# channel's first value (docs/contract.md section 5).  Two layouts:
+#
+# * planes (``inner >= PLANE_MIN``): grid (channel blocks, parts); a block walks its
+#   part of a channel plane by plane, threads along ``inner`` (coalesced); one
+#   partial per (channel, part), arrays (C, nparts).
+# * rows (short ``inner``, channels-last): x as (outer, W = C * inner); 2-D blocks,
+#   threads along the columns (coalesced) and rows; one partial per (column, part),
+#   arrays (W, nparts) = (C, inner * nparts).
+# Either way ``finish_*`` merges a channel's row of partials.
+
+CHUNK = 4
+PLANE_MIN = 64
+
+
+@cuda.jit(device=True, inline=True)
+def _add_chunk(n, mean, m2, k, chunk_mean, chunk_m2):
+    """Chan's merge of a chunk of ``k`` values (its mean and M2) into float64 (n, mean, M2)."""
+    total = n + k
+    r = k / total
+    delta = np.float64(chunk_mean) - mean
+    return total, mean + delta * r, m2 + np.float64(chunk_m2) + delta * delta * (n * r)
+
+
+@cuda.jit(device=True, inline=True)
+def _chunk4(d0, d1, d2, d3):
+    """Mean and M2 of four values, two-pass."""
+    m = ((d0 + d1) + (d2 + d3)) * 0.25
+    e0, e1, e2, e3 = d0 - m, d1 - m, d2 - m, d3 - m
+    return m, (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+
+
+@cuda.jit(device=True, inline=True)
+def _strided_moments(xf, base, seg, t, step, shift, n, mean, m2):
+    """Add values ``xf[base + j]`` for ``j = t, t + step, ... < seg`` to (n, mean, M2)."""
+    j = t
+    while j + U(3) * step < seg:
+        k = base + j
+        d0, d1 = xf[k] - shift, xf[k + step] - shift
+        d2, d3 = xf[k + U(2) * step] - shift, xf[k + U(3) * step] - shift
+        cm, cq = _chunk4(d0, d1, d2, d3)
+        n, mean, m2 = _add_chunk(n, mean, m2, 4.0, cm, cq)
+        j += U(4) * step
+    while j < seg:
+        n, mean, m2 = _add_chunk(n, mean, m2, 1.0, xf[base + j] - shift, 0.0)
+        j += step
+    return n, mean, m2
+
+
 @cuda.jit
-def partial_moments(x, nparts, count, mean_rel, m2):
-    """Grid (C, nparts): count, mean relative to the channel's first value, and M2 of
-    each part of each channel, arrays (C, nparts)."""
-    outer, channels, inner = x.shape
-    t, lo_e, hi_e = _block_part(outer * inner, nparts)
+def plane_moments(xf, outer, channels, inner, nparts, zero, count, mean_rel, m2):
+    """Grid (channel blocks, nparts), threads along ``inner``: count, mean relative to
+    the channel's first value, and M2 of each part of each channel, arrays (C, nparts),
+    of flat (outer, C, inner) data ``xf``.  ``zero``: 0 in the working dtype (the
+    chunks' arithmetic)."""
+    t, step = U(cuda.threadIdx.x), U(cuda.blockDim.x)
+    n_values = U(outer) * U(inner)
+    part, parts = U(cuda.blockIdx.y), U(nparts)
+    lo, hi = part * n_values // parts, (part + U(1)) * n_values // parts
     sn = cuda.shared.array(THREADS, dtype=np.float64)
     smean = cuda.shared.array(THREADS, dtype=np.float64)
     sm2 = cuda.shared.array(THREADS, dtype=np.float64)
     for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
-        shift = np.float64(x[0, c, 0])
+        shift = as_work(xf[U(c) * U(inner)], zero)
         cnt = 0.0
         mu = 0.0
         q = 0.0
-        for e in range(lo_e + t, hi_e, cuda.blockDim.x):
-            cnt, mu, q = _welford(cnt, mu, q, np.float64(x[e // inner, c, e % inner]) - shift)
+        o = lo // U(inner)
+        i = lo - o * U(inner)
+        e = lo
+        while e < hi:  # plane by plane: no division per value
+            seg = min(U(inner) - i, hi - e)
+            base = (o * U(channels) + U(c)) * U(inner) + i
+            cnt, mu, q = _strided_moments(xf, base, seg, t, step, shift, cnt, mu, q)
+            e += seg
+            o += U(1)
+            i = U(0)
         _block_moments(sn, smean, sm2, cnt, mu, q)
         if t == 0:
             count[c, cuda.blockIdx.y] = sn[0]
             mean_rel[c, cuda.blockIdx.y] = smean[0]
             m2[c, cuda.blockIdx.y] = sm2[0]
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True, inline=True)
+def _column_merge(sn, smean, sm2, tx, ty, bx, by):
+    """Merge the (count, mean, M2) of the ``by`` rows of threads of each of the ``bx``
+    columns in shared memory (index ``ty * bx + tx``); row 0 ends with the totals."""
+    cuda.syncthreads()
+    half = by // 2
+    while half > 0:
+        if ty < half:
+            a = ty * bx + tx
+            b = (ty + half) * bx + tx
+            n, mean, m2 = _chan(sn[a], smean[a], sm2[a], sn[b], smean[b], sm2[b])
+            sn[a] = n
+            smean[a] = mean
+            sm2[a] = m2
+        cuda.syncthreads()
+        half //= 2
+
+
+@cuda.jit
+def row_moments(xf, outer, channels, inner, zero, count, mean_rel, m2):
+    """2-D blocks over (rows, columns) of flat (outer, C, inner) data ``xf`` seen as
+    (outer, W): count, mean relative to the channel's first value, and M2 of each
+    (column, part), arrays (W, nparts) with nparts = gridDim.y (row parts)."""
+    width = U(channels) * U(inner)
+    tx, ty = U(cuda.threadIdx.x), U(cuda.threadIdx.y)
+    bx, by = U(cuda.blockDim.x), U(cuda.blockDim.y)
+    sn = cuda.shared.array(THREADS, dtype=np.float64)
+    smean = cuda.shared.array(THREADS, dtype=np.float64)
+    sm2 = cuda.shared.array(THREADS, dtype=np.float64)
+    rows = U(outer)
+    row_step = by * U(cuda.gridDim.y)
+    for j0 in range(U(cuda.blockIdx.x) * bx, width, bx * U(cuda.gridDim.x)):
+        j = j0 + tx
+        cnt = 0.0
+        mu = 0.0
+        q = 0.0
+        if j < width:
+            shift = as_work(xf[j // U(inner) * U(inner)], zero)
+            r = U(cuda.blockIdx.y) * by + ty
+            # rows r, r + row_step, ...: one column's values, width apart in memory
+            cnt, mu, q = _strided_moments(xf, j + r * width, (rows - min(r, rows)) * width,
+                                          U(0), row_step * width, shift, cnt, mu, q)
+        a = ty * bx + tx
+        sn[a] = cnt
+        smean[a] = mu
+        sm2[a] = q
+        _column_merge(sn, smean, sm2, tx, ty, bx, by)
+        if ty == 0 and j < width:
+            count[j, cuda.blockIdx.y] = sn[tx]
+            mean_rel[j, cuda.blockIdx.y] = smean[tx]
+            m2[j, cuda.blockIdx.y] = sm2[tx]
         cuda.syncthreads()
 
 
@@ -268,23 +400,61 @@ def update_running(running_mean, running_var, mean, var, n, momentum):
 
 # ----------------------------------------------------------------- backward
 
+@cuda.jit(device=True, inline=True)
+def _split(m, zero):
+    """float64 ``m`` as ``hi + lo`` in the working dtype (the type of ``zero``)."""
+    hi = as_work(m, zero)
+    return hi, as_work(m - np.float64(hi), zero)
+
+
+@cuda.jit(device=True, inline=True)
+def _strided_grad_sums(gf, xf, base, seg, t, step, hi, lo, a, b):
+    """Add ``dy`` and ``dy * (x - mean)`` of values ``base + j``, ``j = t, t + step, ... <
+    seg``, to float64 sums ``a``, ``b``: four values at a time summed in the working
+    dtype (``x - mean`` as ``(x - hi) - lo``)."""
+    j = t
+    while j + U(3) * step < seg:
+        k = base + j
+        k1, k2, k3 = k + step, k + U(2) * step, k + U(3) * step
+        g0, g1, g2, g3 = gf[k], gf[k1], gf[k2], gf[k3]
+        v0, v1, v2, v3 = xf[k], xf[k1], xf[k2], xf[k3]
+        a += np.float64((g0 + g1) + (g2 + g3))
+        b += np.float64((g0 * ((v0 - hi) - lo) + g1 * ((v1 - hi) - lo))
+                        + (g2 * ((v2 - hi) - lo) + g3 * ((v3 - hi) - lo)))
+        j += U(4) * step
+    while j < seg:
+        g = gf[base + j]
+        a += np.float64(g)
+        b += np.float64(g * ((xf[base + j] - hi) - lo))
+        j += step
+    return a, b
+
+
 @cuda.jit
-def partial_grad_sums(dy, x, mean, nparts, s, sx):
-    """Grid (C, nparts): ``sum(dy)`` and ``sum(dy * (x - mean))`` per part, float64."""
-    outer, channels, inner = x.shape
-    t, lo_e, hi_e = _block_part(outer * inner, nparts)
+def plane_grad_sums(gf, xf, outer, channels, inner, mean, nparts, zero, s, sx):
+    """Grid (channel blocks, nparts), threads along ``inner``: ``sum(dy)`` and
+    ``sum(dy * (x - mean))`` of each part of each channel, float64 arrays (C, nparts), of
+    flat (outer, C, inner) ``dy`` and ``x``."""
+    t, step = U(cuda.threadIdx.x), U(cuda.blockDim.x)
+    n_values = U(outer) * U(inner)
+    part, parts = U(cuda.blockIdx.y), U(nparts)
+    lo_e, hi_e = part * n_values // parts, (part + U(1)) * n_values // parts
     sa = cuda.shared.array(THREADS, dtype=np.float64)
     sb = cuda.shared.array(THREADS, dtype=np.float64)
     for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
-        m = mean[c]
+        hi, lo = _split(mean[c], zero)
         a = 0.0
         b = 0.0
-        for e in range(lo_e + t, hi_e, cuda.blockDim.x):
-            o = e // inner
-            i = e % inner
-            g = np.float64(dy[o, c, i])
-            a += g
-            b += g * (np.float64(x[o, c, i]) - m)
+        o = lo_e // U(inner)
+        i = lo_e - o * U(inner)
+        e = lo_e
+        while e < hi_e:
+            seg = min(U(inner) - i, hi_e - e)
+            base = (o * U(channels) + U(c)) * U(inner) + i
+            a, b = _strided_grad_sums(gf, xf, base, seg, t, step, hi, lo, a, b)
+            e += seg
+            o += U(1)
+            i = U(0)
         sa[t] = a
         sb[t] = b
         cuda.syncthreads()
@@ -292,6 +462,42 @@ def partial_grad_sums(dy, x, mean, nparts, s, sx):
         if t == 0:
             s[c, cuda.blockIdx.y] = sa[0]
             sx[c, cuda.blockIdx.y] = sb[0]
+        cuda.syncthreads()
+
+
+@cuda.jit
+def row_grad_sums(gf, xf, outer, channels, inner, mean, zero, s, sx):
+    """``plane_grad_sums`` for short ``inner``: 2-D blocks over (rows, columns) of the
+    (outer, W) view, one pair of sums per (column, part), arrays (W, nparts)."""
+    width = U(channels) * U(inner)
+    tx, ty = U(cuda.threadIdx.x), U(cuda.threadIdx.y)
+    bx, by = U(cuda.blockDim.x), U(cuda.blockDim.y)
+    sa = cuda.shared.array(THREADS, dtype=np.float64)
+    sb = cuda.shared.array(THREADS, dtype=np.float64)
+    rows = U(outer)
+    row_step = by * U(cuda.gridDim.y)
+    for j0 in range(U(cuda.blockIdx.x) * bx, width, bx * U(cuda.gridDim.x)):
+        j = j0 + tx
+        a = 0.0
+        b = 0.0
+        if j < width:
+            hi, lo = _split(mean[j // U(inner)], zero)
+            r = U(cuda.blockIdx.y) * by + ty
+            a, b = _strided_grad_sums(gf, xf, j + r * width, (rows - min(r, rows)) * width,
+                                      U(0), row_step * width, hi, lo, a, b)
+        sa[ty * bx + tx] = a
+        sb[ty * bx + tx] = b
+        cuda.syncthreads()
+        half = by // U(2)
+        while half > U(0):
+            if ty < half:
+                sa[ty * bx + tx] += sa[(ty + half) * bx + tx]
+                sb[ty * bx + tx] += sb[(ty + half) * bx + tx]
+            cuda.syncthreads()
+            half //= U(2)
+        if ty == 0 and j < width:
+            s[j, cuda.blockIdx.y] = sa[tx]
+            sx[j, cuda.blockIdx.y] = sb[tx]
         cuda.syncthreads()
 
 

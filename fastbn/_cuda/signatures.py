@@ -25,12 +25,14 @@ def launch_signatures():
         x1, x3, p2 = _arr(wd, 1), _arr(wd, 3), _arr(wd, 2)
         v, m = _arr(F64, 1), _arr(F64, 2)
         sigs += [
-            ("partial_moments", (x3, I64, m, m, m)),
+            ("plane_moments", (x1, I64, I64, I64, I64, wd, m, m, m)),
+            ("row_moments", (x1, I64, I64, I64, wd, m, m, m)),
             ("finish_forward", (x3, m, m, m, v, v, F64, v, v, v, p2)),
             ("finish_stats", (x3, m, m, m, F64, v, v)),
             ("inference_params", (v, v, v, v, F64, p2)),
             ("affine", (x1, p2, x1, I64, I64)),
-            ("partial_grad_sums", (x3, x3, v, I64, m, m)),
+            ("plane_grad_sums", (x1, x1, I64, I64, I64, v, I64, wd, m, m)),
+            ("row_grad_sums", (x1, x1, I64, I64, I64, v, wd, m, m)),
             ("finish_backward", (m, m, v, v, v, F64, v, v, p2)),
             ("dx", (x1, x1, p2, x1, I64, I64)),
             ("partial_feature_stats", (x3, I64, m, m, m, m, m)),
