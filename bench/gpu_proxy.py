@@ -10,8 +10,8 @@
    reduction).
 2. Launches and device allocations per call, counted under Numba's CUDA
    simulator (a subprocess with ``NUMBA_ENABLE_CUDASIM=1``).
-3. A DRAM model: bytes per element that the call's launches move, taking every
-   array of the data's size passed to a launch as read or written once from DRAM
+3. A DRAM model: bytes per element that the call's streaming launches move, taking
+   every array of the data's size passed to one as read or written once from DRAM
    (no L2 reuse), against a copy (read + write of the input).
 
 Tools are found on ``PATH`` or in the NVIDIA wheels (``nvidia-cuda-nvcc``,
@@ -139,7 +139,10 @@ import fastbn
 from fastbn._cuda import backend, kernels
 
 log = []
-big = int(sys.argv[1])
+size = {"data": 0}  # arrays of the data's size are the data (per-channel vectors are shorter)
+STREAMING = {"plane_moments", "row_moments", "plane_grad_sums", "row_grad_sums", "affine", "dx",
+             "two_sided", "fused_forward", "partial_feature_stats", "cast", "clip",
+             "partial_moments", "partial_grad_sums"}
 
 
 class Counted:
@@ -150,7 +153,9 @@ class Counted:
         launch = self.kernel[config]
 
         def run(*args):
-            nbytes = sum(a.nbytes for a in args if hasattr(a, "nbytes") and a.size >= big)
+            nbytes = 0
+            if self.name in STREAMING:  # the others read a value or two per channel
+                nbytes = sum(a.nbytes for a in args if hasattr(a, "nbytes") and a.size >= size["data"])
             log.append(("launch", self.name, nbytes))
             return launch(*args)
         return run
@@ -167,8 +172,10 @@ for name in ("device_array", "device_array_like", "to_device", "pinned_array"):
 
 rng = np.random.default_rng(0)
 results = {}
-cases = {"fused (n <= 8192)": ((4, 3, 50), 1), "parts": ((2, 3, 4200), 1),
-         "channels-last": ((200, 6, 7, 3), -1)}
+# the fused forward takes channels of at most backend.FUSED_MAX values (64 under the
+# simulator, 8192 on a GPU); planes: inner >= kernels.PLANE_MIN; rows: channels-last
+cases = {"fused": ((4, 3, 10), 1), "planes": ((2, 3, 4200), 1),
+         "rows (channels-last)": ((200, 6, 7, 3), -1)}
 for case, (shape, axis) in cases.items():
     for dtype in ("float32", "float16"):
         x = cuda.to_device((3 + rng.standard_normal(shape)).astype(dtype))
@@ -184,10 +191,11 @@ for case, (shape, axis) in cases.items():
             "backward": lambda: fastbn.batch_norm_backward(x, x, mean, inv, w, axis=axis),
             "inference": lambda: fastbn.batch_norm_inference(x, rm, rv, w, b, axis=axis),
         }
+        n = int(np.prod(shape))
+        size["data"] = n
         for op, call in calls.items():
             del log[:]
             call()
-            n = int(np.prod(shape))
             moved = sum(e[2] for e in log if e[0] == "launch")
             results[f"{op} {case} {dtype}"] = {
                 "launches": sum(1 for e in log if e[0] == "launch"),
@@ -202,8 +210,7 @@ print(json.dumps(results))
 def launches():
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1",
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    # arrays of at least 600 values are the data (the per-channel vectors are shorter)
-    run = subprocess.run([sys.executable, "-c", _COUNT, "600"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", _COUNT], capture_output=True, text=True,
                          env=env, timeout=900)
     if run.returncode:
         return {"failed": run.stderr[-2000:]}

@@ -23,7 +23,7 @@ def compile_ptx():
         return _compile(name, args, cc=(8, 0))
 
     try:
-        run("fill", _signatures()[-2][1])
+        run(*_signatures()[-1])  # fill: the simplest
     except Exception as exc:  # no NVVM / NVRTC on this machine
         if "not found" in str(exc).lower() or "Failure finding" in str(exc) or \
                 type(exc).__name__ in ("NvvmSupportError", "DynamicLibNotFoundError",

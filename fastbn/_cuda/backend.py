@@ -20,6 +20,7 @@ they were written on.
 """
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -76,6 +77,12 @@ def _stream_from_handle(handle):
     return cuda.external_stream(handle)
 
 
+# work arrays kept between calls (``_Run.scratch``), most recently used last
+_SCRATCH = {}
+_SCRATCH_LOCK = threading.Lock()
+SCRATCH_ENTRIES = 64
+
+
 class _Run:
     """One call's stream: where its launches, copies and allocations go."""
 
@@ -110,6 +117,23 @@ class _Run:
     def array(self, shape, dtype=np.float64):
         return cuda.device_array(shape, dtype=dtype, stream=self.stream)
 
+    def scratch(self, name, shape, dtype=np.float64):
+        """A work array that is no output (partial statistics, parameters): kept between
+        calls for this stream and thread, so that a call allocates only its outputs."""
+        dtype = np.dtype(dtype)
+        size = math.prod(shape)
+        # the simulator's streams have no handle, and it runs every launch at once
+        stream_key = None if SIMULATOR else int(self.stream)
+        key = (stream_key, threading.get_ident(), name, dtype.str)
+        with _SCRATCH_LOCK:
+            flat = _SCRATCH.pop(key, None)
+            if flat is None or flat.size < size:
+                flat = self.array(max(size, 1), dtype)
+            _SCRATCH[key] = flat
+            while len(_SCRATCH) > SCRATCH_ENTRIES:
+                _SCRATCH.pop(next(iter(_SCRATCH)))
+        return flat[:size].reshape(shape)
+
     def launch(self, kernel, blocks, threads=None):
         return kernel[blocks, THREADS if threads is None else threads, self.stream]
 
@@ -134,9 +158,10 @@ class _Run:
             self.launch(k.fill, _blocks(n))(a, value)
         return a
 
-    def vector(self, v):
-        """A per-channel argument (``_Vector``) as a float64 device vector on this stream."""
-        return None if v is None else v.on(self)
+    def given(self, v):
+        """A per-channel argument (``_Vector``) for the kernels: its device vector, read
+        in its own dtype, or an empty one for a value not given (``kernels._given``)."""
+        return v.d if v.d is not None else self.array(0)
 
 
 def _wrap(result, like, run):
@@ -252,12 +277,12 @@ class _Input:
                              "elements; make a contiguous copy on the device first")
         return self
 
-    def work3(self, dtype, run):
-        """The C-contiguous (outer, C, inner) view in ``dtype``: a view, or a converted copy
-        (made on ``run``'s stream)."""
-        if self.dtype == dtype:
-            return self.view3
-        return run.cast(self.view3, dtype)
+    def data3(self, run):
+        """The C-contiguous (outer, C, inner) view that kernels read in its own dtype
+        (converting as they load); booleans through a float64 copy on ``run``'s stream."""
+        if self.dtype.kind == "b":
+            return run.cast(self.view3, np.float64)
+        return self.view3
 
 
 def _canonical_view(d, layout):
@@ -271,17 +296,12 @@ def _canonical_view(d, layout):
 
 
 class _Vector:
-    """A validated per-channel argument: a device vector, or a value for every channel.
-    Nothing is launched until the op knows its stream (``_Run.vector``)."""
+    """A validated per-channel argument: a device vector (kernels read it in its own
+    dtype), or none given (``d`` None: the kernels' default, 1 for a weight, 0 for a
+    bias)."""
 
-    def __init__(self, d=None, channels=0, value=0.0):
-        self.d, self.channels, self.value = d, channels, value
-
-    def on(self, run):
-        """A float64 device copy on ``run``'s stream."""
-        if self.d is None:
-            return run.filled(self.channels, self.value)
-        return run.cast(self.d, np.float64)
+    def __init__(self, d=None):
+        self.d = d
 
 
 def _per_channel(a, name, channels):
@@ -345,7 +365,7 @@ class DeviceArrays:
         return None if view3 is None else _OutArg(value, view3)
 
     def filled(self, channels, value):
-        return _Vector(channels=channels, value=value)
+        return _Vector()
 
 
 def _row_grid(shape3):
@@ -372,24 +392,16 @@ def _parts(shape3):
 class _Output:
     """Where kernels write (``y3``, work dtype) and what the caller gets (``finish``)."""
 
-    def __init__(self, run, xi, out, out_dtype, wd):
-        self.run, self.xi, self.out_dtype = run, xi, out_dtype
-        self.out, self.out3 = (out.out, out.view3) if out is not None else (None, None)
-        if self.out3 is not None and self.out3.dtype == wd:
-            self.y3 = self.out3
-        else:
-            self.y3 = run.array(xi.shape3, wd)
+    def __init__(self, run, xi, out, out_dtype):
+        self.run, self.xi = run, xi
+        self.out = out.out if out is not None else None
+        self.y3 = out.view3 if out is not None else run.array(xi.shape3, out_dtype)
 
     def finish(self, like):
-        run = self.run
-        if self.out3 is not None:
-            if self.y3 is not self.out3:
-                run.launch(k.cast, _blocks(self.y3.size))(self.y3.reshape(self.y3.size),
-                                                         self.out3.reshape(self.out3.size))
+        if self.out is not None:
             return self.out
-        y3 = self.y3 if self.y3.dtype == self.out_dtype else run.cast(self.y3, self.out_dtype)
-        return _wrap(_untransformed(y3.reshape(self.xi.layout.tshape), self.xi.layout), like,
-                     run)
+        return _wrap(_untransformed(self.y3.reshape(self.xi.layout.tshape), self.xi.layout),
+                     like, self.run)
 
 
 class CUDABackend:
@@ -404,123 +416,120 @@ class CUDABackend:
     def _moments(self, run, x3):
         """Partial moments of ``x3``: (count, mean_rel, m2) arrays (C, parts)."""
         outer, channels, inner = x3.shape
-        zero = x3.dtype.type(0)
+        zero = _work_dtype(v.output_dtype(x3.dtype)).type(0)
         if inner >= k.PLANE_MIN:
             nparts = _parts(x3.shape)
-            arrays = [run.array((channels, nparts)) for _ in range(3)]
+            arrays = [run.scratch(name, (channels, nparts)) for name in ("n", "mean", "m2")]
             run.launch(k.plane_moments, (_channel_blocks(channels), nparts))(
                 x3.reshape(x3.size), outer, channels, inner, nparts, zero, *arrays)
             return arrays
         grid, block, nparts = _row_grid(x3.shape)
-        arrays = [run.array((channels * inner, nparts)) for _ in range(3)]
+        arrays = [run.scratch(name, (channels * inner, nparts)) for name in ("n", "mean", "m2")]
         run.launch(k.row_moments, grid, block)(x3.reshape(x3.size), outer, channels, inner, zero,
                                                *arrays)
         return [a.reshape(channels, inner * nparts) for a in arrays]
 
-    def _grad_sums(self, run, g3, x3, mean):
+    def _grad_sums(self, run, g3, x3, mean, wd):
         """Partial ``sum(dy)`` and ``sum(dy * (x - mean))``: float64 arrays (C, parts)."""
         outer, channels, inner = x3.shape
-        zero = x3.dtype.type(0)
+        zero = wd.type(0)
         if inner >= k.PLANE_MIN:
             nparts = _parts(x3.shape)
-            s, sx = run.array((channels, nparts)), run.array((channels, nparts))
+            s, sx = run.scratch("s", (channels, nparts)), run.scratch("sx", (channels, nparts))
             run.launch(k.plane_grad_sums, (_channel_blocks(channels), nparts))(
                 g3.reshape(g3.size), x3.reshape(x3.size), outer, channels, inner, mean, nparts,
                 zero, s, sx)
             return s, sx
         grid, block, nparts = _row_grid(x3.shape)
-        s, sx = run.array((channels * inner, nparts)), run.array((channels * inner, nparts))
+        s = run.scratch("s", (channels * inner, nparts))
+        sx = run.scratch("sx", (channels * inner, nparts))
         run.launch(k.row_grad_sums, grid, block)(g3.reshape(g3.size), x3.reshape(x3.size), outer,
                                                  channels, inner, mean, zero, s, sx)
         return s.reshape(channels, inner * nparts), sx.reshape(channels, inner * nparts)
 
     def batch_norm_forward(self, a, n):
         """``(y, mean, invstd)`` of a training forward (``fastbn._validate.forward_args``)
-        over ``n`` values per channel; the running statistics updated."""
+        over ``n`` values per channel; the running statistics updated.  Three launches
+        (one for channels that fit in shared memory), no allocation but the outputs."""
         xi, c = a.x, a.channels
         run = _Run(xi)
         rm = a.running_mean if a.running_mean is not None else run.array(0)
         rv = a.running_var if a.running_var is not None else run.array(0)
-        w, b, eps = run.vector(a.weight), run.vector(a.bias), a.eps
-        wd = _work_dtype(a.out_dtype)
-        x3 = xi.work3(wd, run)
-        dest = _Output(run, xi, a.out, a.out_dtype, wd)
-        y3 = dest.y3
-        mean, var, inv = (run.array(c) for _ in range(3))
+        w, b = run.given(a.weight), run.given(a.bias)
+        x3 = xi.data3(run)
+        outer, _, inner = x3.shape
+        dest = _Output(run, xi, a.out, a.out_dtype)
+        mean, inv = run.array(c, a.stats_dtype), run.array(c, a.stats_dtype)
         if c:
-            if wd == np.float32 and n <= FUSED_MAX:
-                run.launch(k.fused_forward, _channel_blocks(c))(x3, w, b, eps, y3, mean, var, inv)
+            xf, yf = x3.reshape(x3.size), dest.y3.reshape(dest.y3.size)
+            if _work_dtype(a.out_dtype) == np.float32 and n <= FUSED_MAX:
+                run.launch(k.fused_forward, _channel_blocks(c))(
+                    xf, outer, c, inner, w, b, a.eps, rm, rv, a.momentum, yf, mean, inv)
             else:
                 count, mean_rel, m2 = self._moments(run, x3)
-                params = run.array((c, 4), wd)
-                run.launch(k.finish_forward, _blocks(c))(x3, count, mean_rel, m2, w, b, eps,
-                                                         mean, var, inv, params)
-                run.map(k.affine, [x3], params, y3)
-            if rm.shape[0] or rv.shape[0]:
-                run.launch(k.update_running, _blocks(c))(rm, rv, mean, var, float(n), a.momentum)
+                params = run.scratch("params", (c, 4), _work_dtype(a.out_dtype))
+                run.launch(k.finish_forward, _blocks(c))(
+                    xf, inner, count, mean_rel, m2, w, b, a.eps, rm, rv, float(n), a.momentum,
+                    mean, inv, params)
+                run.map(k.affine, [x3], params, dest.y3)
         x = xi.original
-        return (dest.finish(x), _wrap(run.cast(mean, a.stats_dtype), x, run),
-                _wrap(run.cast(inv, a.stats_dtype), x, run))
+        return dest.finish(x), _wrap(mean, x, run), _wrap(inv, x, run)
 
     def batch_norm_inference(self, a):
         """``y`` of an inference forward (``fastbn._validate.inference_args``)."""
         xi, c = a.x, a.channels
         run = _Run(xi)
-        wd = _work_dtype(a.out_dtype)
-        x3 = xi.work3(wd, run)
-        dest = _Output(run, xi, a.out, a.out_dtype, wd)
+        x3 = xi.data3(run)
+        dest = _Output(run, xi, a.out, a.out_dtype)
         if x3.size:
-            params = run.array((c, 4), wd)
+            params = run.scratch("params", (c, 4), _work_dtype(a.out_dtype))
             run.launch(k.inference_params, _blocks(c))(
-                run.vector(a.running_mean), run.vector(a.running_var), run.vector(a.weight),
-                run.vector(a.bias), a.eps, params)
+                run.given(a.running_mean), run.given(a.running_var), run.given(a.weight),
+                run.given(a.bias), a.eps, params)
             run.map(k.affine, [x3], params, dest.y3)
         return dest.finish(xi.original)
 
     def batch_norm_backward(self, a, n):
         """``(dx, dweight, dbias)`` of a training backward (``fastbn._validate.backward_args``)
-        over ``n`` values per channel."""
+        over ``n`` values per channel: three launches, no allocation but the outputs."""
         xi, gi, c = a.x, a.dy, a.channels
         run = _Run(xi, (gi,))
-        stats_dtype = a.stats_dtype
-        mu, inv, w = run.vector(a.mean), run.vector(a.invstd), run.vector(a.weight)
+        mu, inv, w = run.given(a.mean), run.given(a.invstd), run.given(a.weight)
         wd = _work_dtype(a.out_dtype)
-        x3, g3 = xi.work3(wd, run), gi.work3(wd, run)
-        dest = _Output(run, xi, a.out, a.out_dtype, wd)
-        sum_dy, sum_dy_xmu, dweight = (run.array(c) for _ in range(3))
+        x3, g3 = xi.data3(run), gi.data3(run)
+        dest = _Output(run, xi, a.out, a.out_dtype)
+        dweight, dbias = run.array(c, a.stats_dtype), run.array(c, a.stats_dtype)
         if c:
-            s, sx = self._grad_sums(run, g3, x3, mu)
-            params = run.array((c, 5), wd)
-            run.launch(k.finish_backward, _blocks(c))(s, sx, mu, inv, w, float(n), sum_dy,
-                                                      sum_dy_xmu, params)
+            s, sx = self._grad_sums(run, g3, x3, mu, wd)
+            params = run.scratch("params", (c, 5), wd)
+            run.launch(k.finish_backward, _blocks(c))(s, sx, mu, inv, w, float(n), dweight,
+                                                      dbias, params)
             run.map(k.dx, [g3, x3], params, dest.y3)
-            run.launch(k.multiply, _blocks(c))(sum_dy_xmu, inv, dweight)
         x = xi.original
-        return (dest.finish(x), _wrap(run.cast(dweight, stats_dtype), x, run),
-                _wrap(run.cast(sum_dy, stats_dtype), x, run))
+        return dest.finish(x), _wrap(dweight, x, run), _wrap(dbias, x, run)
 
     def batch_stats(self, a):
         """``(count, mean, var)`` (``fastbn._validate.stats_args``); NaN for an empty batch."""
         xi, c, n = a.x, a.channels, a.count
         run = _Run(xi)
-        mean, var = run.array(c), run.array(c)
+        mean, var = run.array(c, a.stats_dtype), run.array(c, a.stats_dtype)
         if c and n:
-            x3 = xi.work3(_work_dtype(v.output_dtype(xi.dtype)), run)
+            x3 = xi.data3(run)
             count, mean_rel, m2 = self._moments(run, x3)
-            run.launch(k.finish_stats, _blocks(c))(x3, count, mean_rel, m2, float(a.ddof), mean,
-                                                   var)
+            run.launch(k.finish_stats, _blocks(c))(x3.reshape(x3.size), x3.shape[2], count,
+                                                   mean_rel, m2, float(a.ddof), mean, var)
         elif c:
             run.launch(k.fill, _blocks(c))(mean, math.nan)
             run.launch(k.fill, _blocks(c))(var, math.nan)
         x = xi.original
-        return (n, _wrap(run.cast(mean, a.stats_dtype), x, run),
-                _wrap(run.cast(var, a.stats_dtype), x, run))
+        return n, _wrap(mean, x, run), _wrap(var, x, run)
 
     # ----------------------------------------------------------------- data normalization
     def _feature_stats(self, run, xi, x3):
         channels = xi.channels
         nparts = _parts(xi.shape3)
-        arrays = [run.array((channels, nparts)) for _ in range(5)]
+        arrays = [run.scratch(name, (channels, nparts))
+                  for name in ("n", "mean", "m2", "min", "max")]
         run.launch(k.partial_feature_stats, (_channel_blocks(channels), nparts))(x3, nparts,
                                                                                  *arrays)
         return arrays
@@ -532,10 +541,10 @@ class CUDABackend:
         out3 = _out(out, xi, out_dtype)
         run = _Run(xi)
         wd = _work_dtype(out_dtype)
-        x3 = xi.work3(wd, run)
-        dest = _Output(run, xi, None if out3 is None else _OutArg(out, out3), out_dtype, wd)
+        x3 = xi.data3(run)
+        dest = _Output(run, xi, None if out3 is None else _OutArg(out, out3), out_dtype)
         if x3.size:
-            params = run.array((c, width), wd)
+            params = run.scratch("params", (c, width), wd)
             make_params(run, xi, x3, params)
             run.map(kernel, [x3], params, dest.y3)
             if clip is not None:

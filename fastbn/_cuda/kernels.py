@@ -118,13 +118,6 @@ def _block_part(n, nparts):
 
 
 @cuda.jit(device=True)
-def _unravel(k, channels, inner):
-    """(o, c, i) of flat index ``k`` in an (outer, C, inner) array."""
-    rest = k // inner
-    return rest // channels, rest % channels, k % inner
-
-
-@cuda.jit(device=True)
 def _block_sum2(sa, sb):
     """Tree-sum two shared arrays; thread 0 ends with the totals."""
     t = cuda.threadIdx.x
@@ -147,46 +140,89 @@ def _invstd(var, eps):
 
 # ----------------------------------------------------------------- forward
 
+@cuda.jit(device=True, inline=True)
+def _given(v, c, default):
+    """``v[c]`` in float64, or ``default`` where ``v`` is empty (an argument not given)."""
+    return np.float64(v[c]) if v.shape[0] else default
+
+
+@cuda.jit(device=True, inline=True)
+def _update_running(running_mean, running_var, c, mean, var, n, momentum):
+    """``r = (1 - m) r + m s`` with the unbiased variance (each one kept, if any)."""
+    if running_mean.shape[0]:
+        running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mean
+    if running_var.shape[0]:
+        running_var[c] = ((1.0 - momentum) * np.float64(running_var[c])
+                          + momentum * (var * (n / (n - 1.0))))
+
+
 @cuda.jit
-def fused_forward(x, weight, bias, eps, y, mean, var, invstd):
-    """One block per channel, the channel's values in shared memory (n <= FUSED_MAX_VALUES)."""
-    outer, channels, inner = x.shape
-    t = cuda.threadIdx.x
-    nthreads = cuda.blockDim.x
-    n = outer * inner
+def fused_forward(xf, outer, channels, inner, weight, bias, eps, running_mean, running_var,
+                  momentum, yf, mean, invstd):
+    """One block per channel, the channel's values in shared memory (n <= FUSED_MAX_VALUES),
+    of flat (outer, C, inner) ``xf`` into ``yf``: one read and one write of the data, the
+    statistics and running statistics as ``finish_forward``'s."""
+    t = U(cuda.threadIdx.x)
+    step = U(cuda.blockDim.x)
+    inner = U(inner)
+    n = U(outer) * inner
+    # a thread's values e = t, t + step, ... sit at plane o, offset i: both advance by
+    # constants (no division per value)
+    step_o = step // inner
+    step_i = step - step_o * inner
+    plane = U(channels) * inner
     vals = cuda.shared.array(FUSED_MAX_VALUES, dtype=np.float32)
     shared_bias = cuda.shared.array(1, dtype=np.float64)
     sn = cuda.shared.array(THREADS, dtype=np.float64)
     smean = cuda.shared.array(THREADS, dtype=np.float64)
     sm2 = cuda.shared.array(THREADS, dtype=np.float64)
     for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
-        shift = np.float64(x[0, c, 0])
+        first = U(c) * inner
+        shift = np.float64(xf[first])
         cnt = 0.0
         mu = 0.0
         m2 = 0.0
-        for e in range(t, n, nthreads):
-            v = x[e // inner, c, e % inner]
+        o = t // inner
+        i = t - o * inner
+        e = t
+        while e < n:
+            v = np.float32(xf[o * plane + first + i])
             vals[e] = v
             cnt, mu, m2 = _welford(cnt, mu, m2, np.float64(v) - shift)
+            e += step
+            o += step_o
+            i += step_i
+            if i >= inner:
+                i -= inner
+                o += U(1)
         _block_moments(sn, smean, sm2, cnt, mu, m2)
         if t == 0:
-            v_ = sm2[0] / sn[0]
-            inv = _invstd(v_, eps)
+            var = sm2[0] / sn[0]
+            inv = _invstd(var, eps)
             hi, lo = _two_sum(shift, smean[0])
             mean[c] = hi
-            var[c] = v_
             invstd[c] = inv
+            _update_running(running_mean, running_var, c, hi, var, np.float64(n), momentum)
             sn[0] = hi
             smean[0] = lo
-            sm2[0] = inv * weight[c]
-            shared_bias[0] = bias[c]
+            sm2[0] = inv * _given(weight, c, 1.0)
+            shared_bias[0] = _given(bias, c, 0.0)
         cuda.syncthreads()
         hi32 = np.float32(sn[0])
         lo32 = np.float32((sn[0] - np.float64(hi32)) + smean[0])
         scale = np.float32(sm2[0])
         b = np.float32(shared_bias[0])
-        for e in range(t, n, nthreads):
-            y[e // inner, c, e % inner] = ((vals[e] - hi32) - lo32) * scale + b
+        o = t // inner
+        i = t - o * inner
+        e = t
+        while e < n:
+            yf[o * plane + first + i] = ((vals[e] - hi32) - lo32) * scale + b
+            e += step
+            o += step_o
+            i += step_i
+            if i >= inner:
+                i -= inner
+                o += U(1)
         cuda.syncthreads()  # every thread done with the shared values before the next channel
 
 
@@ -343,30 +379,33 @@ def _merge_parts(count, mean_rel, m2, c):
 
 
 @cuda.jit
-def finish_forward(x, count, mean_rel, m2, weight, bias, eps, mean, var, invstd, params):
-    """One thread per channel: merge the parts; mean, biased var, invstd and the
-    affine parameters ``(hi, lo, scale, shift)``."""
+def finish_forward(xf, inner, count, mean_rel, m2, weight, bias, eps, running_mean, running_var,
+                   n_values, momentum, mean, invstd, params):
+    """One thread per channel: merge the parts; mean and invstd (in their arrays' dtype),
+    the running statistics updated (where kept: arrays of length C, else 0), and the
+    affine parameters ``(hi, lo, scale, shift)``.  ``weight``/``bias``: length C, or 0
+    for 1 and 0."""
     for c in range(cuda.grid(1), count.shape[0], cuda.gridsize(1)):
         n, mu, q = _merge_parts(count, mean_rel, m2, c)
-        shift = np.float64(x[0, c, 0])
+        shift = np.float64(xf[c * inner])
         v = q / n
         inv = _invstd(v, eps)
         hi, lo = _two_sum(shift, mu)
         mean[c] = hi
-        var[c] = v
         invstd[c] = inv
+        _update_running(running_mean, running_var, c, hi, v, n_values, momentum)
         params[c, 0] = hi
         params[c, 1] = (hi - np.float64(params[c, 0])) + lo
-        params[c, 2] = inv * weight[c]
-        params[c, 3] = bias[c]
+        params[c, 2] = inv * _given(weight, c, 1.0)
+        params[c, 3] = _given(bias, c, 0.0)
 
 
 @cuda.jit
-def finish_stats(x, count, mean_rel, m2, ddof, mean, var):
+def finish_stats(xf, inner, count, mean_rel, m2, ddof, mean, var):
     """One thread per channel: merged mean and variance with ``ddof``."""
     for c in range(cuda.grid(1), count.shape[0], cuda.gridsize(1)):
         n, mu, q = _merge_parts(count, mean_rel, m2, c)
-        mean[c] = np.float64(x[0, c, 0]) + mu
+        mean[c] = np.float64(xf[c * inner]) + mu
         d = n - ddof
         if d > 0:
             var[c] = q / d
@@ -383,19 +422,8 @@ def inference_params(mean, var, weight, bias, eps, params):
         m = np.float64(mean[c])
         params[c, 0] = m
         params[c, 1] = m - np.float64(params[c, 0])
-        params[c, 2] = _invstd(np.float64(var[c]), eps) * weight[c]
-        params[c, 3] = bias[c]
-
-
-@cuda.jit
-def update_running(running_mean, running_var, mean, var, n, momentum):
-    """``r = (1 - m) r + m s`` with the unbiased variance, one thread per channel."""
-    for c in range(cuda.grid(1), mean.shape[0], cuda.gridsize(1)):
-        if running_mean.shape[0] > 0:
-            running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mean[c]
-        if running_var.shape[0] > 0:
-            running_var[c] = ((1.0 - momentum) * np.float64(running_var[c])
-                              + momentum * (var[c] * (n / (n - 1.0))))
+        params[c, 2] = _invstd(np.float64(var[c]), eps) * _given(weight, c, 1.0)
+        params[c, 3] = _given(bias, c, 0.0)
 
 
 # ----------------------------------------------------------------- backward
@@ -416,14 +444,15 @@ def _strided_grad_sums(gf, xf, base, seg, t, step, hi, lo, a, b):
     while j + U(3) * step < seg:
         k = base + j
         k1, k2, k3 = k + step, k + U(2) * step, k + U(3) * step
-        g0, g1, g2, g3 = gf[k], gf[k1], gf[k2], gf[k3]
+        g0, g1 = as_work(gf[k], hi), as_work(gf[k1], hi)
+        g2, g3 = as_work(gf[k2], hi), as_work(gf[k3], hi)
         v0, v1, v2, v3 = xf[k], xf[k1], xf[k2], xf[k3]
         a += np.float64((g0 + g1) + (g2 + g3))
         b += np.float64((g0 * ((v0 - hi) - lo) + g1 * ((v1 - hi) - lo))
                         + (g2 * ((v2 - hi) - lo) + g3 * ((v3 - hi) - lo)))
         j += U(4) * step
     while j < seg:
-        g = gf[base + j]
+        g = as_work(gf[base + j], hi)
         a += np.float64(g)
         b += np.float64(g * ((xf[base + j] - hi) - lo))
         j += step
@@ -502,8 +531,9 @@ def row_grad_sums(gf, xf, outer, channels, inner, mean, zero, s, sx):
 
 
 @cuda.jit
-def finish_backward(s, sx, mean, invstd, weight, n, sum_dy, sum_dy_xmu, params):
-    """One thread per channel: the sums, and ``(hi, lo, a, b, k)`` with
+def finish_backward(s, sx, mean, invstd, weight, n, dweight, dbias, params):
+    """One thread per channel: ``dbias = sum(dy)``, ``dweight = sum(dy (x - mean)) invstd``
+    (in their arrays' dtype) and ``(hi, lo, a, b, k)`` with
     ``dx = ((dy - b) - ((x - hi) - lo) * k) * a``."""
     for c in range(cuda.grid(1), s.shape[0], cuda.gridsize(1)):
         a = 0.0
@@ -511,13 +541,15 @@ def finish_backward(s, sx, mean, invstd, weight, n, sum_dy, sum_dy_xmu, params):
         for p in range(s.shape[1]):
             a += s[c, p]
             b += sx[c, p]
-        sum_dy[c] = a
-        sum_dy_xmu[c] = b
-        params[c, 0] = mean[c]
-        params[c, 1] = mean[c] - np.float64(params[c, 0])
-        params[c, 2] = weight[c] * invstd[c]
+        m = np.float64(mean[c])
+        inv = np.float64(invstd[c])
+        dbias[c] = a
+        dweight[c] = b * inv
+        params[c, 0] = m
+        params[c, 1] = m - np.float64(params[c, 0])
+        params[c, 2] = _given(weight, c, 1.0) * inv
         params[c, 3] = a / n
-        params[c, 4] = invstd[c] * invstd[c] * b / n
+        params[c, 4] = inv * inv * b / n
 
 
 # ----------------------------------------------------------------- channel maps
@@ -635,13 +667,6 @@ def fill(dst, value):
     start, step = cuda.grid(1), cuda.gridsize(1)
     for k in range(start, dst.shape[0], step):
         dst[k] = value
-
-
-@cuda.jit
-def multiply(a, b, out):
-    """``out = a * b`` element-wise (per-channel vectors)."""
-    for c in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
-        out[c] = a[c] * b[c]
 
 
 # ----------------------------------------------------------------- data normalization

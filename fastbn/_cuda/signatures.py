@@ -19,37 +19,44 @@ F16, F32, F64, I32, I64 = types.float16, types.float32, types.float64, types.int
 
 
 def launch_signatures():
-    """(kernel name, argument types) for every launch in fastbn._cuda.backend."""
+    """(kernel name, argument types) for every launch in fastbn._cuda.backend: the data in
+    each dtype the kernels read directly (float16 into float32 arithmetic, integers
+    into float64), per-channel vectors float64 or empty."""
     sigs = []
-    for wd in (F32, F64):
-        x1, x3, p2 = _arr(wd, 1), _arr(wd, 3), _arr(wd, 2)
-        v, m = _arr(F64, 1), _arr(F64, 2)
+    v, m = _arr(F64, 1), _arr(F64, 2)
+    for wd, data in ((F32, (F16, F32)), (F64, (F64, I32))):
+        p2 = _arr(wd, 2)
+        out = _arr(F16 if data[0] == F16 else wd, 1)
+        for dt in data:
+            x1, x3 = _arr(dt, 1), _arr(dt, 3)
+            sigs += [
+                ("plane_moments", (x1, I64, I64, I64, I64, wd, m, m, m)),
+                ("row_moments", (x1, I64, I64, I64, wd, m, m, m)),
+                ("finish_forward", (x1, I64, m, m, m, v, v, F64, v, v, F64, F64, v, v, p2)),
+                ("finish_stats", (x1, I64, m, m, m, F64, v, v)),
+                ("affine", (x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64)),
+                ("plane_grad_sums", (x1, x1, I64, I64, I64, v, I64, wd, m, m)),
+                ("row_grad_sums", (x1, x1, I64, I64, I64, v, wd, m, m)),
+                ("dx", (x1, x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64)),
+                ("partial_feature_stats", (x3, I64, m, m, m, m, m)),
+                ("standardize_params", (x3, m, m, m, p2)),
+                ("two_sided", (x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64)),
+            ]
         sigs += [
-            ("plane_moments", (x1, I64, I64, I64, I64, wd, m, m, m)),
-            ("row_moments", (x1, I64, I64, I64, wd, m, m, m)),
-            ("finish_forward", (x3, m, m, m, v, v, F64, v, v, v, p2)),
-            ("finish_stats", (x3, m, m, m, F64, v, v)),
             ("inference_params", (v, v, v, v, F64, p2)),
-            ("affine", (x1, p2, x1, I64, I64)),
-            ("plane_grad_sums", (x1, x1, I64, I64, I64, v, I64, wd, m, m)),
-            ("row_grad_sums", (x1, x1, I64, I64, I64, v, wd, m, m)),
             ("finish_backward", (m, m, v, v, v, F64, v, v, p2)),
-            ("dx", (x1, x1, p2, x1, I64, I64)),
-            ("partial_feature_stats", (x3, I64, m, m, m, m, m)),
-            ("standardize_params", (x3, m, m, m, p2)),
             ("minmax_params", (m, m, F64, F64, p2)),
-            ("two_sided", (x1, p2, x1, I64, I64)),
             ("clip", (_arr(wd, 1), F64, F64)),
         ]
-        for running in (F32, F64):
-            r = _arr(running, 1)
-            sigs.append(("update_running", (r, r, v, v, F64, F64)))
-    sigs.append(("fused_forward", (_arr(F32, 3), _arr(F64, 1), _arr(F64, 1), F64, _arr(F32, 3),
-                                   _arr(F64, 1), _arr(F64, 1), _arr(F64, 1))))
-    for src, dst in [(F16, F32), (I32, F64), (F64, F32), (F32, F16), (F64, F64), (F32, F64),
-                     (I64, F64), (types.boolean, F64), (F16, F64)]:
+    for dt in (F16, F32):
+        x1 = _arr(dt, 1)
+        sigs.append(("fused_forward", (x1, I64, I64, I64, v, v, F64, v, v, F64, x1, v, v)))
+    sigs.append(("fused_forward", (_arr(F32, 1), I64, I64, I64, _arr(F32, 1), _arr(F32, 1), F64,
+                                   _arr(F32, 1), _arr(F32, 1), F64, _arr(F32, 1),
+                                   _arr(F32, 1), _arr(F32, 1))))
+    for src, dst in [(types.boolean, F64), (F64, F64)]:
         sigs.append(("cast", (_arr(src, 1), _arr(dst, 1))))
-    sigs += [("fill", (_arr(F64, 1), F64)), ("multiply", (_arr(F64, 1),) * 3)]
+    sigs += [("fill", (_arr(F64, 1), F64))]
     return sigs
 
 
