@@ -39,6 +39,7 @@ STREAMING = [
     ("plane_grad_sums", "float32", "reduce", 2),
     ("row_grad_sums", "float32", "reduce", 2),
     ("partial_feature_stats", "float32", "reduce", 1),
+    ("fused_forward", "float32", "reduce", 1),
 ]
 
 

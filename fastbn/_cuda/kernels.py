@@ -1,30 +1,35 @@
 """Numba CUDA kernels (numba-cuda), the GPU twins of ``fastbn._cpu.kernels``.
 
-Arrays are C-contiguous device arrays in the canonical (outer, C, inner)
-layout; a channel's ``n = outer * inner`` values are numbered ``e = o * inner + i``.
-Statistics follow docs/contract.md section 5 as on the CPU: float64 accumulators,
-values taken relative to a per-channel shift (the channel's first value),
-Welford updates within a thread and Chan's merge between threads, blocks and
-parts, so there is no ``E[x^2] - E[x]^2`` anywhere.  Normalization subtracts
-the mean as ``(x - hi) - lo`` in the working dtype (float32 for float16 and
-float32, float64 otherwise).
+Data are flat C-contiguous device arrays of the canonical (outer, C, inner)
+layout, read and written in their own dtype (float16 computes in float32,
+integers in float64: the working dtype).  Statistics follow docs/contract.md
+section 5 as on the CPU: values relative to a per-channel shift (the channel's
+first value), chunks of four values reduced two-pass in the working dtype and
+merged into float64 (count, mean, M2) with Chan's formula, also between threads,
+blocks and parts, so there is no ``E[x^2] - E[x]^2`` anywhere and no division
+per value.  Normalization subtracts the mean as ``(x - hi) - lo``.  Index
+arithmetic is unsigned (no negative-index code) and every kernel strides over
+whatever its grid does not cover.
 
 Block reductions go through shared memory with ``syncthreads`` (no warp
 shuffles), so every kernel also runs under Numba's CUDA simulator, where the
-test suite exercises them; every launch is single-block-synchronized (no grid
-sync).
+test suite exercises them; no launch needs a grid-wide sync.  Results are the
+same bits run to run: no atomics, a fixed reduction order.
 
-Kernel launches by ``fastbn._cuda.backend``:
+Launches by ``fastbn._cuda.backend`` (bench/gpu_proxy.py counts them):
 
-* ``fused_forward``: one block per channel whose values fit in shared memory
-  (``FUSED_MAX_VALUES``): load once, reduce, normalize from shared memory,
-  write.  One launch, one read and one write of ``x``.
-* otherwise ``partial_moments`` (grid C x parts), ``finish_forward`` (one
-  thread per channel: merge the parts, mean/var/invstd and the affine
-  parameters) and ``affine``: the channel is read twice, the second time
-  mostly from L2 when the parts of a channel run close together.
-* backward: ``partial_grad_sums`` (grid C x parts), ``finish_backward``, ``dx``.
+* training forward: ``fused_forward`` (one block a channel, its values held in
+  shared memory: one read and one write of the data) for float32/float16
+  channels of at most ``FUSED_MAX_VALUES`` values; otherwise ``plane_moments``
+  (``inner >= PLANE_MIN``: threads along inner) or ``row_moments`` (shorter
+  inner, channels-last: threads along C * inner), ``finish_forward`` (one thread
+  a channel: mean, invstd, running statistics, the affine parameters) and the
+  channel map ``affine``.
+* inference: ``inference_params`` and ``affine``.
+* backward: ``plane_grad_sums`` or ``row_grad_sums``, ``finish_backward``
+  (dweight, dbias and the parameters of dx) and the channel map ``dx``.
 """
+
 
 import math
 
@@ -140,6 +145,44 @@ def _invstd(var, eps):
 
 # ----------------------------------------------------------------- forward
 
+CHUNK = 4
+PLANE_MIN = 64
+
+
+@cuda.jit(device=True, inline=True)
+def _add_chunk(n, mean, m2, k, chunk_mean, chunk_m2):
+    """Chan's merge of a chunk of ``k`` values (its mean and M2) into float64 (n, mean, M2)."""
+    total = n + k
+    r = k / total
+    delta = np.float64(chunk_mean) - mean
+    return total, mean + delta * r, m2 + np.float64(chunk_m2) + delta * delta * (n * r)
+
+
+@cuda.jit(device=True, inline=True)
+def _chunk4(d0, d1, d2, d3):
+    """Mean and M2 of four values, two-pass."""
+    m = ((d0 + d1) + (d2 + d3)) * 0.25
+    e0, e1, e2, e3 = d0 - m, d1 - m, d2 - m, d3 - m
+    return m, (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+
+
+@cuda.jit(device=True, inline=True)
+def _strided_moments(xf, base, seg, t, step, shift, n, mean, m2):
+    """Add values ``xf[base + j]`` for ``j = t, t + step, ... < seg`` to (n, mean, M2)."""
+    j = t
+    while j + U(3) * step < seg:
+        k = base + j
+        d0, d1 = xf[k] - shift, xf[k + step] - shift
+        d2, d3 = xf[k + U(2) * step] - shift, xf[k + U(3) * step] - shift
+        cm, cq = _chunk4(d0, d1, d2, d3)
+        n, mean, m2 = _add_chunk(n, mean, m2, 4.0, cm, cq)
+        j += U(4) * step
+    while j < seg:
+        n, mean, m2 = _add_chunk(n, mean, m2, 1.0, xf[base + j] - shift, 0.0)
+        j += step
+    return n, mean, m2
+
+
 @cuda.jit(device=True, inline=True)
 def _given(v, c, default):
     """``v[c]`` in float64, or ``default`` where ``v`` is empty (an argument not given)."""
@@ -178,23 +221,22 @@ def fused_forward(xf, outer, channels, inner, weight, bias, eps, running_mean, r
     sm2 = cuda.shared.array(THREADS, dtype=np.float64)
     for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
         first = U(c) * inner
-        shift = np.float64(xf[first])
-        cnt = 0.0
-        mu = 0.0
-        m2 = 0.0
         o = t // inner
         i = t - o * inner
         e = t
-        while e < n:
-            v = np.float32(xf[o * plane + first + i])
-            vals[e] = v
-            cnt, mu, m2 = _welford(cnt, mu, m2, np.float64(v) - shift)
+        while e < n:  # the channel into shared memory
+            vals[e] = np.float32(xf[o * plane + first + i])
             e += step
             o += step_o
             i += step_i
             if i >= inner:
                 i -= inner
                 o += U(1)
+        cuda.syncthreads()
+        shift32 = vals[0]
+        shift = np.float64(shift32)
+        # its moments from there, in chunks as the two-pass kernels' (no division a value)
+        cnt, mu, m2 = _strided_moments(vals, U(0), n, t, step, shift32, 0.0, 0.0, 0.0)
         _block_moments(sn, smean, sm2, cnt, mu, m2)
         if t == 0:
             var = sm2[0] / sn[0]
@@ -239,44 +281,6 @@ def fused_forward(xf, outer, channels, inner, weight, bias, eps, running_mean, r
 #   threads along the columns (coalesced) and rows; one partial per (column, part),
 #   arrays (W, nparts) = (C, inner * nparts).
 # Either way ``finish_*`` merges a channel's row of partials.
-
-CHUNK = 4
-PLANE_MIN = 64
-
-
-@cuda.jit(device=True, inline=True)
-def _add_chunk(n, mean, m2, k, chunk_mean, chunk_m2):
-    """Chan's merge of a chunk of ``k`` values (its mean and M2) into float64 (n, mean, M2)."""
-    total = n + k
-    r = k / total
-    delta = np.float64(chunk_mean) - mean
-    return total, mean + delta * r, m2 + np.float64(chunk_m2) + delta * delta * (n * r)
-
-
-@cuda.jit(device=True, inline=True)
-def _chunk4(d0, d1, d2, d3):
-    """Mean and M2 of four values, two-pass."""
-    m = ((d0 + d1) + (d2 + d3)) * 0.25
-    e0, e1, e2, e3 = d0 - m, d1 - m, d2 - m, d3 - m
-    return m, (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
-
-
-@cuda.jit(device=True, inline=True)
-def _strided_moments(xf, base, seg, t, step, shift, n, mean, m2):
-    """Add values ``xf[base + j]`` for ``j = t, t + step, ... < seg`` to (n, mean, M2)."""
-    j = t
-    while j + U(3) * step < seg:
-        k = base + j
-        d0, d1 = xf[k] - shift, xf[k + step] - shift
-        d2, d3 = xf[k + U(2) * step] - shift, xf[k + U(3) * step] - shift
-        cm, cq = _chunk4(d0, d1, d2, d3)
-        n, mean, m2 = _add_chunk(n, mean, m2, 4.0, cm, cq)
-        j += U(4) * step
-    while j < seg:
-        n, mean, m2 = _add_chunk(n, mean, m2, 1.0, xf[base + j] - shift, 0.0)
-        j += step
-    return n, mean, m2
-
 
 @cuda.jit
 def plane_moments(xf, outer, channels, inner, nparts, zero, count, mean_rel, m2):
