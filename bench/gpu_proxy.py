@@ -38,7 +38,8 @@ STREAMING = [
     ("row_moments", "float32", "reduce", 1),
     ("plane_grad_sums", "float32", "reduce", 2),
     ("row_grad_sums", "float32", "reduce", 2),
-    ("partial_feature_stats", "float32", "reduce", 1),
+    ("plane_features", "float32", "reduce", 1),
+    ("row_features", "float32", "reduce", 1),
     ("fused_forward", "float32", "reduce", 1),
 ]
 
@@ -142,7 +143,7 @@ from fastbn._cuda import backend, kernels
 log = []
 size = {"data": 0}  # arrays of the data's size are the data (per-channel vectors are shorter)
 STREAMING = {"plane_moments", "row_moments", "plane_grad_sums", "row_grad_sums", "affine", "dx",
-             "two_sided", "fused_forward", "partial_feature_stats", "cast", "clip",
+             "two_sided", "fused_forward", "plane_features", "row_features", "cast", "clip",
              "partial_moments", "partial_grad_sums"}
 
 

@@ -526,13 +526,21 @@ class CUDABackend:
 
     # ----------------------------------------------------------------- data normalization
     def _feature_stats(self, run, xi, x3):
-        channels = xi.channels
-        nparts = _parts(xi.shape3)
-        arrays = [run.scratch(name, (channels, nparts))
-                  for name in ("n", "mean", "m2", "min", "max")]
-        run.launch(k.partial_feature_stats, (_channel_blocks(channels), nparts))(x3, nparts,
-                                                                                 *arrays)
-        return arrays
+        """NaN-free partial moments, minima and maxima of ``x3``: arrays (C, parts)."""
+        outer, channels, inner = x3.shape
+        names = ("n", "mean", "m2", "min", "max")
+        zero = _work_dtype(v.output_dtype(x3.dtype)).type(0)
+        xf = x3.reshape(x3.size)
+        if inner >= k.PLANE_MIN:
+            nparts = _parts(x3.shape)
+            arrays = [run.scratch(name, (channels, nparts)) for name in names]
+            run.launch(k.plane_features, (_channel_blocks(channels), nparts))(
+                xf, outer, channels, inner, nparts, zero, *arrays)
+            return arrays
+        grid, block, nparts = _row_grid(x3.shape)
+        arrays = [run.scratch(name, (channels * inner, nparts)) for name in names]
+        run.launch(k.row_features, grid, block)(xf, outer, channels, inner, zero, *arrays)
+        return [a.reshape(channels, inner * nparts) for a in arrays]
 
     def _normalize(self, x, axis, out, make_params, clip=None, width=4, kernel=k.affine):
         xi = _Input(x, "x", axis)
@@ -555,7 +563,8 @@ class CUDABackend:
     def standardize(self, x, axis, out):
         def params(run, xi, x3, p):
             count, mean_rel, m2, _, _ = self._feature_stats(run, xi, x3)
-            run.launch(k.standardize_params, _blocks(xi.channels))(x3, count, mean_rel, m2, p)
+            run.launch(k.standardize_params, _blocks(xi.channels))(
+                x3.reshape(x3.size), x3.shape[2], count, mean_rel, m2, p)
         return self._normalize(x, axis, out, params)
 
     def minmax_scale(self, x, axis, feature_range, out, clip=False):

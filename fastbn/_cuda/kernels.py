@@ -86,16 +86,6 @@ def _block_merge(sn, smean, sm2):
 
 
 @cuda.jit(device=True)
-def _welford(cnt, mu, q, d):
-    """Add value ``d`` to a thread's (count, mean, M2)."""
-    cnt += 1.0
-    delta = d - mu
-    mu += delta / cnt
-    q += delta * (d - mu)
-    return cnt, mu, q
-
-
-@cuda.jit(device=True)
 def _block_moments(sn, smean, sm2, cnt, mu, q):
     """Merge every thread's (count, mean, M2); the block's total ends in element 0."""
     t = cuda.threadIdx.x
@@ -112,14 +102,6 @@ def _two_sum(a, b):
     s = a + b
     bb = s - a
     return s, (a - (s - bb)) + (b - bb)
-
-
-@cuda.jit(device=True)
-def _block_part(n, nparts):
-    """This thread's index and the block's part [lo, hi) of a channel's ``n`` values
-    (grid (channels, nparts); each block strides over the channels)."""
-    part = cuda.blockIdx.y
-    return cuda.threadIdx.x, part * n // nparts, (part + 1) * n // nparts
 
 
 @cuda.jit(device=True)
@@ -160,9 +142,13 @@ def _add_chunk(n, mean, m2, k, chunk_mean, chunk_m2):
 
 @cuda.jit(device=True, inline=True)
 def _chunk4(d0, d1, d2, d3):
-    """Mean and M2 of four values, two-pass."""
-    m = ((d0 + d1) + (d2 + d3)) * 0.25
-    e0, e1, e2, e3 = d0 - m, d1 - m, d2 - m, d3 - m
+    """Mean (float64) and M2 (working dtype) of four values, two-pass.  The mean is
+    summed in float64, so that values far from the shift (a feature whose first value
+    is NaN has shift 0) keep their digits; the deviations from it are small, and their
+    squares are summed in the working dtype."""
+    m = ((np.float64(d0) + np.float64(d1)) + (np.float64(d2) + np.float64(d3))) * 0.25
+    mw = as_work(m, d0)
+    e0, e1, e2, e3 = d0 - mw, d1 - mw, d2 - mw, d3 - mw
     return m, (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
 
 
@@ -676,46 +662,90 @@ def fill(dst, value):
 # ----------------------------------------------------------------- data normalization
 
 @cuda.jit(device=True)
-def _finite_shift(x, c):
+def _finite_shift(xf, c, inner):
     """The channel's first value as the shift of its statistics, 0 if it is not finite."""
-    s = np.float64(x[0, c, 0])
+    s = np.float64(xf[U(c) * U(inner)])
     return s if math.isfinite(s) else 0.0
 
 
+@cuda.jit(device=True, inline=True)
+def _valid(v, zero):
+    """``(v, 1.0)`` for a value, ``(zero, 0.0)`` for NaN."""
+    return (v, 1.0) if v == v else (zero, 0.0)
+
+
+@cuda.jit(device=True, inline=True)
+def _strided_features(xf, base, seg, t, step, shift, n, mean, m2, lo, hi):
+    """``_strided_moments`` with NaN left out, and the minimum and maximum (float64)."""
+    zero = shift - shift
+    j = t
+    while j + U(3) * step < seg:
+        k = base + j
+        v0, v1 = as_work(xf[k], shift), as_work(xf[k + step], shift)
+        v2, v3 = as_work(xf[k + U(2) * step], shift), as_work(xf[k + U(3) * step], shift)
+        d0, w0 = _valid(v0 - shift, zero)
+        d1, w1 = _valid(v1 - shift, zero)
+        d2, w2 = _valid(v2 - shift, zero)
+        d3, w3 = _valid(v3 - shift, zero)
+        kept = (w0 + w1) + (w2 + w3)
+        if kept > 0.0:  # as _chunk4, over the values kept
+            cm = ((np.float64(d0) + np.float64(d1)) + (np.float64(d2) + np.float64(d3))) / kept
+            cw = as_work(cm, shift)
+            e0, e1, e2, e3 = (d0 - cw) * w0, (d1 - cw) * w1, (d2 - cw) * w2, (d3 - cw) * w3
+            n, mean, m2 = _add_chunk(n, mean, m2, kept, cm,
+                                     (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3))
+            for v in (v0, v1, v2, v3):
+                if v == v:
+                    lo = min(lo, np.float64(v))
+                    hi = max(hi, np.float64(v))
+        j += U(4) * step
+    while j < seg:
+        v = as_work(xf[base + j], shift)
+        if v == v:
+            n, mean, m2 = _add_chunk(n, mean, m2, 1.0, v - shift, 0.0)
+            lo = min(lo, np.float64(v))
+            hi = max(hi, np.float64(v))
+        j += step
+    return n, mean, m2, lo, hi
+
+
 @cuda.jit
-def partial_feature_stats(x, nparts, count, mean_rel, m2, vmin, vmax):
-    """Grid (C, nparts): like ``partial_moments`` with NaN ignored, plus min and max
-    (+inf / -inf where a part has no value)."""
-    outer, channels, inner = x.shape
-    t, lo_e, hi_e = _block_part(outer * inner, nparts)
+def plane_features(xf, outer, channels, inner, nparts, zero, count, mean_rel, m2, vmin, vmax):
+    """``plane_moments`` with NaN left out, plus each part's minimum and maximum (+inf /
+    -inf where a part has no value)."""
+    t, step = U(cuda.threadIdx.x), U(cuda.blockDim.x)
+    n_values = U(outer) * U(inner)
+    part, parts = U(cuda.blockIdx.y), U(nparts)
+    lo_e, hi_e = part * n_values // parts, (part + U(1)) * n_values // parts
     sn = cuda.shared.array(THREADS, dtype=np.float64)
     smean = cuda.shared.array(THREADS, dtype=np.float64)
     sm2 = cuda.shared.array(THREADS, dtype=np.float64)
     smin = cuda.shared.array(THREADS, dtype=np.float64)
     smax = cuda.shared.array(THREADS, dtype=np.float64)
     for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
-        shift = _finite_shift(x, c)
-        cnt = 0.0
-        mu = 0.0
-        q = 0.0
-        lo = math.inf
-        hi = -math.inf
-        for e in range(lo_e + t, hi_e, cuda.blockDim.x):
-            v = np.float64(x[e // inner, c, e % inner])
-            if v == v:
-                cnt, mu, q = _welford(cnt, mu, q, v - shift)
-                lo = min(lo, v)
-                hi = max(hi, v)
+        shift = as_work(_finite_shift(xf, c, inner), zero)
+        cnt, mu, q, lo, hi = 0.0, 0.0, 0.0, math.inf, -math.inf
+        o = lo_e // U(inner)
+        i = lo_e - o * U(inner)
+        e = lo_e
+        while e < hi_e:
+            seg = min(U(inner) - i, hi_e - e)
+            base = (o * U(channels) + U(c)) * U(inner) + i
+            cnt, mu, q, lo, hi = _strided_features(xf, base, seg, t, step, shift, cnt, mu, q,
+                                                   lo, hi)
+            e += seg
+            o += U(1)
+            i = U(0)
         smin[t] = lo
         smax[t] = hi
         _block_moments(sn, smean, sm2, cnt, mu, q)  # synchronizes before merging
-        stride = cuda.blockDim.x // 2
+        stride = step // U(2)
         while stride > 0:
             if t < stride:
                 smin[t] = min(smin[t], smin[t + stride])
                 smax[t] = max(smax[t], smax[t + stride])
             cuda.syncthreads()
-            stride //= 2
+            stride //= U(2)
         if t == 0:
             p = cuda.blockIdx.y
             count[c, p] = sn[0]
@@ -727,7 +757,53 @@ def partial_feature_stats(x, nparts, count, mean_rel, m2, vmin, vmax):
 
 
 @cuda.jit
-def standardize_params(x, count, mean_rel, m2, params):
+def row_features(xf, outer, channels, inner, zero, count, mean_rel, m2, vmin, vmax):
+    """``row_moments`` with NaN left out, plus each (column, part)'s minimum and maximum."""
+    width = U(channels) * U(inner)
+    tx, ty = U(cuda.threadIdx.x), U(cuda.threadIdx.y)
+    bx, by = U(cuda.blockDim.x), U(cuda.blockDim.y)
+    sn = cuda.shared.array(THREADS, dtype=np.float64)
+    smean = cuda.shared.array(THREADS, dtype=np.float64)
+    sm2 = cuda.shared.array(THREADS, dtype=np.float64)
+    smin = cuda.shared.array(THREADS, dtype=np.float64)
+    smax = cuda.shared.array(THREADS, dtype=np.float64)
+    rows = U(outer)
+    row_step = by * U(cuda.gridDim.y)
+    for j0 in range(U(cuda.blockIdx.x) * bx, width, bx * U(cuda.gridDim.x)):
+        j = j0 + tx
+        cnt, mu, q, lo, hi = 0.0, 0.0, 0.0, math.inf, -math.inf
+        if j < width:
+            shift = as_work(_finite_shift(xf, j // U(inner), inner), zero)
+            r = U(cuda.blockIdx.y) * by + ty
+            cnt, mu, q, lo, hi = _strided_features(
+                xf, j + r * width, (rows - min(r, rows)) * width, U(0), row_step * width,
+                shift, cnt, mu, q, lo, hi)
+        a = ty * bx + tx
+        sn[a] = cnt
+        smean[a] = mu
+        sm2[a] = q
+        smin[a] = lo
+        smax[a] = hi
+        _column_merge(sn, smean, sm2, tx, ty, bx, by)
+        half = by // U(2)
+        while half > U(0):
+            if ty < half:
+                smin[a] = min(smin[a], smin[a + half * bx])
+                smax[a] = max(smax[a], smax[a + half * bx])
+            cuda.syncthreads()
+            half //= U(2)
+        if ty == 0 and j < width:
+            p = cuda.blockIdx.y
+            count[j, p] = sn[tx]
+            mean_rel[j, p] = smean[tx]
+            m2[j, p] = sm2[tx]
+            vmin[j, p] = smin[tx]
+            vmax[j, p] = smax[tx]
+        cuda.syncthreads()
+
+
+@cuda.jit
+def standardize_params(xf, inner, count, mean_rel, m2, params):
     """One thread per channel: ``(hi, lo, 1 / scale, 0)`` with scikit-learn's scale
     (``sqrt(var)``, 1 for a feature within rounding of a constant)."""
     for c in range(cuda.grid(1), count.shape[0], cuda.gridsize(1)):
@@ -735,7 +811,7 @@ def standardize_params(x, count, mean_rel, m2, params):
         if n == 0.0:
             hi, lo, var = math.nan, 0.0, math.nan
         else:
-            hi, lo = _two_sum(_finite_shift(x, c), mu)
+            hi, lo = _two_sum(_finite_shift(xf, c, inner), mu)
             var = q / n
         eps = 2.220446049250313e-16
         mean = hi + lo

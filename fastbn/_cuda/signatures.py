@@ -28,7 +28,7 @@ def launch_signatures():
         p2 = _arr(wd, 2)
         out = _arr(F16 if data[0] == F16 else wd, 1)
         for dt in data:
-            x1, x3 = _arr(dt, 1), _arr(dt, 3)
+            x1 = _arr(dt, 1)
             sigs += [
                 ("plane_moments", (x1, I64, I64, I64, I64, wd, m, m, m)),
                 ("row_moments", (x1, I64, I64, I64, wd, m, m, m)),
@@ -38,8 +38,9 @@ def launch_signatures():
                 ("plane_grad_sums", (x1, x1, I64, I64, I64, v, I64, wd, m, m)),
                 ("row_grad_sums", (x1, x1, I64, I64, I64, v, wd, m, m)),
                 ("dx", (x1, x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64)),
-                ("partial_feature_stats", (x3, I64, m, m, m, m, m)),
-                ("standardize_params", (x3, m, m, m, p2)),
+                ("plane_features", (x1, I64, I64, I64, I64, wd, m, m, m, m, m)),
+                ("row_features", (x1, I64, I64, I64, wd, m, m, m, m, m)),
+                ("standardize_params", (x1, I64, m, m, m, p2)),
                 ("two_sided", (x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64)),
             ]
         sigs += [
