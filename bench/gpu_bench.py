@@ -40,7 +40,20 @@ def _torch_cuda():
     return torch if torch.cuda.is_available() else None
 
 
-class _Numba:
+class _Timed:
+    def timer(self):
+        """Start timing on the device; the returned function stops and gives the ms."""
+        start, end = self.event(), self.event()
+        start.record()
+
+        def stop():
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return stop
+
+
+class _Numba(_Timed):
     """Numba device arrays and events (no PyTorch)."""
 
     name = "numba"
@@ -65,21 +78,14 @@ class _Numba:
     def poison(self, a):
         a.copy_to_device(np.full(a.shape, np.nan, a.dtype))
 
-    def timer(self):
-        start, end = self.cuda.event(), self.cuda.event()
-        start.record()
-
-        def stop():
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        return stop
+    def event(self):
+        return self.cuda.event()
 
     def synchronize(self):
         self.cuda.synchronize()
 
 
-class _Torch:
+class _Torch(_Timed):
     """torch CUDA tensors and events."""
 
     name = "torch"
@@ -102,16 +108,8 @@ class _Torch:
     def poison(self, a):
         a.fill_(float("nan"))
 
-    def timer(self):
-        start = self.torch.cuda.Event(enable_timing=True)
-        end = self.torch.cuda.Event(enable_timing=True)
-        start.record()
-
-        def stop():
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        return stop
+    def event(self):
+        return self.torch.cuda.Event(enable_timing=True)
 
     def synchronize(self):
         self.torch.cuda.synchronize()

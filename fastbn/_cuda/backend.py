@@ -142,6 +142,8 @@ class _Run:
         (outer, C, inner) arrays ``inputs`` into ``out`` with per-channel ``params``."""
         outer, channels, inner = out.shape
         flat = [a.reshape(a.size) for a in inputs]
+        if len(flat) == 1:  # a one-input map takes it twice and reads it once
+            flat *= 2
         self.launch(kernel, map_blocks(out.size, channels * inner))(
             *flat, params, out.reshape(out.size), channels, inner)
 
@@ -158,10 +160,14 @@ class _Run:
             self.launch(k.fill, _blocks(n))(a, value)
         return a
 
+    def empty(self):
+        """An empty float64 array: an argument not given, or an output not wanted."""
+        return self.scratch("empty", (0,))
+
     def given(self, v):
         """A per-channel argument (``_Vector``) for the kernels: its device vector, read
         in its own dtype, or an empty one for a value not given (``kernels._given``)."""
-        return v.d if v.d is not None else self.array(0)
+        return v.d if v.d is not None else self.empty()
 
 
 def _wrap(result, like, run):
@@ -421,12 +427,13 @@ class CUDABackend:
             nparts = _parts(x3.shape)
             arrays = [run.scratch(name, (channels, nparts)) for name in ("n", "mean", "m2")]
             run.launch(k.plane_moments, (_channel_blocks(channels), nparts))(
-                x3.reshape(x3.size), outer, channels, inner, nparts, zero, *arrays)
+                x3.reshape(x3.size), outer, channels, inner, nparts, zero, *arrays,
+                run.empty(), run.empty())
             return arrays
         grid, block, nparts = _row_grid(x3.shape)
         arrays = [run.scratch(name, (channels * inner, nparts)) for name in ("n", "mean", "m2")]
         run.launch(k.row_moments, grid, block)(x3.reshape(x3.size), outer, channels, inner, zero,
-                                               *arrays)
+                                               *arrays, run.empty(), run.empty())
         return [a.reshape(channels, inner * nparts) for a in arrays]
 
     def _grad_sums(self, run, g3, x3, mean, wd):
@@ -453,8 +460,8 @@ class CUDABackend:
         (one for channels that fit in shared memory), no allocation but the outputs."""
         xi, c = a.x, a.channels
         run = _Run(xi)
-        rm = a.running_mean if a.running_mean is not None else run.array(0)
-        rv = a.running_var if a.running_var is not None else run.array(0)
+        rm = a.running_mean if a.running_mean is not None else run.empty()
+        rv = a.running_var if a.running_var is not None else run.empty()
         w, b = run.given(a.weight), run.given(a.bias)
         x3 = xi.data3(run)
         outer, _, inner = x3.shape

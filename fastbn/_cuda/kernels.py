@@ -185,6 +185,18 @@ def _update_running(running_mean, running_var, c, mean, var, n, momentum):
                           + momentum * (var * (n / (n - 1.0))))
 
 
+@cuda.jit(device=True, inline=True)
+def _advance(e, o, i, step, step_o, step_i, inner):
+    """Value ``e`` of a channel, at plane ``o`` and offset ``i``, moved on by ``step``
+    values (``step_o`` planes and ``step_i`` offsets): no division."""
+    i += step_i
+    o += step_o
+    if i >= inner:
+        i -= inner
+        o += U(1)
+    return e + step, o, i
+
+
 @cuda.jit
 def fused_forward(xf, outer, channels, inner, weight, bias, eps, running_mean, running_var,
                   momentum, yf, mean, invstd):
@@ -207,17 +219,10 @@ def fused_forward(xf, outer, channels, inner, weight, bias, eps, running_mean, r
     sm2 = cuda.shared.array(THREADS, dtype=np.float64)
     for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
         first = U(c) * inner
-        o = t // inner
-        i = t - o * inner
-        e = t
+        e, o, i = t, t // inner, t - t // inner * inner
         while e < n:  # the channel into shared memory
             vals[e] = np.float32(xf[o * plane + first + i])
-            e += step
-            o += step_o
-            i += step_i
-            if i >= inner:
-                i -= inner
-                o += U(1)
+            e, o, i = _advance(e, o, i, step, step_o, step_i, inner)
         cuda.syncthreads()
         shift32 = vals[0]
         shift = np.float64(shift32)
@@ -240,17 +245,10 @@ def fused_forward(xf, outer, channels, inner, weight, bias, eps, running_mean, r
         lo32 = np.float32((sn[0] - np.float64(hi32)) + smean[0])
         scale = np.float32(sm2[0])
         b = np.float32(shared_bias[0])
-        o = t // inner
-        i = t - o * inner
-        e = t
+        e, o, i = t, t // inner, t - t // inner * inner
         while e < n:
             yf[o * plane + first + i] = ((vals[e] - hi32) - lo32) * scale + b
-            e += step
-            o += step_o
-            i += step_i
-            if i >= inner:
-                i -= inner
-                o += U(1)
+            e, o, i = _advance(e, o, i, step, step_o, step_i, inner)
         cuda.syncthreads()  # every thread done with the shared values before the next channel
 
 
@@ -268,40 +266,124 @@ def fused_forward(xf, outer, channels, inner, weight, bias, eps, running_mean, r
 #   arrays (W, nparts) = (C, inner * nparts).
 # Either way ``finish_*`` merges a channel's row of partials.
 
-@cuda.jit
-def plane_moments(xf, outer, channels, inner, nparts, zero, count, mean_rel, m2):
-    """Grid (channel blocks, nparts), threads along ``inner``: count, mean relative to
-    the channel's first value, and M2 of each part of each channel, arrays (C, nparts),
-    of flat (outer, C, inner) data ``xf``.  ``zero``: 0 in the working dtype (the
-    chunks' arithmetic)."""
-    t, step = U(cuda.threadIdx.x), U(cuda.blockDim.x)
+@cuda.jit(device=True)
+def _finite_shift(xf, c, inner):
+    """The channel's first value as the shift of its statistics, 0 if it is not finite."""
+    s = np.float64(xf[U(c) * U(inner)])
+    return s if math.isfinite(s) else 0.0
+
+
+@cuda.jit(device=True, inline=True)
+def _valid(v, zero):
+    """``(v, 1.0)`` for a value, ``(zero, 0.0)`` for NaN."""
+    return (v, 1.0) if v == v else (zero, 0.0)
+
+
+@cuda.jit(device=True, inline=True)
+def _strided_features(xf, base, seg, t, step, shift, n, mean, m2, lo, hi):
+    """``_strided_moments`` with NaN left out, and the minimum and maximum (float64)."""
+    zero = shift - shift
+    j = t
+    while j + U(3) * step < seg:
+        k = base + j
+        v0, v1 = as_work(xf[k], shift), as_work(xf[k + step], shift)
+        v2, v3 = as_work(xf[k + U(2) * step], shift), as_work(xf[k + U(3) * step], shift)
+        d0, w0 = _valid(v0 - shift, zero)
+        d1, w1 = _valid(v1 - shift, zero)
+        d2, w2 = _valid(v2 - shift, zero)
+        d3, w3 = _valid(v3 - shift, zero)
+        kept = (w0 + w1) + (w2 + w3)
+        if kept > 0.0:  # as _chunk4, over the values kept
+            cm = ((np.float64(d0) + np.float64(d1)) + (np.float64(d2) + np.float64(d3))) / kept
+            cw = as_work(cm, shift)
+            e0, e1, e2, e3 = (d0 - cw) * w0, (d1 - cw) * w1, (d2 - cw) * w2, (d3 - cw) * w3
+            n, mean, m2 = _add_chunk(n, mean, m2, kept, cm,
+                                     (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3))
+            for v in (v0, v1, v2, v3):
+                if v == v:
+                    lo = min(lo, np.float64(v))
+                    hi = max(hi, np.float64(v))
+        j += U(4) * step
+    while j < seg:
+        v = as_work(xf[base + j], shift)
+        if v == v:
+            n, mean, m2 = _add_chunk(n, mean, m2, 1.0, v - shift, 0.0)
+            lo = min(lo, np.float64(v))
+            hi = max(hi, np.float64(v))
+        j += step
+    return n, mean, m2, lo, hi
+
+
+@cuda.jit(device=True, inline=True)
+def _block_part(outer, inner, nparts):
+    """This thread's index, the block's threads and the block's part [lo, hi) of a
+    channel's values (grid (channel blocks, nparts))."""
     n_values = U(outer) * U(inner)
     part, parts = U(cuda.blockIdx.y), U(nparts)
-    lo, hi = part * n_values // parts, (part + U(1)) * n_values // parts
-    sn = cuda.shared.array(THREADS, dtype=np.float64)
-    smean = cuda.shared.array(THREADS, dtype=np.float64)
-    sm2 = cuda.shared.array(THREADS, dtype=np.float64)
-    for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
-        shift = as_work(xf[U(c) * U(inner)], zero)
-        cnt = 0.0
-        mu = 0.0
-        q = 0.0
-        o = lo // U(inner)
-        i = lo - o * U(inner)
-        e = lo
-        while e < hi:  # plane by plane: no division per value
-            seg = min(U(inner) - i, hi - e)
-            base = (o * U(channels) + U(c)) * U(inner) + i
-            cnt, mu, q = _strided_moments(xf, base, seg, t, step, shift, cnt, mu, q)
-            e += seg
-            o += U(1)
-            i = U(0)
-        _block_moments(sn, smean, sm2, cnt, mu, q)
-        if t == 0:
-            count[c, cuda.blockIdx.y] = sn[0]
-            mean_rel[c, cuda.blockIdx.y] = smean[0]
-            m2[c, cuda.blockIdx.y] = sm2[0]
-        cuda.syncthreads()
+    return (U(cuda.threadIdx.x), U(cuda.blockDim.x), part * n_values // parts,
+            (part + U(1)) * n_values // parts)
+
+
+@cuda.jit(device=True, inline=True)
+def _segment(e, o, i, hi_e, channels, inner, c):
+    """The values of channel ``c``'s plane ``o`` from offset ``i`` (value ``e`` of the
+    channel) up to the part's end ``hi_e``: their count and flat start."""
+    return min(U(inner) - i, hi_e - e), (o * U(channels) + U(c)) * U(inner) + i
+
+
+def _plane_stats(features):
+    """A kernel over grid (channel blocks, nparts), threads along ``inner``: count, mean
+    relative to the channel's shift and M2 of each part of each channel, arrays (C,
+    nparts), of flat (outer, C, inner) data ``xf``; ``zero``: 0 in the working dtype.
+    With ``features`` (data normalization) NaN is left out, the shift is 0 where the
+    first value is not finite, and each part's minimum and maximum go to ``vmin`` and
+    ``vmax`` (+inf / -inf where a part has no value); otherwise those are not written."""
+    @cuda.jit
+    def kernel(xf, outer, channels, inner, nparts, zero, count, mean_rel, m2, vmin, vmax):
+        t, step, lo_e, hi_e = _block_part(outer, inner, nparts)
+        sn = cuda.shared.array(THREADS, dtype=np.float64)
+        smean = cuda.shared.array(THREADS, dtype=np.float64)
+        sm2 = cuda.shared.array(THREADS, dtype=np.float64)
+        smin = cuda.shared.array(THREADS, dtype=np.float64)
+        smax = cuda.shared.array(THREADS, dtype=np.float64)
+        for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
+            if features:
+                shift = as_work(_finite_shift(xf, c, inner), zero)
+            else:
+                shift = as_work(xf[U(c) * U(inner)], zero)
+            cnt, mu, q, lo, hi = 0.0, 0.0, 0.0, math.inf, -math.inf
+            e, o, i = lo_e, lo_e // U(inner), lo_e % U(inner)
+            while e < hi_e:  # plane by plane: no division per value
+                seg, base = _segment(e, o, i, hi_e, channels, inner, c)
+                if features:
+                    cnt, mu, q, lo, hi = _strided_features(xf, base, seg, t, step, shift, cnt,
+                                                           mu, q, lo, hi)
+                else:
+                    cnt, mu, q = _strided_moments(xf, base, seg, t, step, shift, cnt, mu, q)
+                e += seg
+                o += U(1)
+                i = U(0)
+            smin[t] = lo
+            smax[t] = hi
+            _block_moments(sn, smean, sm2, cnt, mu, q)  # synchronizes before merging
+            if features:
+                stride = step // U(2)
+                while stride > 0:
+                    if t < stride:
+                        smin[t] = min(smin[t], smin[t + stride])
+                        smax[t] = max(smax[t], smax[t + stride])
+                    cuda.syncthreads()
+                    stride //= U(2)
+            if t == 0:
+                p = cuda.blockIdx.y
+                count[c, p] = sn[0]
+                mean_rel[c, p] = smean[0]
+                m2[c, p] = sm2[0]
+                if features:
+                    vmin[c, p] = smin[0]
+                    vmax[c, p] = smax[0]
+            cuda.syncthreads()
+    return kernel
 
 
 @cuda.jit(device=True, inline=True)
@@ -322,40 +404,75 @@ def _column_merge(sn, smean, sm2, tx, ty, bx, by):
         half //= 2
 
 
-@cuda.jit
-def row_moments(xf, outer, channels, inner, zero, count, mean_rel, m2):
-    """2-D blocks over (rows, columns) of flat (outer, C, inner) data ``xf`` seen as
-    (outer, W): count, mean relative to the channel's first value, and M2 of each
-    (column, part), arrays (W, nparts) with nparts = gridDim.y (row parts)."""
-    width = U(channels) * U(inner)
-    tx, ty = U(cuda.threadIdx.x), U(cuda.threadIdx.y)
-    bx, by = U(cuda.blockDim.x), U(cuda.blockDim.y)
-    sn = cuda.shared.array(THREADS, dtype=np.float64)
-    smean = cuda.shared.array(THREADS, dtype=np.float64)
-    sm2 = cuda.shared.array(THREADS, dtype=np.float64)
-    rows = U(outer)
-    row_step = by * U(cuda.gridDim.y)
-    for j0 in range(U(cuda.blockIdx.x) * bx, width, bx * U(cuda.gridDim.x)):
-        j = j0 + tx
-        cnt = 0.0
-        mu = 0.0
-        q = 0.0
-        if j < width:
-            shift = as_work(xf[j // U(inner) * U(inner)], zero)
-            r = U(cuda.blockIdx.y) * by + ty
-            # rows r, r + row_step, ...: one column's values, width apart in memory
-            cnt, mu, q = _strided_moments(xf, j + r * width, (rows - min(r, rows)) * width,
-                                          U(0), row_step * width, shift, cnt, mu, q)
-        a = ty * bx + tx
-        sn[a] = cnt
-        smean[a] = mu
-        sm2[a] = q
-        _column_merge(sn, smean, sm2, tx, ty, bx, by)
-        if ty == 0 and j < width:
-            count[j, cuda.blockIdx.y] = sn[tx]
-            mean_rel[j, cuda.blockIdx.y] = smean[tx]
-            m2[j, cuda.blockIdx.y] = sm2[tx]
-        cuda.syncthreads()
+@cuda.jit(device=True, inline=True)
+def _row_block(channels, inner):
+    """A row kernel's width ``C * inner``, thread and block indices along columns (x) and
+    rows (y), and the rows between one thread's values."""
+    by = U(cuda.blockDim.y)
+    return (U(channels) * U(inner), U(cuda.threadIdx.x), U(cuda.threadIdx.y),
+            U(cuda.blockDim.x), by, by * U(cuda.gridDim.y))
+
+
+def _row_stats(features):
+    """``_plane_stats`` for short ``inner`` (channels-last): 2-D blocks over (rows,
+    columns) of the (outer, W = C * inner) view, threads along the columns (coalesced);
+    one partial per (column, part), arrays (W, nparts) with nparts = gridDim.y."""
+    @cuda.jit
+    def kernel(xf, outer, channels, inner, zero, count, mean_rel, m2, vmin, vmax):
+        width, tx, ty, bx, by, row_step = _row_block(channels, inner)
+        sn = cuda.shared.array(THREADS, dtype=np.float64)
+        smean = cuda.shared.array(THREADS, dtype=np.float64)
+        sm2 = cuda.shared.array(THREADS, dtype=np.float64)
+        smin = cuda.shared.array(THREADS, dtype=np.float64)
+        smax = cuda.shared.array(THREADS, dtype=np.float64)
+        rows = U(outer)
+        for j0 in range(U(cuda.blockIdx.x) * bx, width, bx * U(cuda.gridDim.x)):
+            j = j0 + tx
+            cnt, mu, q, lo, hi = 0.0, 0.0, 0.0, math.inf, -math.inf
+            if j < width:
+                c = j // U(inner)
+                r = U(cuda.blockIdx.y) * by + ty
+                # rows r, r + row_step, ...: one column's values, width apart in memory
+                base, seg, stride = j + r * width, (rows - min(r, rows)) * width, row_step * width
+                if features:
+                    shift = as_work(_finite_shift(xf, c, inner), zero)
+                    cnt, mu, q, lo, hi = _strided_features(xf, base, seg, U(0), stride, shift,
+                                                           cnt, mu, q, lo, hi)
+                else:
+                    shift = as_work(xf[c * U(inner)], zero)
+                    cnt, mu, q = _strided_moments(xf, base, seg, U(0), stride, shift, cnt, mu, q)
+            a = ty * bx + tx
+            sn[a] = cnt
+            smean[a] = mu
+            sm2[a] = q
+            smin[a] = lo
+            smax[a] = hi
+            _column_merge(sn, smean, sm2, tx, ty, bx, by)
+            if features:
+                half = by // U(2)
+                while half > U(0):
+                    if ty < half:
+                        smin[a] = min(smin[a], smin[a + half * bx])
+                        smax[a] = max(smax[a], smax[a + half * bx])
+                    cuda.syncthreads()
+                    half //= U(2)
+            if ty == 0 and j < width:
+                p = cuda.blockIdx.y
+                count[j, p] = sn[tx]
+                mean_rel[j, p] = smean[tx]
+                m2[j, p] = sm2[tx]
+                if features:
+                    vmin[j, p] = smin[tx]
+                    vmax[j, p] = smax[tx]
+            cuda.syncthreads()
+    return kernel
+
+
+# the training statistics (NaN propagates) and those of data normalization
+plane_moments = _plane_stats(False)
+row_moments = _row_stats(False)
+plane_features = _plane_stats(True)
+row_features = _row_stats(True)
 
 
 @cuda.jit(device=True)
@@ -454,22 +571,16 @@ def plane_grad_sums(gf, xf, outer, channels, inner, mean, nparts, zero, s, sx):
     """Grid (channel blocks, nparts), threads along ``inner``: ``sum(dy)`` and
     ``sum(dy * (x - mean))`` of each part of each channel, float64 arrays (C, nparts), of
     flat (outer, C, inner) ``dy`` and ``x``."""
-    t, step = U(cuda.threadIdx.x), U(cuda.blockDim.x)
-    n_values = U(outer) * U(inner)
-    part, parts = U(cuda.blockIdx.y), U(nparts)
-    lo_e, hi_e = part * n_values // parts, (part + U(1)) * n_values // parts
+    t, step, lo_e, hi_e = _block_part(outer, inner, nparts)
     sa = cuda.shared.array(THREADS, dtype=np.float64)
     sb = cuda.shared.array(THREADS, dtype=np.float64)
     for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
         hi, lo = _split(mean[c], zero)
         a = 0.0
         b = 0.0
-        o = lo_e // U(inner)
-        i = lo_e - o * U(inner)
-        e = lo_e
-        while e < hi_e:
-            seg = min(U(inner) - i, hi_e - e)
-            base = (o * U(channels) + U(c)) * U(inner) + i
+        e, o, i = lo_e, lo_e // U(inner), lo_e % U(inner)
+        while e < hi_e:  # plane by plane: no division per value
+            seg, base = _segment(e, o, i, hi_e, channels, inner, c)
             a, b = _strided_grad_sums(gf, xf, base, seg, t, step, hi, lo, a, b)
             e += seg
             o += U(1)
@@ -488,13 +599,10 @@ def plane_grad_sums(gf, xf, outer, channels, inner, mean, nparts, zero, s, sx):
 def row_grad_sums(gf, xf, outer, channels, inner, mean, zero, s, sx):
     """``plane_grad_sums`` for short ``inner``: 2-D blocks over (rows, columns) of the
     (outer, W) view, one pair of sums per (column, part), arrays (W, nparts)."""
-    width = U(channels) * U(inner)
-    tx, ty = U(cuda.threadIdx.x), U(cuda.threadIdx.y)
-    bx, by = U(cuda.blockDim.x), U(cuda.blockDim.y)
+    width, tx, ty, bx, by, row_step = _row_block(channels, inner)
     sa = cuda.shared.array(THREADS, dtype=np.float64)
     sb = cuda.shared.array(THREADS, dtype=np.float64)
     rows = U(outer)
-    row_step = by * U(cuda.gridDim.y)
     for j0 in range(U(cuda.blockIdx.x) * bx, width, bx * U(cuda.gridDim.x)):
         j = j0 + tx
         a = 0.0
@@ -550,32 +658,10 @@ def finish_backward(s, sx, mean, invstd, weight, n, dweight, dbias, params):
 # a load, the arithmetic and a store (about 13 SASS instructions a value on sm_90,
 # bench/gpu_proxy.py), four loads in flight.
 
-def _channel_map(load, value):
-    """A kernel ``(x, params, y, channels, inner)``: ``y[k] = value(x[k], p)`` with ``p =
-    load(params, c)`` for the channel ``c`` of flat index ``k``."""
-    @cuda.jit
-    def kernel(x, params, y, channels, inner):
-        n = U(x.size)
-        k = U(cuda.grid(1))
-        if k >= n:
-            return
-        step = U(cuda.gridsize(1))
-        p = load(params, (k // U(inner)) % U(channels))
-        while k + U(3) * step < n:
-            a0, a1, a2, a3 = x[k], x[k + step], x[k + U(2) * step], x[k + U(3) * step]
-            y[k] = value(a0, p)
-            y[k + step] = value(a1, p)
-            y[k + U(2) * step] = value(a2, p)
-            y[k + U(3) * step] = value(a3, p)
-            k += U(4) * step
-        while k < n:
-            y[k] = value(x[k], p)
-            k += step
-    return kernel
-
-
-def _channel_map2(load, value):
-    """``_channel_map`` of two inputs: ``out[k] = value(a[k], b[k], p)``."""
+def _channel_map(load, value, two_inputs=False):
+    """A kernel ``(a, b, params, out, channels, inner)``: ``out[k] = value(a[k], b[k], p)``
+    with ``p = load(params, c)`` for the channel ``c`` of flat index ``k``; ``b`` is
+    neither read nor passed on (``value`` gets ``a[k]`` twice) unless ``two_inputs``."""
     @cuda.jit
     def kernel(a, b, params, out, channels, inner):
         n = U(a.size)
@@ -585,15 +671,19 @@ def _channel_map2(load, value):
         step = U(cuda.gridsize(1))
         p = load(params, (k // U(inner)) % U(channels))
         while k + U(3) * step < n:
-            a0, a1, a2, a3 = a[k], a[k + step], a[k + U(2) * step], a[k + U(3) * step]
-            b0, b1, b2, b3 = b[k], b[k + step], b[k + U(2) * step], b[k + U(3) * step]
+            k1, k2, k3 = k + step, k + U(2) * step, k + U(3) * step
+            a0, a1, a2, a3 = a[k], a[k1], a[k2], a[k3]
+            if two_inputs:
+                b0, b1, b2, b3 = b[k], b[k1], b[k2], b[k3]
+            else:
+                b0, b1, b2, b3 = a0, a1, a2, a3
             out[k] = value(a0, b0, p)
-            out[k + step] = value(a1, b1, p)
-            out[k + U(2) * step] = value(a2, b2, p)
-            out[k + U(3) * step] = value(a3, b3, p)
+            out[k1] = value(a1, b1, p)
+            out[k2] = value(a2, b2, p)
+            out[k3] = value(a3, b3, p)
             k += U(4) * step
         while k < n:
-            out[k] = value(a[k], b[k], p)
+            out[k] = value(a[k], b[k] if two_inputs else a[k], p)
             k += step
     return kernel
 
@@ -614,7 +704,7 @@ def _seven(p, c):
 
 
 @cuda.jit(device=True, inline=True)
-def _affine_value(v, p):
+def _affine_value(v, _, p):
     hi, lo, scale, shift = p
     return ((v - hi) - lo) * scale + shift
 
@@ -626,7 +716,7 @@ def _dx_value(g, v, p):
 
 
 @cuda.jit(device=True, inline=True)
-def _two_sided_value(v, p):
+def _two_sided_value(v, _, p):
     """Min-max scaling about both ends (``fastbn._cpu.kernels.minmax``)."""
     c_low, c_high, scale, f_low, f_high, r_low, r_high = p
     d_low = v - c_low
@@ -639,7 +729,7 @@ def _two_sided_value(v, p):
 # y = ((x - hi) - lo) * scale + shift per channel, params (C, 4)
 affine = _channel_map(_four, _affine_value)
 # the training-mode input gradient dx = ((dy - b) - ((x - hi) - lo) * k) * a, params (C, 5)
-dx = _channel_map2(_five, _dx_value)
+dx = _channel_map(_five, _dx_value, two_inputs=True)
 # min-max scaling about both ends, params (C, 7) as the host's
 two_sided = _channel_map(_seven, _two_sided_value)
 
@@ -660,147 +750,6 @@ def fill(dst, value):
 
 
 # ----------------------------------------------------------------- data normalization
-
-@cuda.jit(device=True)
-def _finite_shift(xf, c, inner):
-    """The channel's first value as the shift of its statistics, 0 if it is not finite."""
-    s = np.float64(xf[U(c) * U(inner)])
-    return s if math.isfinite(s) else 0.0
-
-
-@cuda.jit(device=True, inline=True)
-def _valid(v, zero):
-    """``(v, 1.0)`` for a value, ``(zero, 0.0)`` for NaN."""
-    return (v, 1.0) if v == v else (zero, 0.0)
-
-
-@cuda.jit(device=True, inline=True)
-def _strided_features(xf, base, seg, t, step, shift, n, mean, m2, lo, hi):
-    """``_strided_moments`` with NaN left out, and the minimum and maximum (float64)."""
-    zero = shift - shift
-    j = t
-    while j + U(3) * step < seg:
-        k = base + j
-        v0, v1 = as_work(xf[k], shift), as_work(xf[k + step], shift)
-        v2, v3 = as_work(xf[k + U(2) * step], shift), as_work(xf[k + U(3) * step], shift)
-        d0, w0 = _valid(v0 - shift, zero)
-        d1, w1 = _valid(v1 - shift, zero)
-        d2, w2 = _valid(v2 - shift, zero)
-        d3, w3 = _valid(v3 - shift, zero)
-        kept = (w0 + w1) + (w2 + w3)
-        if kept > 0.0:  # as _chunk4, over the values kept
-            cm = ((np.float64(d0) + np.float64(d1)) + (np.float64(d2) + np.float64(d3))) / kept
-            cw = as_work(cm, shift)
-            e0, e1, e2, e3 = (d0 - cw) * w0, (d1 - cw) * w1, (d2 - cw) * w2, (d3 - cw) * w3
-            n, mean, m2 = _add_chunk(n, mean, m2, kept, cm,
-                                     (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3))
-            for v in (v0, v1, v2, v3):
-                if v == v:
-                    lo = min(lo, np.float64(v))
-                    hi = max(hi, np.float64(v))
-        j += U(4) * step
-    while j < seg:
-        v = as_work(xf[base + j], shift)
-        if v == v:
-            n, mean, m2 = _add_chunk(n, mean, m2, 1.0, v - shift, 0.0)
-            lo = min(lo, np.float64(v))
-            hi = max(hi, np.float64(v))
-        j += step
-    return n, mean, m2, lo, hi
-
-
-@cuda.jit
-def plane_features(xf, outer, channels, inner, nparts, zero, count, mean_rel, m2, vmin, vmax):
-    """``plane_moments`` with NaN left out, plus each part's minimum and maximum (+inf /
-    -inf where a part has no value)."""
-    t, step = U(cuda.threadIdx.x), U(cuda.blockDim.x)
-    n_values = U(outer) * U(inner)
-    part, parts = U(cuda.blockIdx.y), U(nparts)
-    lo_e, hi_e = part * n_values // parts, (part + U(1)) * n_values // parts
-    sn = cuda.shared.array(THREADS, dtype=np.float64)
-    smean = cuda.shared.array(THREADS, dtype=np.float64)
-    sm2 = cuda.shared.array(THREADS, dtype=np.float64)
-    smin = cuda.shared.array(THREADS, dtype=np.float64)
-    smax = cuda.shared.array(THREADS, dtype=np.float64)
-    for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
-        shift = as_work(_finite_shift(xf, c, inner), zero)
-        cnt, mu, q, lo, hi = 0.0, 0.0, 0.0, math.inf, -math.inf
-        o = lo_e // U(inner)
-        i = lo_e - o * U(inner)
-        e = lo_e
-        while e < hi_e:
-            seg = min(U(inner) - i, hi_e - e)
-            base = (o * U(channels) + U(c)) * U(inner) + i
-            cnt, mu, q, lo, hi = _strided_features(xf, base, seg, t, step, shift, cnt, mu, q,
-                                                   lo, hi)
-            e += seg
-            o += U(1)
-            i = U(0)
-        smin[t] = lo
-        smax[t] = hi
-        _block_moments(sn, smean, sm2, cnt, mu, q)  # synchronizes before merging
-        stride = step // U(2)
-        while stride > 0:
-            if t < stride:
-                smin[t] = min(smin[t], smin[t + stride])
-                smax[t] = max(smax[t], smax[t + stride])
-            cuda.syncthreads()
-            stride //= U(2)
-        if t == 0:
-            p = cuda.blockIdx.y
-            count[c, p] = sn[0]
-            mean_rel[c, p] = smean[0]
-            m2[c, p] = sm2[0]
-            vmin[c, p] = smin[0]
-            vmax[c, p] = smax[0]
-        cuda.syncthreads()
-
-
-@cuda.jit
-def row_features(xf, outer, channels, inner, zero, count, mean_rel, m2, vmin, vmax):
-    """``row_moments`` with NaN left out, plus each (column, part)'s minimum and maximum."""
-    width = U(channels) * U(inner)
-    tx, ty = U(cuda.threadIdx.x), U(cuda.threadIdx.y)
-    bx, by = U(cuda.blockDim.x), U(cuda.blockDim.y)
-    sn = cuda.shared.array(THREADS, dtype=np.float64)
-    smean = cuda.shared.array(THREADS, dtype=np.float64)
-    sm2 = cuda.shared.array(THREADS, dtype=np.float64)
-    smin = cuda.shared.array(THREADS, dtype=np.float64)
-    smax = cuda.shared.array(THREADS, dtype=np.float64)
-    rows = U(outer)
-    row_step = by * U(cuda.gridDim.y)
-    for j0 in range(U(cuda.blockIdx.x) * bx, width, bx * U(cuda.gridDim.x)):
-        j = j0 + tx
-        cnt, mu, q, lo, hi = 0.0, 0.0, 0.0, math.inf, -math.inf
-        if j < width:
-            shift = as_work(_finite_shift(xf, j // U(inner), inner), zero)
-            r = U(cuda.blockIdx.y) * by + ty
-            cnt, mu, q, lo, hi = _strided_features(
-                xf, j + r * width, (rows - min(r, rows)) * width, U(0), row_step * width,
-                shift, cnt, mu, q, lo, hi)
-        a = ty * bx + tx
-        sn[a] = cnt
-        smean[a] = mu
-        sm2[a] = q
-        smin[a] = lo
-        smax[a] = hi
-        _column_merge(sn, smean, sm2, tx, ty, bx, by)
-        half = by // U(2)
-        while half > U(0):
-            if ty < half:
-                smin[a] = min(smin[a], smin[a + half * bx])
-                smax[a] = max(smax[a], smax[a + half * bx])
-            cuda.syncthreads()
-            half //= U(2)
-        if ty == 0 and j < width:
-            p = cuda.blockIdx.y
-            count[j, p] = sn[tx]
-            mean_rel[j, p] = smean[tx]
-            m2[j, p] = sm2[tx]
-            vmin[j, p] = smin[tx]
-            vmax[j, p] = smax[tx]
-        cuda.syncthreads()
-
 
 @cuda.jit
 def standardize_params(xf, inner, count, mean_rel, m2, params):

@@ -30,18 +30,18 @@ def launch_signatures():
         for dt in data:
             x1 = _arr(dt, 1)
             sigs += [
-                ("plane_moments", (x1, I64, I64, I64, I64, wd, m, m, m)),
-                ("row_moments", (x1, I64, I64, I64, wd, m, m, m)),
+                ("plane_moments", (x1, I64, I64, I64, I64, wd, m, m, m, v, v)),
+                ("row_moments", (x1, I64, I64, I64, wd, m, m, m, v, v)),
                 ("finish_forward", (x1, I64, m, m, m, v, v, F64, v, v, F64, F64, v, v, p2)),
                 ("finish_stats", (x1, I64, m, m, m, F64, v, v)),
-                ("affine", (x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64)),
+                ("affine", (x1, x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64)),
                 ("plane_grad_sums", (x1, x1, I64, I64, I64, v, I64, wd, m, m)),
                 ("row_grad_sums", (x1, x1, I64, I64, I64, v, wd, m, m)),
                 ("dx", (x1, x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64)),
                 ("plane_features", (x1, I64, I64, I64, I64, wd, m, m, m, m, m)),
                 ("row_features", (x1, I64, I64, I64, wd, m, m, m, m, m)),
                 ("standardize_params", (x1, I64, m, m, m, p2)),
-                ("two_sided", (x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64)),
+                ("two_sided", (x1, x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64)),
             ]
         sigs += [
             ("inference_params", (v, v, v, v, F64, p2)),
