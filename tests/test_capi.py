@@ -51,9 +51,9 @@ def _env(**extra):
     return env
 
 
-def _run(args, env=None, timeout=600):
+def _run(args, env=None, timeout=600, cwd=None):
     return subprocess.run(args, capture_output=True, text=True, env=env or _env(),
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
 
 
 def test_header_is_the_cdef_source():
@@ -65,8 +65,10 @@ def test_header_is_the_cdef_source():
     assert "FASTBN_API" not in decls and "#define FASTBN_ERR_INIT 2" in decls
 
 
-def test_example_program_runs_with_the_readme_link_line(built):
-    result = _run([built["normalize"]])
+def test_example_program_runs_with_the_readme_link_line(built, tmp_path):
+    """Linked with the line ``python -m fastbn.capi build`` prints (absolute paths, an
+    absolute run path), the program runs from any directory."""
+    result = _run([built["normalize"]], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"fastbn {fastbn.__version__}\n")
     lines = [line for line in result.stdout.splitlines() if line.startswith("channel")]

@@ -1,7 +1,7 @@
 /* Normalize a small NCHW batch with fastbn and print each channel's statistics.
  *
- *   python -m fastbn.capi build --outdir build
- *   cc native/examples/normalize.c -Ibuild -Lbuild -lfastbn -Wl,-rpath,build -o normalize
+ *   python -m fastbn.capi build --outdir fastbn-c
+ *   cc native/examples/normalize.c -I"$PWD/fastbn-c" -L"$PWD/fastbn-c" -lfastbn -Wl,-rpath,"$PWD/fastbn-c" -o normalize
  *   ./normalize
  */
 #include <stdint.h>
