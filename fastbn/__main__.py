@@ -1,7 +1,9 @@
-"""Command line: ``python -m fastbn bench | floors | normalize | startup | warmup``."""
+"""Command line: ``fastbn`` (or ``python -m fastbn``) ``bench | floors | normalize |
+startup | warmup``; ``python -m fastbn.capi build`` builds the C library."""
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -76,7 +78,9 @@ def _warmup(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__)
+    console = os.path.basename(sys.argv[0]) == "fastbn"  # the console script, not -m
+    parser = argparse.ArgumentParser(prog="fastbn" if console else "python -m fastbn",
+                                     description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time fastbn against a memory copy, NumPy and PyTorch")
     b.add_argument("--case", nargs="+", choices=["nchw", "nchw-batch256", "channels-last", "2d",

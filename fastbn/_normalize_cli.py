@@ -17,6 +17,7 @@ import signal
 import stat
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -289,6 +290,7 @@ def run(args):
     if args.save_stats and (_same_file(args.save_stats, args.input)
                             or _same_file(args.save_stats, args.output)):
         raise UsageError(f"--save-stats {args.save_stats} is IN or OUT: it would overwrite it")
+    started = time.perf_counter()
     reader = NpyReader(args.input)
     writer = stats_writer = None
     try:
@@ -323,6 +325,9 @@ def run(args):
         writer.commit()
         if stats_writer:
             stats_writer.commit()
+        if not args.quiet:
+            print(_summary(args, reader, out_dtype, axis, n_features, given,
+                           time.perf_counter() - started))
     except BaseException:
         for w in (writer, stats_writer):
             if w is not None:
@@ -331,6 +336,24 @@ def run(args):
     finally:
         reader.close()
     return 0
+
+
+def _summary(args, reader, out_dtype, axis, n_features, given, seconds):
+    """The one line a successful run prints: what was done, how fast, and where the
+    statistics went."""
+    items = math.prod(reader.shape)
+    reads = 1 if axis == 0 or given is not None else 2  # a fitting pass, then the transform
+    moved = items * (reads * reader.dtype.itemsize + np.dtype(out_dtype).itemsize)
+    if given is not None:
+        stats = f"statistics from {args.stats}"
+    elif args.save_stats:
+        stats = f"statistics saved to {args.save_stats}"
+    else:
+        stats = "statistics not saved (--save-stats FILE.json keeps them)"
+    rate = f"{moved / seconds / 1e9:.2f} GB/s" if seconds > 0 else "- GB/s"
+    return (f"fastbn normalize: {args.output}: {reader.shape[0]:,} rows x {n_features:,} "
+            f"features, {args.method}, {seconds:.2f} s, {rate} (read {reads}x, written "
+            f"once); {stats}")
 
 
 def _normalize(reader, writer, args, axis, rows, given):
@@ -387,7 +410,8 @@ def add_parser(sub):
     p.add_argument("--save-stats", metavar="FILE.json", help="write the fitted statistics here")
     p.add_argument("--stats", metavar="FILE.json",
                    help="use these statistics (from --save-stats) instead of fitting")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no summary line")
     p.set_defaults(func=main)
     return p
 

@@ -1,6 +1,11 @@
 """The command line runs end to end (quick shapes)."""
 
 import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 import fastbn.__main__ as cli
 
@@ -42,3 +47,14 @@ def test_bench_small_calls_idle_and_busy(tmp_path, capsys):
     assert "small calls" in printed and "MLP step (64, 256) [threads(1)]" in printed
     data = json.loads(path.read_text())["small_calls"]
     assert all(t["idle"] > 0 and t["busy"] > 0 for t in data.values())
+
+
+def test_console_script_lists_every_subcommand():
+    script = os.path.join(os.path.dirname(sys.executable), "fastbn")
+    if not os.path.exists(script):
+        pytest.skip("fastbn is not installed as a console script here")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: fastbn ")
+    for name in ("bench", "floors", "normalize", "startup", "warmup"):
+        assert name in result.stdout

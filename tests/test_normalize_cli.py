@@ -41,6 +41,12 @@ def test_matches_the_in_memory_api(tmp_path, data, method):
     assert y.dtype == np.float32
     np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
     assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+    summary = result.stdout.strip().splitlines()
+    assert len(summary) == 1 and summary[0].startswith(f"fastbn normalize: {out}: 5,000 rows x "
+                                                       f"12 features, {method}, ")
+    assert " GB/s (read 2x, written once); statistics not saved" in summary[0]
+    quiet = _run(path, out, "--method", method, "--quiet")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
 
 
 @pytest.mark.parametrize("axis,shape", [(1, (40, 3, 7)), (0, (5, 30, 4)), (-1, (300,))])
@@ -292,7 +298,7 @@ def test_disk_full_is_one_line_and_exit_2(tmp_path, data):
 def test_memory_stays_at_a_few_chunks(tmp_path, rng):
     """Peak RSS grows with the chunk, not with the file (here 8x the chunk budget x 8)."""
     probe = ("import resource, subprocess, sys\n"
-             "subprocess.run(sys.argv[1:], check=True)\n"
+             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)\n"
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
 
     def peak_kib(path):
