@@ -14,7 +14,6 @@ import argparse
 import ctypes
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
