@@ -27,6 +27,7 @@ def _bench(args):
             with open(args.json, "w") as f:
                 json.dump({"machine": _bench.machine_info(), "small_calls": result}, f, indent=2)
         return
+    print(_bench.peers_line(not args.no_peers))
     cases = args.case or list(_bench.CASES)
     results = []
     for name in cases:

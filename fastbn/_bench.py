@@ -84,6 +84,25 @@ def _torch():
     return torch
 
 
+def peers_line(peers=True):
+    """One line naming each peer the tables compare against, or why its columns are
+    missing (a peer not installed is never silently absent)."""
+    if not peers:
+        return "peers: skipped (--no-peers)"
+    parts = []
+    torch = _torch()
+    parts.append(f"PyTorch {torch.__version__}" if torch is not None else
+                 "PyTorch: not installed, its rows skipped (pip install torch; the CPU build "
+                 "is enough)")
+    try:
+        import sklearn
+    except ImportError:
+        parts.append("scikit-learn: not installed, its rows skipped (pip install scikit-learn)")
+    else:
+        parts.append(f"scikit-learn {sklearn.__version__}")
+    return "peers: " + "; ".join(parts)
+
+
 def time_interleaved(contenders, repeats=11, warmup=2, calls=1):
     """Median seconds per call of each contender; order rotated every repeat, warm-up
     untimed.  A sample times ``calls`` back-to-back calls (tiny cases: a single call of a

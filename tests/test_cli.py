@@ -17,6 +17,7 @@ def test_bench_prints_tables_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "memory floor: parallel copy" in printed and "fastbn forward (out=)" in printed
     assert "peak traced allocation" in printed
+    assert "peers: skipped (--no-peers)" in printed
     data = json.loads(path.read_text())
     assert [r["case"] for r in data["results"]] == ["small", "channels-last"]
     names = {row["contender"] for r in data["results"] for row in r["rows"]}
@@ -58,3 +59,12 @@ def test_console_script_lists_every_subcommand():
     assert result.stdout.startswith("usage: fastbn ")
     for name in ("bench", "floors", "normalize", "startup", "warmup"):
         assert name in result.stdout
+
+
+def test_bench_names_each_peer_or_why_it_is_missing(monkeypatch):
+    from fastbn import _bench
+
+    line = _bench.peers_line()
+    assert line.startswith("peers: ") and "PyTorch" in line and "scikit-learn" in line
+    monkeypatch.setattr(_bench, "_torch", lambda: None)
+    assert "PyTorch: not installed, its rows skipped" in _bench.peers_line()
