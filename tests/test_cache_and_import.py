@@ -56,15 +56,49 @@ def cache_files(directory):
 
 def test_numba_cache_dir_is_honoured_and_reused(tmp_path):
     cache = tmp_path / "numba-cache"
-    out1, _ = run_probe({"NUMBA_CACHE_DIR": str(cache)})
+    out1, err1 = run_probe({"NUMBA_CACHE_DIR": str(cache)})
     assert counts(out1)[1] >= 1  # compiled ...
+    # ... having said so once on stderr (fastbn._notice) ...
+    assert err1.count("fastbn: compiling kernels for float32 (first use only, about ") == 1
     # under the digest-named directory, by module (fastbn._cache.DigestLocator)
     assert any(p.parent.relative_to(cache).parts[1:] == ("_cpu", "kernels")
                and p.parent.relative_to(cache).parts[0].startswith("kernels-")
                for p in cache_files(cache))
-    out2, _ = run_probe({"NUMBA_CACHE_DIR": str(cache)})
+    out2, err2 = run_probe({"NUMBA_CACHE_DIR": str(cache)})
     hits, misses = counts(out2)
     assert hits >= 1 and misses == 0  # ... and loaded from disk by the next process
+    assert "fastbn: compiling" not in err2
+
+
+def test_compile_notice_once_per_dtype_and_only_when_enabled(capsys, monkeypatch):
+    """The notice fires on Numba's compile event for fastbn functions only, once per
+    dtype; the C library's runtime turns it off unless FASTBN_COMPILE_NOTICE=1."""
+    from types import SimpleNamespace
+
+    from numba.core import event, types
+
+    from fastbn import _notice
+    from fastbn._cpu.kernels import numerics
+    from fastbn.capi import _build
+
+    monkeypatch.setattr(_notice, "_announced", set())
+    listener = _notice._CompileNotice()
+
+    def compile_event(fn, dtype):
+        return event.Event("numba:compile", event.EventStatus.START,
+                           data={"dispatcher": SimpleNamespace(py_func=fn),
+                                 "args": (types.Array(dtype, 1, "C"),)})
+
+    ours = numerics.update_running.py_func
+    for _ in range(2):
+        listener.on_start(compile_event(ours, types.float64))
+    listener.on_start(compile_event(os.path.join, types.float32))  # not fastbn's
+    assert capsys.readouterr().err.count("fastbn: compiling kernels for float64") == 1
+    monkeypatch.setitem(_notice._state, "enabled", False)
+    listener.on_start(compile_event(ours, types.float32))
+    assert capsys.readouterr().err == ""
+    assert '_notice.set_enabled(os.environ.get("FASTBN_COMPILE_NOTICE") == "1")' in \
+        _build.INIT_CODE
 
 
 def _read_only_install(tmp_path):

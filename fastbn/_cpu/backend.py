@@ -10,11 +10,13 @@ import threading
 
 import numpy as np
 
-from .. import _moments, _threads
+from .. import _moments, _notice, _threads
 from .._jit import serial_module
 from .._layout import Layout, Output
 from . import kernels
 from .calls import HostCalls
+
+_notice.install()  # a line on stderr before kernels compile (first use only)
 
 # Passed to the kernels' plans on every call (``kernels.plans.MIN_RUN``: runs shorter
 # than this are reduced row-wise); tests lower this copy to force a path.

@@ -26,9 +26,12 @@ import numba
 import numpy as np
 from numba import cuda
 
+from .. import _notice
 from .. import _validate as v
 from .._layout import Layout
 from . import kernels as k
+
+_notice.install()  # a line on stderr before kernels compile (first use only)
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 # The simulator runs every thread as a Python thread: keep launches tiny there.

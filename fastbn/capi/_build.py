@@ -22,6 +22,10 @@ static void fastbn__serial_unlock(void);
 """
 
 INIT_CODE = f"""
+import os
+from fastbn import _notice
+# C programs own their stderr: the compile notice only when asked for
+_notice.set_enabled(os.environ.get("FASTBN_COMPILE_NOTICE") == "1")
 from {MODULE} import ffi, lib
 from fastbn.capi import _entries
 _entries.register(ffi, lib)
