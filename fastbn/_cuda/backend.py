@@ -157,20 +157,15 @@ class _Run:
             self.launch(k.cast, _blocks(src.size))(src.reshape(src.size), dst.reshape(dst.size))
         return dst
 
-    def filled(self, n, value):
-        a = self.array(n)
-        if n:
-            self.launch(k.fill, _blocks(n))(a, value)
-        return a
-
     def empty(self):
         """An empty float64 array: an argument not given, or an output not wanted."""
         return self.scratch("empty", (0,))
 
     def given(self, v):
-        """A per-channel argument (``_Vector``) for the kernels: its device vector, read
-        in its own dtype, or an empty one for a value not given (``kernels._given``)."""
-        return v.d if v.d is not None else self.empty()
+        """A per-channel argument for the kernels: its device vector, read in its own
+        dtype, or an empty one for a value not given (None: ``kernels._given`` then
+        takes 1 for a weight, 0 for a bias)."""
+        return v if v is not None else self.empty()
 
 
 def _wrap(result, like, run):
@@ -304,24 +299,16 @@ def _canonical_view(d, layout):
     return view.reshape(layout.shape3)
 
 
-class _Vector:
-    """A validated per-channel argument: a device vector (kernels read it in its own
-    dtype), or none given (``d`` None: the kernels' default, 1 for a weight, 0 for a
-    bias)."""
-
-    def __init__(self, d=None):
-        self.d = d
-
-
 def _per_channel(a, name, channels):
-    """A validated per-channel device vector (None stays None)."""
+    """A validated per-channel device vector, read by the kernels in its own dtype (None
+    stays None)."""
     if a is None:
         return None
     if not is_device_array(a):
         raise TypeError(f"{name} is a host array, but x is a CUDA device array")
     d = _numba_view(a)
     v.check_per_channel(name, d.dtype, d.shape, channels)
-    return _Vector(d)
+    return d
 
 
 def _running(a, name, channels):
@@ -374,7 +361,7 @@ class DeviceArrays:
         return None if view3 is None else _OutArg(value, view3)
 
     def filled(self, channels, value):
-        return _Vector()
+        return None  # the kernels' default (``_Run.given``)
 
 
 def _row_grid(shape3):

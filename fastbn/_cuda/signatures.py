@@ -55,8 +55,7 @@ def launch_signatures():
     sigs.append(("fused_forward", (_arr(F32, 1), I64, I64, I64, _arr(F32, 1), _arr(F32, 1), F64,
                                    _arr(F32, 1), _arr(F32, 1), F64, _arr(F32, 1),
                                    _arr(F32, 1), _arr(F32, 1))))
-    for src, dst in [(types.boolean, F64), (F64, F64)]:
-        sigs.append(("cast", (_arr(src, 1), _arr(dst, 1))))
+    sigs.append(("cast", (_arr(types.boolean, 1), _arr(F64, 1))))  # boolean data only
     sigs += [("fill", (_arr(F64, 1), F64))]
     return sigs
 
