@@ -17,7 +17,7 @@ from fastbn._bench import CASES, EPS, Inputs, case_shape
 def inputs(request):
     name, dtype = request.param
     quick = request.config.getoption("benchmark_disable", False)
-    shape, axis = case_shape(name, quick=quick)
+    shape, axis = case_shape(name, "quick" if quick else "full")
     return Inputs(shape, axis, dtype)
 
 

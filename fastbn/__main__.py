@@ -3,8 +3,10 @@ startup | warmup``; ``python -m fastbn.capi build`` builds the C library."""
 
 import argparse
 import json
+import math
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -27,21 +29,51 @@ def _bench(args):
             with open(args.json, "w") as f:
                 json.dump({"machine": _bench.machine_info(), "small_calls": result}, f, indent=2)
         return
+    from . import _bench_report as report
+
+    size = "quick" if args.quick else "full" if args.full else "default"
+    cases = args.case or (list(_bench.CASES) if args.full else list(_bench.DEFAULT_CASES))
+    dtypes = args.dtype or (["float32", "float64"] if args.full else ["float32"])
+    ops = _bench.ALL_OPS if args.full else _bench.DEFAULT_OPS
     print(_bench.peers_line(not args.no_peers))
-    cases = args.case or list(_bench.CASES)
+    print(report.LEGEND, flush=True)
+    t0 = time.perf_counter()
+    load = _bench.CpuLoad().start()
+
+    def progress(text):
+        print(f"fastbn bench: {text} ({time.perf_counter() - t0:.0f} s so far)", file=sys.stderr,
+              flush=True)
+
+    runs = [(name, dtype) for name in cases for dtype in dtypes]
+    probe_bytes = max((math.prod(_bench.case_shape(name, size)[0]) * np.dtype(dtype).itemsize
+                       for name, dtype in runs), default=64 << 20)
+    probe_bytes = max(probe_bytes, _bench.CACHE_RESIDENT_BYTES)
+    progress("memory bandwidth at the start")
+    probes = [_bench.probe_bandwidth(probe_bytes)]
     results = []
-    for name in cases:
-        for dtype in args.dtype:
-            result = _bench.run_case(name, np.dtype(dtype), quick=args.quick, repeats=repeats,
-                                     naive=not args.no_naive, peers=not args.no_peers)
-            print()
-            print(_bench.format_case(result, repeats), flush=True)
-            results.append(result)
+    for k, (name, dtype) in enumerate(runs, 1):
+        shape, _ = _bench.case_shape(name, size)
+        progress(f"[{k}/{len(runs)}] {name} {shape} {dtype}, {repeats} repeats")
+        result = _bench.run_case(name, np.dtype(dtype), size=size, repeats=repeats,
+                                 naive=not args.no_naive, peers=not args.no_peers, ops=ops)
+        print()
+        print(report.format_case(result), flush=True)
+        results.append(result)
+    progress("memory bandwidth at the end")
+    probes.append(_bench.probe_bandwidth(probe_bytes))
+    cpu = load.result()
     info = _bench.machine_info()
-    print(f"\nthreading layer: {info['threading_layer']}")
+    print(f"\nthreading layer: {info['threading_layer']}; run took "
+          f"{time.perf_counter() - t0:.0f} s\n")
+    print("\n".join(report.verdict_lines(results)))
+    noisy, reasons, facts = report.noise_assessment(results, probes, cpu)
+    print(report.noise_line(results, probes, cpu))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "repeats": repeats, "results": results}, f, indent=2)
+            json.dump({"machine": info, "repeats": repeats, "size": size, "results": results,
+                       "bandwidth_probes": probes, "cpu_load": cpu,
+                       "noise": {"noisy": noisy, "reasons": reasons, "facts": facts}},
+                      f, indent=2)
         print(f"wrote {args.json}")
     if args.plot:
         _bench.plot(results, args.plot)
@@ -83,15 +115,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastbn" if console else "python -m fastbn",
                                      description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="time fastbn against a memory copy, NumPy and PyTorch")
+    b = sub.add_parser("bench", help="time fastbn against a memory copy, NumPy, scikit-learn "
+                                     "and PyTorch, and say whether the machine was quiet")
     b.add_argument("--case", nargs="+", choices=["nchw", "nchw-batch256", "channels-last", "2d",
                                                  "small"],
-                   help="cases to run (default: all)")
-    b.add_argument("--dtype", nargs="+", default=["float32", "float64"],
-                   choices=["float32", "float64"])
+                   help="cases to run (default: nchw, channels-last, small; --full: all)")
+    b.add_argument("--dtype", nargs="+", choices=["float32", "float64"],
+                   help="default float32; --full: float32 and float64")
+    b.add_argument("--full", action="store_true",
+                   help="the complete run: every case at full size (205 MB arrays), float32 "
+                        "and float64, every op (about 20 minutes, 4.5 GB of memory)")
     b.add_argument("--repeats", type=int, help="timed repeats per contender (default 11)")
     b.add_argument("--quick", action="store_true",
-                   help="smaller shapes and 5 repeats: under a minute")
+                   help="smaller shapes and 5 repeats: seconds once compiled")
     b.add_argument("--no-naive", action="store_true", help="skip the naive NumPy contenders")
     b.add_argument("--no-peers", action="store_true", help="skip PyTorch even if installed")
     b.add_argument("--json", help="also write the numbers to this file")

@@ -23,14 +23,26 @@ from ._cpu import floors as traffic
 from ._cpu import kernels
 from ._cpu.backend import pipelined, plan_chains
 
-# name: (shape, channel axis), full size and --quick size
+# name: {size: (shape, channel axis)}.  "full" is ``--full``'s size (arrays of 205 MB
+# in float32), "default" the size the plain command times (51 MB in float32: well above
+# the last-level cache, and a run that stays within 1.5 GB), "quick" ``--quick``'s.
 CASES = {
-    "nchw": (((64, 256, 56, 56), 1), ((8, 64, 28, 28), 1)),
-    "nchw-batch256": (((256, 64, 32, 32), 1), ((32, 32, 16, 16), 1)),
-    "channels-last": (((64, 56, 56, 256), -1), ((8, 28, 28, 64), -1)),
-    "2d": (((1_000_000, 64), -1), ((100_000, 64), -1)),
-    "small": (((32, 64, 8, 8), 1), ((32, 64, 8, 8), 1)),
+    "nchw": {"full": ((64, 256, 56, 56), 1), "default": ((32, 128, 56, 56), 1),
+             "quick": ((8, 64, 28, 28), 1)},
+    "nchw-batch256": {"full": ((256, 64, 32, 32), 1), "default": ((256, 48, 32, 32), 1),
+                      "quick": ((32, 32, 16, 16), 1)},
+    "channels-last": {"full": ((64, 56, 56, 256), -1), "default": ((32, 56, 56, 128), -1),
+                      "quick": ((8, 28, 28, 64), -1)},
+    "2d": {"full": ((1_000_000, 64), -1), "default": ((200_000, 64), -1),
+           "quick": ((100_000, 64), -1)},
+    "small": {"full": ((32, 64, 8, 8), 1), "default": ((32, 64, 8, 8), 1),
+              "quick": ((32, 64, 8, 8), 1)},
 }
+SIZES = ("full", "default", "quick")
+# what the plain command times: the cases and ops a user decides on, in float32
+DEFAULT_CASES = ("nchw", "channels-last", "small")
+DEFAULT_OPS = ("forward", "inference", "backward", "standardize", "scaler")
+ALL_OPS = DEFAULT_OPS + ("stats", "scaler (weighted)")
 FLOOR = "memory floor: parallel copy"
 READ = "floor: parallel read"
 READ_COPY = "floor: read + copy"
@@ -44,8 +56,9 @@ PIPELINED_READ2_ADD = "floor: pipelined, read x, dy of c+1 + (x + dy) of c from 
 EPS = 1e-5
 
 
-def case_shape(name, quick=False):
-    return CASES[name][1 if quick else 0]
+def case_shape(name, size="full"):
+    """``(shape, channel axis)`` of case ``name`` at ``size`` (one of ``SIZES``)."""
+    return CASES[name][size]
 
 
 def machine_info():
@@ -66,6 +79,9 @@ def machine_info():
         "numpy": np.__version__,
         "numba": numba.__version__,
     }
+    llc = last_level_cache_bytes()
+    if llc:
+        info["last_level_cache"] = f"{llc >> 20} MiB"
     try:
         info["threading_layer"] = numba.threading_layer()
     except ValueError:
@@ -103,24 +119,40 @@ def peers_line(peers=True):
     return "peers: " + "; ".join(parts)
 
 
+# A call slower than this is timed without the untimed call before each sample.
+SLOW_CALL_S = 0.05
+
+
 def time_interleaved(contenders, repeats=11, warmup=2, calls=1):
-    """Median seconds per call of each contender; order rotated every repeat, warm-up
-    untimed.  A sample times ``calls`` back-to-back calls (tiny cases: a single call of a
-    few microseconds is mostly timer noise) right after one untimed call of the same
+    """Median seconds per call of each contender, and every sample; order rotated every
+    repeat, warm-up untimed.
+
+    A sample times ``calls`` back-to-back calls (tiny cases: a single call of a few
+    microseconds is mostly timer noise) right after one untimed call of the same
     contender, so that each is timed from its own state, not the previous contender's:
     its caches, and no other runtime's threads spinning on the two cores (PyTorch's
     OpenMP threads spin on after a call, and Numba's after a fastbn call: a 2.4 ms fastbn
-    inference took 2.8 ms right after ``native_batch_norm.out``)."""
+    inference took 2.8 ms right after ``native_batch_norm.out``).  A contender whose
+    first call takes over ``SLOW_CALL_S`` (the naive NumPy peers, 40-100x fastbn) gets
+    neither the second warm-up nor the untimed calls: that state is noise next to its
+    time, and those calls were a third of the default run.
+    """
     names = list(contenders)
+    slow = set()
     for _ in range(warmup):
         for name in names:
-            contenders[name]()
+            if name not in slow:
+                t0 = time.perf_counter()
+                contenders[name]()
+                if time.perf_counter() - t0 > SLOW_CALL_S:
+                    slow.add(name)
     times = {name: [] for name in names}
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             fn = contenders[name]
-            fn()  # untimed: the sample starts from this contender's own state (see above)
+            if name not in slow:
+                fn()  # untimed: the sample starts from this contender's own state
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
@@ -249,14 +281,13 @@ SCALER = "fastbn.sklearn StandardScaler().fit_transform"
 WEIGHTED_SCALER = "fastbn.sklearn StandardScaler().fit_transform(sample_weight)"
 
 
-def fastbn_contenders(a):
-    """op -> {name: callable} for fastbn and the floors."""
+def fastbn_contenders(a, ops=ALL_OPS):
+    """op -> {name: callable} for fastbn's calls of ``ops`` and the floors they need."""
     floors = {FLOOR: lambda: traffic.copy(a.x, a.copy_dst)}
-    for name, fn in pattern_floors(a).values():
-        if fn is not None:
+    for op, (name, fn) in pattern_floors(a).items():
+        if fn is not None and op in ops:
             floors[name] = fn
-    return {
-        "floor": floors,
+    calls = {
         "forward": {
             "fastbn forward (out=)": lambda: api.batch_norm_forward(
                 a.x, a.weight, a.bias, axis=a.axis, eps=EPS, out=a.out),
@@ -275,24 +306,28 @@ def fastbn_contenders(a):
         **({"standardize": {"fastbn standardize (out=)": lambda: preprocessing.standardize(
             a.x, axis=a.axis, out=a.out)}} if feature_last(a) else {}),
     }
+    return {"floor": floors, **{op: c for op, c in calls.items() if op in ops}}
 
 
 def numpy_contenders(a):
-    """Naive NumPy: what one writes without fastbn (three passes and temporaries)."""
+    """Naive NumPy: what one writes without fastbn (three passes and temporaries), with
+    the weights in the input's dtype as a NumPy user would hold them."""
+    weight = a.weight.astype(a.dtype).reshape(a.bshape)
+    bias = a.bias.astype(a.dtype).reshape(a.bshape)
+    mean = a.mean.astype(a.dtype).reshape(a.bshape)
+    inv = a.invstd.astype(a.dtype).reshape(a.bshape)
+
     def forward():
         mean = a.x.mean(axis=a.red, keepdims=True)
         var = a.x.var(axis=a.red, keepdims=True)
-        return ((a.x - mean) / np.sqrt(var + EPS) * a.weight.reshape(a.bshape)
-                + a.bias.reshape(a.bshape))
+        return (a.x - mean) / np.sqrt(var + EPS) * weight + bias
 
     def backward():
         n = a.x.size // a.x.shape[a.axis]
-        mean = a.mean.astype(np.float64).reshape(a.bshape)
-        inv = a.invstd.astype(np.float64).reshape(a.bshape)
         xhat = (a.x - mean) * inv
         dbias = a.dy.sum(axis=a.red, keepdims=True)
         dweight = (a.dy * xhat).sum(axis=a.red, keepdims=True)
-        return a.weight.reshape(a.bshape) * inv * (a.dy - dbias / n - xhat * dweight / n)
+        return weight * inv * (a.dy - dbias / n - xhat * dweight / n)
 
     return {
         "forward": {"NumPy naive forward": forward},
@@ -357,10 +392,12 @@ BASELINE = {"forward": "fastbn forward (out=)", "inference": "fastbn inference (
             "scaler (weighted)": WEIGHTED_SCALER}
 
 
-def peak_memory(a):
+def peak_memory(a, ops=ALL_OPS):
     """Peak traced allocation (NumPy's allocations) per fastbn call, in input sizes."""
-    calls = {op: next(iter(c.values())) for op, c in fastbn_contenders(a).items() if op != "floor"}
-    calls["forward (allocating)"] = fastbn_contenders(a)["forward"]["fastbn forward (allocating)"]
+    groups = fastbn_contenders(a, ops)
+    calls = {op: next(iter(c.values())) for op, c in groups.items() if op != "floor"}
+    if "forward" in groups:
+        calls["forward (allocating)"] = groups["forward"]["fastbn forward (allocating)"]
     result = {}
     for name, call in calls.items():
         tracemalloc.start()
@@ -371,24 +408,108 @@ def peak_memory(a):
     return result
 
 
-def run_case(name, dtype=np.float32, quick=False, repeats=11, naive=True, peers=True):
-    """Time one case; returns ``{"case", "shape", "dtype", "rows", "memory"}``."""
-    shape, axis = case_shape(name, quick)
+def probe_bandwidth(nbytes=64 << 20, repeats=11):
+    """The machine's memory bandwidth now: GB/s of the parallel copy floor of ``nbytes``
+    of float32 (the run's largest case, so a case's own copy floor should match it), and
+    the spread of its samples.  Measured at the start and at the end of a run."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    medians, samples = time_interleaved({"copy": lambda: traffic.copy(src, dst)},
+                                        repeats=repeats)
+    return {"bytes": src.nbytes, "GB/s": 2 * src.nbytes / medians["copy"] / 1e9,
+            "iqr_pct": spread_pct(samples["copy"])}
+
+
+def last_level_cache_bytes():
+    """Size of the largest CPU cache (Linux sysfs), or None where it cannot be read."""
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * unit)
+        except ValueError:
+            continue
+    return max(sizes, default=None)
+
+
+class CpuLoad:
+    """CPU time other processes took (and the hypervisor stole) while this process ran.
+
+    Reads ``/proc/stat`` (Linux; elsewhere ``result()`` is None) at ``start()`` and at
+    ``result()``: busy time of all CPUs, less this process's own, as a fraction of all
+    CPUs' wall time.
+    """
+
+    def start(self):
+        self._t0 = self._sample()
+        return self
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        own = os.times()
+        fields += [0] * (8 - len(fields))
+        idle, steal = fields[3] + fields[4], fields[7]
+        return time.monotonic(), sum(fields) - idle - steal, steal, own.user + own.system
+
+    def result(self):
+        t1 = self._sample()
+        if self._t0 is None or t1 is None:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        wall = (t1[0] - self._t0[0]) * (os.cpu_count() or 1)
+        if wall <= 0:
+            return None
+        busy = (t1[1] - self._t0[1]) / hz - (t1[3] - self._t0[3])
+        return {"others": max(0.0, busy / wall), "steal": (t1[2] - self._t0[2]) / hz / wall}
+
+
+def spread_pct(samples):
+    """Interquartile range of ``samples`` as a percent of their median."""
+    q1, median, q3 = np.percentile(samples, [25, 50, 75])
+    return 100.0 * (q3 - q1) / median
+
+
+def run_case(name, dtype=np.float32, size="full", repeats=11, naive=True, peers=True,
+             ops=ALL_OPS):
+    """Time ``ops`` of one case; returns ``{"case", "shape", "dtype", "rows", "memory", ...}``.
+
+    Each row is one contender: its median, spread (IQR as a percent of the median) and
+    ratios to the copy floor, to its op's pattern floor (fastbn rows) and to fastbn's
+    call of the same op.
+    """
+    shape, axis = case_shape(name, size)
     a = Inputs(shape, axis, dtype)
-    groups = fastbn_contenders(a)
+    groups = fastbn_contenders(a, ops)
+    extra = []
     if naive:
-        for op, c in numpy_contenders(a).items():
-            groups[op].update(c)
+        extra.append(numpy_contenders(a))
     torch = _torch() if peers else None
     if torch is not None:
-        for op, c in torch_contenders(torch, a).items():
-            groups[op].update(c)
+        extra.append(torch_contenders(torch, a))
     if peers:
-        for op, c in sklearn_contenders(a).items():
-            groups.setdefault(op, {}).update(c)
+        extra.append(sklearn_contenders(a))
+    for contenders in extra:
+        for op, c in contenders.items():
+            if op in ops:
+                groups.setdefault(op, {}).update(c)
     flat = {name_: fn for c in groups.values() for name_, fn in c.items()}
     calls = calls_per_sample(a)
-    medians, _ = time_interleaved(flat, repeats=repeats, calls=calls)
+    medians, samples = time_interleaved(flat, repeats=repeats, calls=calls)
     floor_s = medians[FLOOR]
     patterns = {op: name_ for op, (name_, _) in pattern_floors(a).items()}
     if "scaler" in patterns:
@@ -399,40 +520,22 @@ def run_case(name, dtype=np.float32, quick=False, repeats=11, naive=True, peers=
             sec = medians[contender]
             base = BASELINE.get(op)
             pattern = patterns.get(op)
+            ours = contender.startswith("fastbn")
             rows.append({
                 "op": op,
                 "contender": contender,
                 "median_ms": sec * 1e3,
+                "iqr_pct": spread_pct(samples[contender]),
                 "GB/s": BYTES_MOVED[op] * a.x.nbytes / sec / 1e9,
                 "x_floor": sec / floor_s,
-                "x_pattern_floor": (sec / medians[pattern]
-                                    if pattern and contender.startswith("fastbn") else float("nan")),
-                "pattern_floor": pattern if contender.startswith("fastbn") else None,
+                "x_pattern_floor": sec / medians[pattern] if pattern and ours else float("nan"),
+                "pattern_floor": pattern if ours else None,
                 "x_fastbn": sec / medians[base] if base else float("nan"),
             })
     return {"case": name, "shape": list(shape), "axis": axis, "dtype": np.dtype(dtype).name,
-            "calls_per_sample": calls, "rows": rows, "memory": peak_memory(a)}
-
-
-def format_case(result, repeats):
-    rows = result["rows"]
-    width = max(len(r["contender"]) for r in rows)
-    calls = result.get("calls_per_sample", 1)
-    per = f" of {calls} calls each, per call" if calls > 1 else ""
-    head = (f"{result['case']}: {tuple(result['shape'])} {result['dtype']}, axis={result['axis']} "
-            f"(median of {repeats} interleaved repeats{per})")
-    lines = [head, f"  {'contender':<{width}}  {'median ms':>10}  {'GB/s':>7}  {'/ floor':>8}  "
-                   f"{'/ pattern':>9}  {'/ fastbn':>8}"]
-    for r in rows:
-        vs = "" if r["x_fastbn"] != r["x_fastbn"] else f"{r['x_fastbn']:8.2f}"
-        pat = "" if r["x_pattern_floor"] != r["x_pattern_floor"] else f"{r['x_pattern_floor']:9.2f}"
-        lines.append(f"  {r['contender']:<{width}}  {r['median_ms']:10.4f}  {r['GB/s']:7.1f}  "
-                     f"{r['x_floor']:8.2f}  {pat:>9}  {vs:>8}")
-    mem = ", ".join(f"{k} {v:.3f}" for k, v in result["memory"].items())
-    lines.append(f"  peak traced allocation per call, in input sizes: {mem}")
-    lines.append("  / floor: time over the parallel copy; / pattern: fastbn's time over the floor "
-                 "of its own traffic (README, Performance); / fastbn: a peer's time over fastbn's")
-    return "\n".join(lines)
+            "bytes": a.x.nbytes, "llc_bytes": last_level_cache_bytes(), "cache_resident": a.x.nbytes < CACHE_RESIDENT_BYTES,
+            "calls_per_sample": calls, "repeats": repeats, "rows": rows,
+            "memory": peak_memory(a, ops)}
 
 
 def plot(results, path):
@@ -477,7 +580,7 @@ def floor_sweep(name="nchw", dtype=np.float32, quick=False, repeats=11):
     fastest possible kernel on that schedule (the traffic and nothing else).
     Returns ``[(contender, median seconds, time / copy)]``.
     """
-    shape, axis = case_shape(name, quick)
+    shape, axis = case_shape(name, "quick" if quick else "full")
     a = Inputs(shape, axis, dtype)
     x3, dy3, dst3 = (v.reshape(a.shape3) for v in (a.x, a.dy, a.copy_dst))
     channel_bytes = a.shape3[0] * a.shape3[2] * a.x.itemsize
