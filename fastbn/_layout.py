@@ -88,6 +88,7 @@ class Output:
     """
 
     def __init__(self, layout, out, out_dtype, work_dtype, inputs3):
+        self._layout = layout
         self._copy_to = None
         if out is None and out_dtype == work_dtype:
             self.y3, self.result = layout.new(work_dtype)
@@ -103,6 +104,21 @@ class Output:
                     return
         self.y3 = np.empty(layout.shape3, dtype=work_dtype)
         self._copy_to = layout.transformed(self.result)
+
+    def align_like(self, other3, line=64):
+        """Make ``y3`` lie at ``other3``'s offset within a cache line (through a temporary
+        when it does not): a kernel writing both with streaming stores splits them into the
+        same whole lines."""
+        offset = other3.__array_interface__["data"][0] % line
+        if self.y3.__array_interface__["data"][0] % line == offset:
+            return
+        items = line // self.y3.itemsize + 1
+        raw = np.empty(self.y3.size + items, dtype=self.y3.dtype)
+        start = (offset - raw.__array_interface__["data"][0] % line) % line // self.y3.itemsize
+        y3 = raw[start:start + self.y3.size].reshape(self.y3.shape)
+        if self._copy_to is None:
+            self._copy_to = self._layout.transformed(self.result)
+        self.y3 = y3
 
     def finish(self):
         if self._copy_to is not None:

@@ -224,8 +224,27 @@ class HostArrays:
 HOST = HostArrays()
 
 
+def activation_relu(activation):
+    """Whether ``activation`` (None or "relu", contract section 6) asks for ReLU."""
+    if activation is None:
+        return False
+    if isinstance(activation, str) and activation == "relu":
+        return True
+    raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+
+
+def operand_like(value, name, xa, axis, arrays):
+    """An optional array of ``x``'s shape (a residual, the forward's output), any strides
+    and float dtype, or None."""
+    if value is None:
+        return None
+    a = arrays.input(value, name)
+    check_same_shape(a.shape, xa.shape, name, "x")
+    return arrays.at_axis(a, axis, like=xa)
+
+
 def forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
-                 arrays=HOST):
+                 arrays=HOST, residual=None, activation=None):
     """The validated call of a training forward, for the backend whose ``arrays`` these
     are (the batch size is the caller's to check: synchronized batch norm checks the
     global one)."""
@@ -236,6 +255,7 @@ def forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum
     out_dtype = output_dtype(xa.dtype)
     w = arrays.per_channel(weight, "weight", channels)
     b = arrays.per_channel(bias, "bias", channels)
+    relu = activation_relu(activation)
     return SimpleNamespace(
         x=xa, axis=ax, channels=channels, out_dtype=out_dtype, stats_dtype=stats_dtype(xa.dtype),
         weight=arrays.filled(channels, 1.0) if w is None else w,
@@ -244,10 +264,12 @@ def forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum
         momentum=real_scalar(momentum, "momentum", low=0.0, high=1.0),
         running_mean=arrays.running(running_mean, "running_mean", channels),
         running_var=arrays.running(running_var, "running_var", channels),
+        residual=operand_like(residual, "residual", xa, ax, arrays), relu=relu,
         out=arrays.out(out, xa, out_dtype))
 
 
-def inference_args(x, running_mean, running_var, weight, bias, axis, eps, out, arrays=HOST):
+def inference_args(x, running_mean, running_var, weight, bias, axis, eps, out, arrays=HOST,
+                   residual=None, activation=None):
     """The validated call of an inference forward."""
     xa = arrays.input(x, "x")
     ax = channel_axis(axis, xa.ndim)
@@ -259,15 +281,20 @@ def inference_args(x, running_mean, running_var, weight, bias, axis, eps, out, a
     rv = arrays.per_channel(running_var, "running_var", channels)
     w = arrays.per_channel(weight, "weight", channels)
     b = arrays.per_channel(bias, "bias", channels)
+    relu = activation_relu(activation)
     return SimpleNamespace(
         x=xa, axis=ax, channels=channels, out_dtype=out_dtype, running_mean=rm,
         running_var=rv, weight=arrays.filled(channels, 1.0) if w is None else w,
         bias=arrays.filled(channels, 0.0) if b is None else b,
-        eps=real_scalar(eps, "eps", low=0.0), out=arrays.out(out, xa, out_dtype))
+        eps=real_scalar(eps, "eps", low=0.0),
+        residual=operand_like(residual, "residual", xa, ax, arrays), relu=relu,
+        out=arrays.out(out, xa, out_dtype))
 
 
-def backward_args(dy, x, mean, invstd, weight, axis, out, arrays=HOST):
-    """The validated call of a training backward."""
+def backward_args(dy, x, mean, invstd, weight, axis, out, arrays=HOST, activation=None,
+                  y=None, residual_grad=False, residual_out=None):
+    """The validated call of a training backward (with ReLU's mask and the residual's
+    gradient, contract section 6)."""
     xa = arrays.input(x, "x")
     dya = arrays.input(dy, "dy")
     check_same_shape(dya.shape, xa.shape, "dy", "x")
@@ -278,12 +305,32 @@ def backward_args(dy, x, mean, invstd, weight, axis, out, arrays=HOST):
     out_dtype = np.result_type(output_dtype(dya.dtype), output_dtype(xa.dtype))
     require_saved_stats(mean, invstd)
     w = arrays.per_channel(weight, "weight", channels)
+    relu = activation_relu(activation)
+    if relu and y is None:
+        raise ValueError("activation='relu' needs y, the forward's output (the gradient "
+                         "flows where y > 0)")
+    if not isinstance(residual_grad, (bool, np.bool_)):
+        raise TypeError(f"residual_grad must be True or False, got {residual_grad!r}")
+    if residual_out is not None and not residual_grad:
+        raise ValueError("residual_out is given but residual_grad is False")
+    out_a = arrays.out(out, xa, out_dtype)
+    res_out = arrays.out(residual_out, xa, out_dtype, "residual_out") if residual_grad else None
+    if out_a is not None and res_out is not None and _same_memory(out_a, res_out):
+        raise ValueError("out and residual_out must be different arrays")
     return SimpleNamespace(
         dy=dya, x=xa, axis=ax, channels=channels, out_dtype=out_dtype,
         stats_dtype=stats_dtype(out_dtype), mean=arrays.per_channel(mean, "mean", channels),
         invstd=arrays.per_channel(invstd, "invstd", channels),
         weight=arrays.filled(channels, 1.0) if w is None else w,
-        out=arrays.out(out, xa, out_dtype))
+        y=operand_like(y, "y", xa, ax, arrays) if relu else None,
+        residual_grad=bool(residual_grad), residual_out=res_out, out=out_a)
+
+
+def _same_memory(a, b):
+    """Whether two outputs share any memory (neither may then be written first)."""
+    if hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray):
+        return a.__cuda_array_interface__["data"][0] == b.__cuda_array_interface__["data"][0]
+    return np.may_share_memory(a, b)
 
 
 def stats_args(x, axis, ddof, arrays=HOST):

@@ -31,7 +31,7 @@ def _zeros_or(a, channels):
 
 
 def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mean=None,
-                       running_var=None, momentum=0.1, out=None):
+                       running_var=None, momentum=0.1, residual=None, activation=None, out=None):
     """Training-mode batch normalization: batch statistics and normalized output in one pass.
 
     Parameters
@@ -50,14 +50,20 @@ def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_m
         ``momentum`` (the variance update uses the unbiased batch variance).
     momentum : float, default 0.1
         Weight of the batch statistics in the running update, in [0, 1].
+    residual : array_like, optional
+        Added to the normalized output before the activation, in the same pass
+        (ResNet's shortcut): ``x``'s shape, any strides and float dtype.  The
+        statistics are those of ``x`` alone.
+    activation : {None, "relu"}
+        Applied last, in the same pass.
     out : ndarray, optional
         Where to write ``y``: the shape of ``x`` and its output dtype; may be
-        ``x`` itself.
+        ``x`` or ``residual`` itself.
 
     Returns
     -------
     y : ndarray
-        ``weight * (x - mean) * invstd + bias``.
+        ``act(weight * (x - mean) * invstd + bias + residual)``.
     mean, invstd : ndarray of shape (C,)
         Batch mean and ``1 / sqrt(var + eps)`` (biased variance; 0 where
         ``var + eps == 0``), float64 for float64 input, float32 otherwise.
@@ -78,8 +84,10 @@ def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_m
     >>> bool(abs(y.mean()) < 1e-5)
     True
     """
-    plain = v.plain_forward_args(x, weight, bias, axis, eps, running_mean, running_var,
-                                 momentum, out)
+    plain = None
+    if residual is None and activation is None:
+        plain = v.plain_forward_args(x, weight, bias, axis, eps, running_mean, running_var,
+                                     momentum, out)
     if plain is not None:  # host arrays in the common form: no conversions to make
         ax, channels, n = plain
         y, mean, var, invstd = host_backend().forward_train_contiguous(
@@ -88,14 +96,15 @@ def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_m
         update_running_stats(running_mean, running_var, mean, var, n, momentum)
         return y, mean.astype(x.dtype), invstd.astype(x.dtype)  # float32/64 keep theirs
     backend = backend_for(x=x, weight=weight, bias=bias, running_mean=running_mean,
-                          running_var=running_var, out=out)
+                          running_var=running_var, residual=residual, out=out)
     a = v.forward_args(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
-                       arrays=backend.arrays)
+                       arrays=backend.arrays, residual=residual, activation=activation)
     return backend.batch_norm_forward(a, v.require_training_batch(a.x.shape, a.axis))
 
 
-def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
-    """Gradients of the training-mode forward.
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, activation=None, y=None,
+                        out=None, residual_grad=False, residual_out=None):
+    """Gradients of the training-mode forward, through its activation.
 
     Parameters
     ----------
@@ -109,37 +118,58 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
         The forward's weight (default 1).
     axis : int, default 1
         The channel axis.
+    activation : {None, "relu"}
+        The forward's activation.  With "relu", ``y`` is required and the gradient
+        flows where ``y > 0`` (``g = dy`` there, 0 elsewhere); below, ``g`` is ``dy``
+        without an activation.
+    y : array_like, optional
+        The forward's output (only read with ``activation="relu"``).
     out : ndarray, optional
         Where to write ``dx`` (may be ``dy`` or ``x``).
+    residual_grad : bool, default False
+        Also return ``dresidual``, the gradient reaching the forward's residual.
+    residual_out : ndarray, optional
+        Where to write ``dresidual`` (may be ``dy``; not ``out``).
 
     Returns
     -------
     dx : ndarray
-        ``weight * invstd * (dy - dbias / n - (x - mean) * invstd * dweight / n)``.
+        ``weight * invstd * (g - dbias / n - (x - mean) * invstd * dweight / n)``.
     dweight, dbias : ndarray of shape (C,)
-        ``sum(dy * (x - mean) * invstd)`` and ``sum(dy)`` over each channel.
+        ``sum(g * (x - mean) * invstd)`` and ``sum(g)`` over each channel.
+    dresidual : ndarray
+        With ``residual_grad=True`` only: ``g``, in ``dx``'s dtype.  All in one pass
+        over ``dy``, ``y`` and ``x``.
     """
-    plain = v.plain_backward_args(dy, x, mean, invstd, weight, axis, out)
+    plain = None
+    if activation is None and not residual_grad and residual_out is None:
+        plain = v.plain_backward_args(dy, x, mean, invstd, weight, axis, out)
     if plain is not None:
         ax, channels = plain
         inv64 = v.as_float64(invstd)
         dx, sum_dy, sum_dy_xmu = host_backend().backward_train_contiguous(
             dy, x, ax, v.as_float64(mean), inv64, _ones_or(v.as_float64(weight), channels), out)
         return dx, (sum_dy_xmu * inv64).astype(x.dtype), sum_dy.astype(x.dtype)
-    backend = backend_for(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight, out=out)
-    a = v.backward_args(dy, x, mean, invstd, weight, axis, out, arrays=backend.arrays)
+    backend = backend_for(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight, y=y, out=out,
+                          residual_out=residual_out)
+    a = v.backward_args(dy, x, mean, invstd, weight, axis, out, arrays=backend.arrays,
+                        activation=activation, y=y, residual_grad=residual_grad,
+                        residual_out=residual_out)
     return backend.batch_norm_backward(a, v.require_training_batch(a.x.shape, a.axis))
 
 
 def batch_norm_inference(x, running_mean, running_var, weight=None, bias=None, *, axis=1,
-                         eps=1e-5, out=None):
+                         eps=1e-5, residual=None, activation=None, out=None):
     """Inference-mode batch normalization with given (running) statistics.
 
-    ``y = weight * (x - running_mean) / sqrt(running_var + eps) + bias``, one
-    fused pass.  Parameters are those of :func:`batch_norm_forward`; the
+    ``y = act(weight * (x - running_mean) / sqrt(running_var + eps) + bias + residual)``,
+    one fused pass.  Parameters are those of :func:`batch_norm_forward`; the
     statistics are only read.  An empty ``x`` gives an empty output.
     """
-    plain = v.plain_inference_args(x, running_mean, running_var, weight, bias, axis, eps, out)
+    plain = None
+    if residual is None and activation is None:
+        plain = v.plain_inference_args(x, running_mean, running_var, weight, bias, axis, eps,
+                                       out)
     if plain is not None:
         ax, channels = plain
         return host_backend().inference_contiguous(
@@ -147,9 +177,9 @@ def batch_norm_inference(x, running_mean, running_var, weight=None, bias=None, *
             _ones_or(v.as_float64(weight), channels), _zeros_or(v.as_float64(bias), channels),
             eps, out)
     backend = backend_for(x=x, running_mean=running_mean, running_var=running_var,
-                          weight=weight, bias=bias, out=out)
+                          weight=weight, bias=bias, residual=residual, out=out)
     a = v.inference_args(x, running_mean, running_var, weight, bias, axis, eps, out,
-                         arrays=backend.arrays)
+                         arrays=backend.arrays, residual=residual, activation=activation)
     return backend.batch_norm_inference(a)
 
 

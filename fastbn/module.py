@@ -44,6 +44,10 @@ class BatchNorm:
         ``bias`` key in the state), as PyTorch 2's ``bias=False``.
     dtype : dtype, default float32
         dtype of the parameters and running statistics.
+    activation : {None, "relu"}
+        Fused after the normalization and the optional residual of ``bn(x, residual)``
+        (contract section 6): ``y = relu(bn(x) + residual)`` in one pass, and a
+        ``backward`` through both.
 
     The first five parameters take PyTorch's positions
     (``BatchNorm(C, eps, momentum, affine, track_running_stats)``).
@@ -56,10 +60,20 @@ class BatchNorm:
     >>> y = bn(x)                       # training mode: batch stats, running stats updated
     >>> dx = bn.backward(np.ones_like(y))
     >>> bn.eval(); y_eval = bn(x)       # inference with the running statistics
+
+    ResNet's ``relu(bn(conv(x)) + shortcut)`` in one pass, forward and backward:
+
+    >>> block = fastbn.BatchNorm(3, activation="relu")
+    >>> shortcut = np.ones_like(x)
+    >>> y = block(x, residual=shortcut)
+    >>> dx = block.backward(np.ones_like(y))
+    >>> block.grad_residual.shape       # the gradient reaching the shortcut
+    (16, 3, 8, 8)
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, bias=True, dtype=np.float32):
+                 track_running_stats=True, *, axis=1, bias=True, dtype=np.float32,
+                 activation=None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -68,6 +82,7 @@ class BatchNorm:
             raise ValueError(f"dtype must be float32 or float64, got {dtype}")
         if momentum is not None:
             v.real_scalar(momentum, "momentum", low=0.0, high=1.0)
+        v.activation_relu(activation)
         self.num_features = int(num_features)
         self.axis = axis
         self.eps = v.real_scalar(eps, "eps", low=0.0)
@@ -75,10 +90,12 @@ class BatchNorm:
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.dtype = dtype
+        self.activation = activation
         self.weight = np.empty(num_features, dtype) if affine else None
         self.bias = np.empty(num_features, dtype) if affine and bias else None
         self.grad_weight = None
         self.grad_bias = None
+        self.grad_residual = None
         if track_running_stats:
             self.running_mean = np.empty(num_features, dtype)
             self.running_var = np.empty(num_features, dtype)
@@ -121,8 +138,13 @@ class BatchNorm:
         return self.training or (self.running_mean is None and self.running_var is None)
 
     # ---------------------------------------------------------------- passes
-    def forward(self, x):
-        """Normalize ``x``; in training mode also update the running statistics."""
+    def forward(self, x, residual=None):
+        """Normalize ``x``, add ``residual`` (optional, ``x``'s shape) and apply the layer's
+        activation, in one pass; in training mode also update the running statistics.
+
+        With an activation, ``backward`` reads the returned ``y``: do not modify it in
+        place before then.
+        """
         if self._uses_batch_stats():
             update = self.training and self.track_running_stats
             counted = update and self.num_batches_tracked is not None
@@ -134,33 +156,49 @@ class BatchNorm:
             y, mean, invstd = batch_norm_forward(
                 x, self.weight, self.bias, axis=self.axis, eps=self.eps,
                 running_mean=self.running_mean if update else None,
-                running_var=self.running_var if update else None, momentum=factor)
+                running_var=self.running_var if update else None, momentum=factor,
+                residual=residual, activation=self.activation)
             if counted:
                 self.num_batches_tracked[...] = tracked
-            self._saved = ("batch", x, mean, invstd)
+            self._saved = ("batch", x, mean, invstd, y, residual is not None)
         else:
             y = batch_norm_inference(x, self.running_mean, self.running_var, self.weight,
-                                     self.bias, axis=self.axis, eps=self.eps)
+                                     self.bias, axis=self.axis, eps=self.eps,
+                                     residual=residual, activation=self.activation)
             self._saved = ("running", x, self.running_mean.copy(),
-                           _moments.invstd(self.running_var, self.eps))
+                           _moments.invstd(self.running_var, self.eps), y,
+                           residual is not None)
         return y
 
     __call__ = forward
 
     def backward(self, dy):
-        """Gradient with respect to the last forward's input; sets ``grad_weight``/``grad_bias``.
+        """Gradient with respect to the last forward's input; sets ``grad_weight``,
+        ``grad_bias`` and, after a forward with a residual, ``grad_residual``.
 
         After a training-mode forward this is the full batch-norm gradient; in
-        eval mode the statistics are constants and ``dx = dy * weight * invstd``.
+        eval mode the statistics are constants and ``dx = g * weight * invstd``.  ``g``
+        is ``dy`` through the activation (ReLU: where the output was > 0), which is also
+        the residual's gradient.
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() first")
-        mode, x, mean, invstd = self._saved
+        mode, x, mean, invstd, y, with_residual = self._saved
+        dres = None
         if mode == "batch":
-            dx, dweight, dbias = batch_norm_backward(dy, x, mean, invstd, self.weight,
-                                                     axis=self.axis)
+            grads = batch_norm_backward(dy, x, mean, invstd, self.weight, axis=self.axis,
+                                        activation=self.activation, y=y,
+                                        residual_grad=with_residual)
+            dx, dweight, dbias = grads[:3]
+            if with_residual:
+                dres = grads[3]
         else:
+            if self.activation == "relu":
+                dy = np.where(np.asarray(y) > 0, dy, np.zeros((), np.asarray(dy).dtype))
             dx, dweight, dbias = _eval_backward(dy, x, mean, invstd, self.weight, self.axis)
+            if with_residual:
+                dres = np.array(dy, dtype=dx.dtype, copy=True)
+        self.grad_residual = dres
         if self.weight is not None:
             self.grad_weight = dweight.astype(self.dtype)
         if self.bias is not None:
@@ -226,9 +264,10 @@ class BatchNorm:
 
     def __repr__(self):
         bias = "" if not self.affine or self.bias is not None else ", bias=False"
+        act = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}{bias})")
+                f"track_running_stats={self.track_running_stats}{bias}{act})")
 
 
 def _eval_backward(dy, x, mean, invstd, weight, axis):

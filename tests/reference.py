@@ -90,6 +90,26 @@ def backward(dy, x, mean, invstd_, weight=None, axis=1):
             dbias.astype(np.float64))
 
 
+def epilogue(y, residual=None, activation=None):
+    """Contract section 6, composed step by step: ``y + residual``, then ReLU (float64)."""
+    y = np.asarray(y, dtype=np.float64)
+    if residual is not None:
+        y = y + np.asarray(residual, dtype=np.float64)
+    if activation == "relu":
+        y = np.where(y < 0, 0.0, y)  # NaN stays NaN, as np.maximum and torch.relu
+    return y
+
+
+def backward_through(dy, x, mean, invstd_, weight=None, axis=1, y=None, activation=None):
+    """The chain rule through the fused forward: ``g = dy * (y > 0)`` (ReLU; ``dy`` without
+    an activation) is the residual's gradient and the gradient of the normalized sum;
+    then the plain backward of ``g``.  Returns (dx, dweight, dbias, dresidual), float64."""
+    g = np.asarray(dy, dtype=np.float64)
+    if activation == "relu":
+        g = np.where(np.asarray(y, dtype=np.float64) > 0, g, 0.0)
+    return backward(g, x, mean, invstd_, weight, axis) + (g,)
+
+
 def running_update(running_mean, running_var, mean, var, n, momentum):
     """PyTorch's running statistics update, float64."""
     rm = (1 - momentum) * np.asarray(running_mean, np.float64) + momentum * np.asarray(mean)

@@ -287,7 +287,7 @@ entry = _entries._compile(_entries._forward_infer, _entries._signatures(types.fl
 yc = np.empty_like(x)
 ptr = lambda a: a.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
 assert entry.ctypes(4, 3, 40, ptr(x), ptr(np.zeros(3)), ptr(np.full(3, 4.0)), None, None, 0.0,
-                    ptr(yc), 0, 1) == 0
+                    ptr(yc), None, 0, 1) == 0
 hits = sum(sum(f.stats.cache_hits.values()) for _, f in _jit.kernels_defined())
 misses = sum(sum(f.stats.cache_misses.values()) for _, f in _jit.kernels_defined())
 print("y", float(y[0, 0, 0]), "c", float(yc[0, 0, 0]), "c_hits", entry.cache_hits,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import fastbn
+import reference as ref
 from fastbn import capi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,8 +61,14 @@ def test_header_is_the_cdef_source():
     decls = capi.header_declarations()
     for name in ("fastbn_version", "fastbn_last_error", "fastbn_forward_train_f32",
                  "fastbn_forward_train_f64", "fastbn_forward_infer_f32", "fastbn_forward_infer_f64",
-                 "fastbn_backward_f32", "fastbn_backward_f64"):
+                 "fastbn_backward_f32", "fastbn_backward_f64", "fastbn_forward_train_ex_f32",
+                 "fastbn_forward_train_ex_f64", "fastbn_forward_infer_ex_f32",
+                 "fastbn_forward_infer_ex_f64", "fastbn_backward_ex_f32", "fastbn_backward_ex_f64",
+                 "fastbn_batch_stats_f32", "fastbn_batch_stats_f64"):
         assert name + "(" in decls
+    from fastbn.capi._build import header_version_string
+
+    assert header_version_string() == fastbn.__version__
     assert "FASTBN_API" not in decls and "#define FASTBN_ERR_INIT 2" in decls
 
 
@@ -95,7 +102,8 @@ def test_c_matches_python(built, tmp_path, layout, dtype, mask):
     dy = rng.standard_normal(shape).astype(dtype)
     w, b = rng.uniform(0.5, 2, c).astype(dtype), rng.standard_normal(c).astype(dtype)
     rm, rv = rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
-    for name, a in dict(x=x, dy=dy, w=w, b=b, rm=rm, rv=rv).items():
+    res = rng.standard_normal(shape).astype(dtype)
+    for name, a in dict(x=x, dy=dy, w=w, b=b, rm=rm, rv=rv, res=res).items():
         _write(tmp_path, name, a)
     suffix = "f32" if dtype == np.float32 else "f64"
     result = _run([built["check"], "run", suffix, *map(str, shape), str(mask), str(tmp_path)])
@@ -128,11 +136,36 @@ def test_c_matches_python(built, tmp_path, layout, dtype, mask):
         np.testing.assert_allclose(got("dw", (c,)), dw, rtol=tol["rtol"], atol=tol["atol"] * 100)
         np.testing.assert_allclose(got("db", (c,)), db, rtol=tol["rtol"], atol=tol["atol"] * 100)
 
+    # the fused epilogues (contract section 6): the _ex functions against the Python API
+    y_ex, mean_ex, inv_ex = fastbn.batch_norm_forward(x, weight, bias, axis=1, eps=eps,
+                                                      residual=res, activation="relu")
+    np.testing.assert_allclose(got("y_ex"), y_ex, **tol)
+    y_inf_ex = fastbn.batch_norm_inference(x, rm, rv, weight, bias, axis=1, eps=eps,
+                                           residual=res, activation="relu")
+    np.testing.assert_allclose(got("y_infer_ex"), y_inf_ex, **tol)
+    dx_ex, dw_ex, db_ex, dres_ex = fastbn.batch_norm_backward(
+        dy, x, mean_ex, inv_ex, weight, axis=1, activation="relu", y=got("y_ex"),
+        residual_grad=True)
+    np.testing.assert_allclose(got("dx_ex"), dx_ex, **tol)
+    np.testing.assert_array_equal(got("dres_ex"), dres_ex)
+    if mask & 16:
+        np.testing.assert_allclose(got("dw_ex", (c,)), dw_ex, rtol=tol["rtol"],
+                                   atol=tol["atol"] * 100)
+        np.testing.assert_allclose(got("db_ex", (c,)), db_ex, rtol=tol["rtol"],
+                                   atol=tol["atol"] * 100)
+    # the statistics alone, in double, against the float64 reference (contract section 5)
+    _, ref_mean, ref_var = ref.stats(x, axis=1)
+    stats_tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(_read(tmp_path, "stats_mean", np.float64, (c,)), ref_mean,
+                               rtol=stats_tol)
+    np.testing.assert_allclose(_read(tmp_path, "stats_var", np.float64, (c,)), ref_var,
+                               rtol=stats_tol)
+
 
 def test_every_bad_argument_is_refused_without_writing(built):
     result = _run([built["check"], "errors"])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "27 invalid calls checked, 0 failures" in result.stdout
+    assert "37 invalid calls checked, 0 failures" in result.stdout
 
 
 @pytest.mark.parametrize("layer", ["default", "workqueue"])

@@ -108,8 +108,9 @@ for shape in [(4, 3, 70), (300, 6, 1), (64, 2, 4096), (8, 4, 512)]:
     for k in (kernels, twins):
         y, dx = np.empty_like(x), np.empty_like(x)
         stats = [np.empty(c) for _ in range(5)]
-        k.run_forward_train(x, w, b, 1e-5, y, *stats[:3], 1, backend.MIN_RUN)
-        k.run_backward_train(dy, x, stats[0], stats[2], w, dx, *stats[3:], 1, backend.MIN_RUN)
+        k.run_forward_train(x, w, b, 1e-5, y, *stats[:3], 1, backend.MIN_RUN, None, False)
+        k.run_backward_train(dy, x, stats[0], stats[2], w, dx, *stats[3:], 1, backend.MIN_RUN,
+                             None, np.empty((0, 0, 0), x.dtype))
         results.append([y, dx] + stats)
     for a, t in zip(*results):
         assert np.array_equal(a, t), shape

@@ -160,6 +160,29 @@ def _in(a):
     return np.asarray(_ReadOnlyAlias(a))
 
 
+_UNWRITTEN = {}
+
+
+def _unwritten(dtype):
+    """An empty (0, 0, 0) array of ``dtype``: the backward's ``dresidual`` when nobody asked
+    for it (the kernels skip writing an empty one, with the type of a real one)."""
+    dtype = np.dtype(dtype)
+    if dtype not in _UNWRITTEN:
+        _UNWRITTEN[dtype] = np.empty((0, 0, 0), dtype)
+    return _UNWRITTEN[dtype]
+
+
+def _operand3(layout, a, dtype):
+    """An epilogue's operand (residual, or the forward's output ``y``) laid out like the
+    input: a C-contiguous, aligned (outer, C, inner) array of the work dtype, or None."""
+    if a is None:
+        return None
+    a3 = layout.work3(a, dtype)
+    if not a3.flags.aligned:
+        a3 = a3.copy()
+    return _in(a3)
+
+
 def _first_row_shift(x2):
     """Per column, the first row's value (0 where it is not finite): the feature statistics
     accumulate relative to it, so that large offsets cost no precision."""
@@ -174,27 +197,15 @@ class CPUBackend(HostCalls):
     device = False
 
     # ----------------------------------------------------------------- statistics
-    def _moments3(self, x3):
-        """Count, mean (hi + lo, float64) and M2 per channel."""
-        outer, channels, inner = x3.shape
-        with _call(x3) as call:
-            if self._column_path(x3):
-                mean, var, unused = np.empty(channels), np.empty(channels), np.zeros(channels)
-                x2 = x3.reshape(outer, -1)
-                call.k.column_forward(x2, inner, call.k.column_blocks(outer, kernels.PLAN_THREADS),
-                                      call.k.chunk_rows(channels * inner), False, unused, unused,
-                                      0.0, x2, mean, var, np.empty(channels))
-                return float(outer * inner), mean, np.zeros(channels), var * (outer * inner)
-            hi, lo, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
-            n = call.k.merged_channel_moments(x3, hi, lo, m2)
-        return n, hi, lo, m2
-
     def moments(self, x, axis, dtype):
         """``(count, mean, m2)`` per channel of a non-empty ``x`` computed in ``dtype`` (float64)."""
         layout = Layout.of(x, axis)
         x3 = _in(layout.work3(x, work_dtype(dtype)))
-        n, hi, lo, m2 = self._moments3(x3)
-        return n, hi + lo, m2
+        channels = x3.shape[1]
+        mean, m2 = np.empty(channels), np.empty(channels)
+        with _call(x3) as call:
+            n = call.k.channel_moments_any_path(x3, mean, m2, MIN_RUN)
+        return n, mean, m2
 
     def feature_stats(self, x, axis, dtype, min_max=True):
         """Per channel (feature) with NaN ignored: ``(count, mean, m2, min, max)``, float64.
@@ -258,20 +269,23 @@ class CPUBackend(HostCalls):
         return _moments.merge_moments(count, mean_rel + shift, m2, axis=0)
 
     # ----------------------------------------------------------------- forward
-    def forward_train(self, x, axis, weight, bias, eps, out, out_dtype):
-        """Batch statistics and ``y``, fused in one call where the plan allows.
+    def forward_train(self, x, axis, weight, bias, eps, out, out_dtype, residual=None,
+                      relu=False):
+        """Batch statistics and ``y``, fused in one call where the plan allows; ``y`` with
+        the epilogue (``+ residual``, then ReLU where ``relu``; contract section 6).
 
         Returns ``(y, mean, var, invstd)``, statistics in float64.
         """
         layout = Layout.of(x, axis)
         wd = work_dtype(out_dtype)
         x3 = _in(layout.work3(x, wd))
-        dest = Output(layout, out, out_dtype, wd, [x3])
+        res3 = _operand3(layout, residual, wd)
+        dest = Output(layout, out, out_dtype, wd, [a for a in (x3, res3) if a is not None])
         channels = x3.shape[1]
         mean, var, inv = np.empty(channels), np.empty(channels), np.empty(channels)
         with _call(x3) as call:
             call.k.run_forward_train(x3, weight, bias, float(eps), dest.y3, mean, var, inv,
-                                     call.n, MIN_RUN)
+                                     call.n, MIN_RUN, res3, bool(relu))
         return dest.finish(), mean, var, inv
 
     # The common host call (``fastbn._validate.plain_*_args``): C-contiguous float32/float64
@@ -285,7 +299,8 @@ class CPUBackend(HostCalls):
         mean, var, inv = np.empty(channels), np.empty(channels), np.empty(channels)
         with _call(x) as call:
             call.k.run_forward_train(_in(x).reshape(shape3), weight, bias, eps,
-                                     y.reshape(shape3), mean, var, inv, call.n, MIN_RUN)
+                                     y.reshape(shape3), mean, var, inv, call.n, MIN_RUN, None,
+                                     False)
         return y, mean, var, inv
 
     def inference_scale(self, var, eps, weight):
@@ -298,7 +313,7 @@ class CPUBackend(HostCalls):
         scale = self.inference_scale(var, eps, weight)
         with _call(x) as call:
             call.k.run_affine(_in(x).reshape(shape3), mean, np.zeros(shape3[1]), scale, bias,
-                              y.reshape(shape3), call.n, MIN_RUN)
+                              y.reshape(shape3), call.n, MIN_RUN, None, False)
         return y
 
     def backward_train_contiguous(self, dy, x, axis, mean, invstd, weight, out):
@@ -307,16 +322,19 @@ class CPUBackend(HostCalls):
         s, sx = np.empty(shape3[1]), np.empty(shape3[1])
         with _call(dy, x) as call:
             call.k.run_backward_train(_in(dy).reshape(shape3), _in(x).reshape(shape3), mean,
-                                      invstd, weight, dx.reshape(shape3), s, sx, call.n, MIN_RUN)
+                                      invstd, weight, dx.reshape(shape3), s, sx, call.n, MIN_RUN,
+                                      None, _unwritten(x.dtype))
         return dx, s, sx
 
-    def affine(self, x, axis, mean, scale, shift, out, out_dtype):
-        """``y = (x - mean) * scale + shift`` per channel (inference, eval backward)."""
+    def affine(self, x, axis, mean, scale, shift, out, out_dtype, residual=None, relu=False):
+        """``y = (x - mean) * scale + shift`` per channel (inference, eval backward), with
+        the epilogue (``+ residual``, then ReLU where ``relu``)."""
         layout = Layout.of(x, axis)
         wd = work_dtype(out_dtype)
         x3 = _in(layout.work3(x, wd))
-        dest = Output(layout, out, out_dtype, wd, [x3])
-        self._affine3(x3, mean, np.zeros_like(mean), scale, shift, dest.y3)
+        res3 = _operand3(layout, residual, wd)
+        dest = Output(layout, out, out_dtype, wd, [a for a in (x3, res3) if a is not None])
+        self._affine3(x3, mean, np.zeros_like(mean), scale, shift, dest.y3, res3, relu)
         return dest.finish()
 
     def minmax(self, x, axis, lo, hi, scale, f0, f1, out, out_dtype):
@@ -331,21 +349,16 @@ class CPUBackend(HostCalls):
                                  MIN_RUN)
         return dest.finish()
 
-    def _affine3(self, x3, hi64, lo64, scale, shift, y3):
+    def _affine3(self, x3, hi64, lo64, scale, shift, y3, res3=None, relu=False):
         with _call(x3) as call:
-            call.k.run_affine(x3, hi64, lo64, scale, shift, y3, call.n, MIN_RUN)
-
-    @staticmethod
-    def _column_path(x3):
-        """Reduce over rows of (outer, C * inner) when a channel's runs are short."""
-        return x3.shape[2] < MIN_RUN
+            call.k.run_affine(x3, hi64, lo64, scale, shift, y3, call.n, MIN_RUN, res3, bool(relu))
 
     # ----------------------------------------------------------------- backward
     def _grad_sums3(self, dy3, x3, mean):
         channels = x3.shape[1]
         s, sx = np.empty(channels), np.empty(channels)
         with _call(dy3, x3) as call:
-            call.k.run_grad_sums(dy3, x3, mean, s, sx, MIN_RUN)
+            call.k.run_grad_sums(dy3, x3, mean, s, sx, MIN_RUN, None)
         return s, sx
 
     def grad_sums(self, dy, x, axis, mean, dtype):
@@ -369,29 +382,42 @@ class CPUBackend(HostCalls):
                               dest.y3, call.n, MIN_RUN)
         return dest.finish()
 
-    def backward_train(self, dy, x, axis, mean, invstd, weight, out, out_dtype):
-        """Training-mode ``dx`` and ``(sum(dy), sum(dy * (x - mean)))``, fused where possible."""
+    def backward_train(self, dy, x, axis, mean, invstd, weight, out, out_dtype, y=None,
+                       residual_grad=False, residual_out=None):
+        """Training-mode ``dx`` and ``(sum(g), sum(g * (x - mean)))``, fused where possible;
+        ``g`` is ``dy``, or with ``y`` (ReLU's backward) ``dy`` where ``y > 0`` and 0
+        elsewhere.  Returns ``(dx, sum_g, sum_g_xmu, dresidual)``, ``dresidual`` being ``g``
+        (into ``residual_out`` where given) with ``residual_grad``, else None.
+        """
         layout = Layout.of(x, axis)
         wd = work_dtype(out_dtype)
         x3 = _in(layout.work3(x, wd))
         dy3 = _in(layout.work3(dy, wd))
-        dest = Output(layout, out, out_dtype, wd, [x3, dy3])
+        y3 = _operand3(layout, y, wd)
+        inputs = [a for a in (x3, dy3, y3) if a is not None]
+        dest = Output(layout, out, out_dtype, wd, inputs)
+        res_dest = None
+        if residual_grad:
+            res_dest = Output(layout, residual_out, out_dtype, wd, inputs + [dest.y3])
+            res_dest.align_like(dest.y3)
         channels = x3.shape[1]
         s, sx = np.empty(channels), np.empty(channels)
         with _call(dy3, x3) as call:
             call.k.run_backward_train(dy3, x3, mean, invstd, weight, dest.y3, s, sx, call.n,
-                                      MIN_RUN)
-        return dest.finish(), s, sx
+                                      MIN_RUN, y3, _unwritten(wd) if res_dest is None
+                                      else res_dest.y3)
+        return dest.finish(), s, sx, None if res_dest is None else res_dest.finish()
 
     # ----------------------------------------------------------------- compilation
-    def compile_kernels(self, dtype, serial=False):
+    def compile_kernels(self, dtype, serial=False, epilogues=False):
         """Run every kernel once on tiny ``dtype`` arrays, with the argument types of real
         calls; with ``serial``, the serial twins too (only a process forked from a GNU
-        OpenMP one uses them)."""
+        OpenMP one uses them); with ``epilogues``, the fused epilogues' variants too (a
+        residual, ReLU's ``y``)."""
         wd = work_dtype(dtype)
         x3 = np.linspace(-1.0, 1.0, 2 * 3 * 4).astype(wd).reshape(2, 3, 4)
         y3 = np.empty_like(x3)
-        x2, y2 = x3.reshape(2, -1), y3.reshape(2, -1)
+        x2 = x3.reshape(2, -1)
         c = x3.shape[1]
         ones, zeros = np.ones(c), np.zeros(c)
         per_channel = [np.empty(c) for _ in range(3)]
@@ -400,14 +426,21 @@ class CPUBackend(HostCalls):
         for k in modules:
             with _Call(math.inf):
                 # A plan compiles every kernel it can reach, whichever branch runs.
-                k.run_forward_train(x3, ones, zeros, 1e-5, y3, *per_channel, 2, MIN_RUN)
-                k.run_backward_train(x3, x3, zeros, ones, ones, y3, *per_channel[:2], 2, MIN_RUN)
-                k.run_affine(x3, zeros, zeros, ones, zeros, y3, 2, MIN_RUN)
+                k.run_forward_train(x3, ones, zeros, 1e-5, y3, *per_channel, 2, MIN_RUN, None,
+                                    False)
+                k.run_backward_train(x3, x3, zeros, ones, ones, y3, *per_channel[:2], 2, MIN_RUN,
+                                     None, _unwritten(wd))
+                k.run_affine(x3, zeros, zeros, ones, zeros, y3, 2, MIN_RUN, None, False)
+                if epilogues:
+                    k.run_forward_train(x3, ones, zeros, 1e-5, y3, *per_channel, 2, MIN_RUN,
+                                        x3, True)
+                    k.run_backward_train(x3, x3, zeros, ones, ones, y3, *per_channel[:2], 2,
+                                         MIN_RUN, x3, np.empty_like(x3))
+                    k.run_affine(x3, zeros, zeros, ones, zeros, y3, 2, MIN_RUN, x3, True)
                 k.run_two_sided(x3, zeros, ones, ones, 0.0, 1.0, y3, 2, MIN_RUN)
                 k.inference_scale(ones, 1e-5, ones)
                 k.update_running(np.zeros(c, wd), np.ones(c, wd), zeros, ones, 2.0, 0.1)
-                k.merged_channel_moments(x3, *per_channel)
-                k.column_forward(x2, 4, 2, 4, False, zeros, zeros, 0.0, y2, *per_channel)
+                k.channel_moments_any_path(x3, *per_channel[:2], MIN_RUN)
                 k.run_dx(x3, x3, zeros, ones, ones, zeros, zeros, 2.0, y3, 2, MIN_RUN)
                 k.feature_blocks(2, width)
                 k.feature_moments(x2, None, 2, 4, np.zeros(width),

@@ -17,7 +17,7 @@ class HostCalls:
         """``(y, mean, invstd)`` of a training forward over ``n`` values per channel; the
         running statistics updated."""
         y, mean, var, invstd = self.forward_train(a.x, a.axis, a.weight, a.bias, a.eps, a.out,
-                                                  a.out_dtype)
+                                                  a.out_dtype, a.residual, a.relu)
         _moments.update_running_stats(a.running_mean, a.running_var, mean, var, n, a.momentum)
         return y, mean.astype(a.stats_dtype), invstd.astype(a.stats_dtype)
 
@@ -25,13 +25,16 @@ class HostCalls:
         if a.x.size == 0:
             return a.out if a.out is not None else np.empty(a.x.shape, a.out_dtype)
         scale = self.inference_scale(a.running_var, a.eps, a.weight)
-        return self.affine(a.x, a.axis, a.running_mean, scale, a.bias, a.out, a.out_dtype)
+        return self.affine(a.x, a.axis, a.running_mean, scale, a.bias, a.out, a.out_dtype,
+                           a.residual, a.relu)
 
     def batch_norm_backward(self, a, n):
-        """``(dx, dweight, dbias)``."""
-        dx, sum_dy, sum_dy_xmu = self.backward_train(a.dy, a.x, a.axis, a.mean, a.invstd,
-                                                     a.weight, a.out, a.out_dtype)
-        return dx, (sum_dy_xmu * a.invstd).astype(a.stats_dtype), sum_dy.astype(a.stats_dtype)
+        """``(dx, dweight, dbias)``, and ``dresidual`` with ``a.residual_grad``."""
+        dx, sum_dy, sum_dy_xmu, dres = self.backward_train(
+            a.dy, a.x, a.axis, a.mean, a.invstd, a.weight, a.out, a.out_dtype, a.y,
+            a.residual_grad, a.residual_out)
+        grads = dx, (sum_dy_xmu * a.invstd).astype(a.stats_dtype), sum_dy.astype(a.stats_dtype)
+        return grads + (dres,) if a.residual_grad else grads
 
     def batch_stats(self, a):
         """``(count, mean, var)``; NaN statistics for an empty batch."""

@@ -24,6 +24,22 @@ def _per_channel_view(v, ndim, axis):
     return np.asarray(v, dtype=np.float64).reshape(shape)
 
 
+def _epilogue(y, residual, relu):
+    """Contract section 6: ``relu(y + residual)`` (float64; NaN stays NaN)."""
+    if residual is not None:
+        y = y + np.asarray(residual, dtype=np.float64)
+    if relu:
+        y = np.where(y < 0, 0.0, y)
+    return y
+
+
+def _masked_grad(dy, y):
+    g = np.asarray(dy, dtype=np.float64)
+    if y is None:
+        return g
+    return np.where(np.asarray(y, dtype=np.float64) > 0, g, 0.0)
+
+
 def _result(values, like, out, out_dtype):
     """``values`` (float64, ``like``'s shape) written into ``out`` or a new array laid out
     like ``like``."""
@@ -73,12 +89,13 @@ class NumPyBackend(HostCalls):
         return count, np.where(count > 0, mean, np.nan), np.where(count > 0, m2, np.nan)
 
     # ----------------------------------------------------------------- forward
-    def forward_train(self, x, axis, weight, bias, eps, out, out_dtype):
+    def forward_train(self, x, axis, weight, bias, eps, out, out_dtype, residual=None,
+                      relu=False):
         n, mean, m2 = self.moments(x, axis, out_dtype)
         var = m2 / n
         inv = _moments.invstd(var, eps)
         scale = inv * weight
-        y = self._affine_values(x, axis, mean, scale, bias)
+        y = _epilogue(self._affine_values(x, axis, mean, scale, bias), residual, relu)
         return _result(y, x, out, out_dtype), mean, var, inv
 
     def forward_train_contiguous(self, x, axis, weight, bias, eps, out):
@@ -97,8 +114,9 @@ class NumPyBackend(HostCalls):
         return ((x64 - _per_channel_view(mean, nd, axis)) * _per_channel_view(scale, nd, axis)
                 + _per_channel_view(shift, nd, axis))
 
-    def affine(self, x, axis, mean, scale, shift, out, out_dtype):
-        return _result(self._affine_values(x, axis, mean, scale, shift), x, out, out_dtype)
+    def affine(self, x, axis, mean, scale, shift, out, out_dtype, residual=None, relu=False):
+        y = _epilogue(self._affine_values(x, axis, mean, scale, shift), residual, relu)
+        return _result(y, x, out, out_dtype)
 
     def minmax(self, x, axis, lo, hi, scale, f0, f1, out, out_dtype):
         nd = np.ndim(x)
@@ -124,14 +142,17 @@ class NumPyBackend(HostCalls):
                                    - (x64 - view(mean)) * view(inv * inv * sum_dy_xmu / n))
         return _result(dx, x, out, out_dtype)
 
-    def backward_train(self, dy, x, axis, mean, invstd, weight, out, out_dtype):
-        s, sx = self.grad_sums(dy, x, axis, mean, out_dtype)
+    def backward_train(self, dy, x, axis, mean, invstd, weight, out, out_dtype, y=None,
+                       residual_grad=False, residual_out=None):
+        g = _masked_grad(dy, y)
+        s, sx = self.grad_sums(g, x, axis, mean, out_dtype)
         n = float(_columns(x, axis).shape[0])
-        return (self.dx_from_sums(dy, x, axis, mean, invstd, weight, s, sx, n, out, out_dtype),
-                s, sx)
+        dres = _result(g, x, residual_out, out_dtype) if residual_grad else None
+        return (self.dx_from_sums(g, x, axis, mean, invstd, weight, s, sx, n, out, out_dtype),
+                s, sx, dres)
 
     def backward_train_contiguous(self, dy, x, axis, mean, invstd, weight, out):
-        return self.backward_train(dy, x, axis, mean, invstd, weight, out, x.dtype)
+        return self.backward_train(dy, x, axis, mean, invstd, weight, out, x.dtype)[:3]
 
     # ----------------------------------------------------------------- the rest
     def compile_kernels(self, dtype, serial=False):

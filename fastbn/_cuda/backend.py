@@ -400,6 +400,15 @@ class _Output:
                      like, self.run)
 
 
+def _no_epilogue(a):
+    """The fused epilogues (contract section 6) have no CUDA kernels yet: say so rather
+    than compute without them."""
+    if (getattr(a, "residual", None) is not None or getattr(a, "relu", False)
+            or getattr(a, "residual_grad", False)):
+        raise NotImplementedError("residual=, activation= and residual_grad= are not yet "
+                                  "implemented on the CUDA backend (host arrays only)")
+
+
 class CUDABackend:
     """The device ops: the host backends' names (``fastbn._cpu.calls``), on the same
     validated call descriptions, built by ``fastbn._validate`` with ``arrays``."""
@@ -448,6 +457,7 @@ class CUDABackend:
         """``(y, mean, invstd)`` of a training forward (``fastbn._validate.forward_args``)
         over ``n`` values per channel; the running statistics updated.  Three launches
         (one for channels that fit in shared memory), no allocation but the outputs."""
+        _no_epilogue(a)
         xi, c = a.x, a.channels
         run = _Run(xi)
         rm = a.running_mean if a.running_mean is not None else run.empty()
@@ -474,6 +484,7 @@ class CUDABackend:
 
     def batch_norm_inference(self, a):
         """``y`` of an inference forward (``fastbn._validate.inference_args``)."""
+        _no_epilogue(a)
         xi, c = a.x, a.channels
         run = _Run(xi)
         x3 = xi.data3(run)
@@ -489,6 +500,7 @@ class CUDABackend:
     def batch_norm_backward(self, a, n):
         """``(dx, dweight, dbias)`` of a training backward (``fastbn._validate.backward_args``)
         over ``n`` values per channel: three launches, no allocation but the outputs."""
+        _no_epilogue(a)
         xi, gi, c = a.x, a.dy, a.channels
         run = _Run(xi, (gi,))
         mu, inv, w = run.given(a.mean), run.given(a.invstd), run.given(a.weight)

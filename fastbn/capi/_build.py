@@ -42,6 +42,16 @@ def header_declarations(path=HEADER):
     return match.group(1).replace("FASTBN_API ", "")
 
 
+def header_version_string(path=HEADER):
+    """``"MAJOR.MINOR.PATCH"`` from the header's ``FASTBN_VERSION_*`` macros."""
+    decls = header_declarations(path)
+    parts = [re.search(rf"#define FASTBN_VERSION_{part} (\d+)", decls) for part in
+             ("MAJOR", "MINOR", "PATCH")]
+    if not all(parts):
+        raise RuntimeError(f"{path} lacks a FASTBN_VERSION_MAJOR/MINOR/PATCH macro")
+    return ".".join(m.group(1) for m in parts)
+
+
 def _python_library_dir():
     return sysconfig.get_config_var("LIBDIR") or os.path.join(sys.base_prefix, "lib")
 
@@ -56,6 +66,10 @@ def build(outdir, python=None, verbose=False):
 
     from .. import __version__
 
+    header_version = header_version_string()
+    if header_version != __version__:
+        raise RuntimeError(f"fastbn.h says version {header_version} (FASTBN_VERSION_*), the "
+                           f"package {__version__}: update the header's macros")
     python = os.path.abspath(python or sys.executable)
     outdir = os.path.abspath(outdir)
     os.makedirs(outdir, exist_ok=True)

@@ -28,10 +28,13 @@ MIN_RUN = kernels.MIN_RUN  # compiled into the entry points
 
 HAS_WEIGHT, HAS_BIAS, HAS_RUNNING_MEAN, HAS_RUNNING_VAR = 1, 2, 4, 8
 HAS_SAVE_MEAN, HAS_SAVE_INVSTD, HAS_DWEIGHT, HAS_DBIAS = 16, 32, 64, 128
+# the fused epilogues (contract section 6): a residual, ReLU (with the forward's output y
+# in the backward), the residual's gradient
+HAS_RESIDUAL, RELU, HAS_DRESIDUAL = 256, 512, 1024
 
 # Order of the entry table in the C library (fastbn/capi/shim.c).
 NAMES = ("forward_train_f32", "forward_train_f64", "forward_infer_f32", "forward_infer_f64",
-         "backward_f32", "backward_f64")
+         "backward_f32", "backward_f64", "batch_stats_f32", "batch_stats_f64")
 
 
 @numba.njit  # compiled into the entry points, which are cached themselves
@@ -45,15 +48,45 @@ def _per_channel(ptr, channels, given, default):
     return out
 
 
+@numba.njit
+def _shape_if(flags, bit, outer, channels, inner):
+    """The (outer, C, inner) shape of an optional array, (0, 0, 0) when not given."""
+    if flags & bit:
+        return (outer, channels, inner)
+    return (0, 0, 0)
+
+
+@numba.njit
+def _line_offset(a):
+    return a.ctypes.data % 64
+
+
+@numba.njit
+def _aligned_like(ref, shape):
+    """An uninitialized array of ``ref``'s dtype and ``shape`` that starts at ``ref``'s offset
+    within a 64-byte line (two outputs written with streaming stores share their lines)."""
+    size = shape[0] * shape[1] * shape[2]
+    lanes = 64 // ref.itemsize
+    raw = np.empty(size + lanes, ref.dtype)
+    start = ((_line_offset(ref) - _line_offset(raw)) % 64) // ref.itemsize
+    return raw[start:start + size].reshape(shape)
+
+
 def _forward_train(outer, channels, inner, x_p, w_p, b_p, eps, momentum, rm_p, rv_p, y_p,
-                   sm_p, si_p, flags, nthreads):
+                   sm_p, si_p, res_p, flags, nthreads):
     x = carray(x_p, (outer, channels, inner))
     y = carray(y_p, (outer, channels, inner))
     weight = _per_channel(w_p, channels, flags & HAS_WEIGHT, 1.0)
     bias = _per_channel(b_p, channels, flags & HAS_BIAS, 0.0)
     mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
-    kernels.run_forward_train(x, weight, bias, np.float64(eps), y, mean, var, invstd,
-                              nthreads, MIN_RUN)
+    relu = (flags & RELU) != 0
+    if flags & HAS_RESIDUAL:
+        kernels.run_forward_train(x, weight, bias, np.float64(eps), y, mean, var, invstd,
+                                  nthreads, MIN_RUN, carray(res_p, (outer, channels, inner)),
+                                  relu)
+    else:
+        kernels.run_forward_train(x, weight, bias, np.float64(eps), y, mean, var, invstd,
+                                  nthreads, MIN_RUN, None, relu)
     kernels.update_running(carray(rm_p, (channels if flags & HAS_RUNNING_MEAN else 0,)),
                            carray(rv_p, (channels if flags & HAS_RUNNING_VAR else 0,)),
                            mean, var, np.float64(outer * inner), np.float64(momentum))
@@ -68,7 +101,8 @@ def _forward_train(outer, channels, inner, x_p, w_p, b_p, eps, momentum, rm_p, r
     return 0
 
 
-def _forward_infer(outer, channels, inner, x_p, rm_p, rv_p, w_p, b_p, eps, y_p, flags, nthreads):
+def _forward_infer(outer, channels, inner, x_p, rm_p, rv_p, w_p, b_p, eps, y_p, res_p, flags,
+                   nthreads):
     x = carray(x_p, (outer, channels, inner))
     y = carray(y_p, (outer, channels, inner))
     mean = _per_channel(rm_p, channels, True, 0.0)
@@ -78,12 +112,18 @@ def _forward_infer(outer, channels, inner, x_p, rm_p, rv_p, w_p, b_p, eps, y_p, 
     scale = np.empty(channels)
     for c in range(channels):
         scale[c] = kernels._invstd(var[c], np.float64(eps)) * weight[c]
-    kernels.run_affine(x, mean, np.zeros(channels), scale, bias, y, nthreads, MIN_RUN)
+    relu = (flags & RELU) != 0
+    if flags & HAS_RESIDUAL:
+        kernels.run_affine(x, mean, np.zeros(channels), scale, bias, y, nthreads, MIN_RUN,
+                           carray(res_p, (outer, channels, inner)), relu)
+    else:
+        kernels.run_affine(x, mean, np.zeros(channels), scale, bias, y, nthreads, MIN_RUN, None,
+                           relu)
     return 0
 
 
-def _backward(outer, channels, inner, dy_p, x_p, sm_p, si_p, w_p, dx_p, dw_p, db_p, flags,
-              nthreads):
+def _backward(outer, channels, inner, dy_p, x_p, sm_p, si_p, w_p, dx_p, dw_p, db_p, y_p, dres_p,
+              flags, nthreads):
     dy = carray(dy_p, (outer, channels, inner))
     x = carray(x_p, (outer, channels, inner))
     dx = carray(dx_p, (outer, channels, inner))
@@ -91,8 +131,19 @@ def _backward(outer, channels, inner, dy_p, x_p, sm_p, si_p, w_p, dx_p, dw_p, db
     invstd = _per_channel(si_p, channels, True, 0.0)
     weight = _per_channel(w_p, channels, flags & HAS_WEIGHT, 1.0)
     sum_dy, sum_dy_xmu = np.empty(channels), np.empty(channels)
-    kernels.run_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu,
-                               nthreads, MIN_RUN)
+    dres = carray(dres_p, _shape_if(flags, HAS_DRESIDUAL, outer, channels, inner))
+    target = dres
+    if dres.size and _line_offset(dres) != _line_offset(dx):
+        target = _aligned_like(dx, dres.shape)  # its lines split as dx's: a copy after
+    if flags & RELU:
+        kernels.run_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu,
+                                   nthreads, MIN_RUN, carray(y_p, (outer, channels, inner)),
+                                   target)
+    else:
+        kernels.run_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu,
+                                   nthreads, MIN_RUN, None, target)
+    if target.size and target.ctypes.data != dres.ctypes.data:
+        dres.reshape(dres.size)[:] = target.reshape(target.size)
     if flags & HAS_DWEIGHT:
         dw = carray(dw_p, (channels,))
         for c in range(channels):
@@ -104,13 +155,27 @@ def _backward(outer, channels, inner, dy_p, x_p, sm_p, si_p, w_p, dx_p, dw_p, db
     return 0
 
 
+def _batch_stats(outer, channels, inner, x_p, mean_p, var_p, flags, nthreads):
+    """Per-channel mean and biased variance (float64), the Python API's ``batch_stats``."""
+    x = carray(x_p, (outer, channels, inner))
+    mean = carray(mean_p, (channels,))
+    var = carray(var_p, (channels,))
+    n = kernels.channel_moments_any_path(x, mean, var, MIN_RUN)
+    for c in range(channels):
+        var[c] /= n
+    return 0
+
+
 def _signatures(real):
     p = types.CPointer(real)
+    d = types.CPointer(types.float64)
     i64 = types.int64
     return {
-        "forward_train": types.int32(i64, i64, i64, p, p, p, real, real, p, p, p, p, p, i64, i64),
-        "forward_infer": types.int32(i64, i64, i64, p, p, p, p, p, real, p, i64, i64),
-        "backward": types.int32(i64, i64, i64, p, p, p, p, p, p, p, p, i64, i64),
+        "forward_train": types.int32(i64, i64, i64, p, p, p, real, real, p, p, p, p, p, p, i64,
+                                     i64),
+        "forward_infer": types.int32(i64, i64, i64, p, p, p, p, p, real, p, p, i64, i64),
+        "backward": types.int32(i64, i64, i64, p, p, p, p, p, p, p, p, p, p, i64, i64),
+        "batch_stats": types.int32(i64, i64, i64, p, d, d, i64, i64),
     }
 
 
@@ -121,8 +186,9 @@ def cache_dir():
     return _cache.kernel_cache_dir()
 
 
-def _compile(impl, signature, cached):
-    """``cfunc(signature, cache=cached, nogil=True)(impl)``, with fastbn's guarded cache."""
+def _cfunc(impl, signature, cached):
+    """``cfunc(signature, cache=cached, nogil=True)(impl)``, with fastbn's guarded cache,
+    not compiled yet."""
     from numba.core import sigutils
     from numba.core.ccallback import CFunc
 
@@ -133,8 +199,25 @@ def _compile(impl, signature, cached):
     if cached:
         compiled.enable_caching()
         _cache.guard(compiled)
+    return compiled
+
+
+def _compile(impl, signature, cached):
+    """``_cfunc``, compiled (or loaded from the cache)."""
+    compiled = _cfunc(impl, signature, cached)
     compiled.compile()
     return compiled
+
+
+def _in_cache(compiled):
+    """Whether ``compiled`` (a CFunc) will load from the disk cache (Numba's private
+    interface; False when it cannot tell)."""
+    cache = getattr(compiled, "_cache", None)
+    try:
+        return cache is not None and cache.load_overload(
+            compiled._sig, compiled._targetdescr.target_context) is not None
+    except Exception:
+        return False
 
 
 def compile_entries():
@@ -145,13 +228,23 @@ def compile_entries():
     # symbols, and a region started from C needs the layer loaded: load it first.
     _launch_threads()
     cached = cache_dir() is not None
-    entries = {}
+    pending = {}
     for suffix, real in (("f32", types.float32), ("f64", types.float64)):
         sigs = _signatures(real)
         for op, impl in (("forward_train", _forward_train), ("forward_infer", _forward_infer),
-                         ("backward", _backward)):
-            entries[f"{op}_{suffix}"] = _compile(impl, sigs[op], cached)
-    return entries
+                         ("backward", _backward), ("batch_stats", _batch_stats)):
+            pending[f"{op}_{suffix}"] = _cfunc(impl, sigs[op], cached)
+    if not all(_in_cache(c) for c in pending.values()):
+        # Compile every kernel the entries reach as plain jitted functions first, and let
+        # the entries link those.  A kernel first compiled inside a cfunc's compilation
+        # and cached poisons the cache: a kernel compiled later in another process that
+        # links the cached copy is cached without it, and segfaults when the process after
+        # that loads it (seen: `python -m fastbn.capi build`, then two Python runs).
+        for dtype in (np.float32, np.float64):
+            backend.backend.compile_kernels(dtype, epilogues=True)
+    for compiled in pending.values():
+        compiled.compile()
+    return pending
 
 
 class _CLock:

@@ -28,7 +28,8 @@ static char fastbn__init_error[FASTBN_ERROR_SIZE];
 static pthread_once_t fastbn__once = PTHREAD_ONCE_INIT;
 static int fastbn__init_status = FASTBN_ERR_INIT;
 
-enum { FWD_F32, FWD_F64, INFER_F32, INFER_F64, BWD_F32, BWD_F64, N_ENTRIES };
+enum { FWD_F32, FWD_F64, INFER_F32, INFER_F64, BWD_F32, BWD_F64, STATS_F32, STATS_F64,
+       N_ENTRIES };
 static void *fastbn__entries[N_ENTRIES];
 static int64_t fastbn__threads = 1;
 /* Calls reading fewer bytes run on the calling thread: the threading layer's thread mask
@@ -48,7 +49,8 @@ static pthread_rwlock_t fastbn__fork_gate;
 /* flags: which optional pointers are given (fastbn/capi/_entries.py) */
 enum {
     HAS_WEIGHT = 1, HAS_BIAS = 2, HAS_RUNNING_MEAN = 4, HAS_RUNNING_VAR = 8,
-    HAS_SAVE_MEAN = 16, HAS_SAVE_INVSTD = 32, HAS_DWEIGHT = 64, HAS_DBIAS = 128
+    HAS_SAVE_MEAN = 16, HAS_SAVE_INVSTD = 32, HAS_DWEIGHT = 64, HAS_DBIAS = 128,
+    HAS_RESIDUAL = 256, RELU = 512, HAS_DRESIDUAL = 1024
 };
 
 static void fastbn__set_error(const char *fmt, ...)
@@ -235,6 +237,18 @@ static int fastbn__check_scalar(const char *func, double value, const char *name
     return FASTBN_OK;
 }
 
+/* The epilogue's flags (HAS_RESIDUAL, RELU), or -1 with the error set. */
+static int64_t fastbn__activation(const char *func, int activation)
+{
+    if (activation == FASTBN_ACT_NONE)
+        return 0;
+    if (activation == FASTBN_ACT_RELU)
+        return RELU;
+    fastbn__set_error("%s: activation must be FASTBN_ACT_NONE (0) or FASTBN_ACT_RELU (1) "
+                      "(got %d)", func, activation);
+    return -1;
+}
+
 #define FASTBN_TRY(expr) do { int fastbn__rc = (expr); if (fastbn__rc) return fastbn__rc; } while (0)
 #define FASTBN_FLAG(p, bit) ((p) != NULL ? (bit) : 0)
 
@@ -274,19 +288,24 @@ static int fastbn__entry_status(const char *func, int32_t rc)
 
 /* ------------------------------------------------------------------ the ABI */
 
-#define FASTBN_DEFINE(REAL, SUFFIX, FWD, INFER, BWD)                                          \
+#define FASTBN_DEFINE(REAL, SUFFIX, FWD, INFER, BWD, STATS)                                   \
 typedef int32_t (*fastbn__fwd_##SUFFIX)(int64_t, int64_t, int64_t, const REAL *, const REAL *, \
-    const REAL *, REAL, REAL, REAL *, REAL *, REAL *, REAL *, REAL *, int64_t, int64_t);     \
+    const REAL *, REAL, REAL, REAL *, REAL *, REAL *, REAL *, REAL *, const REAL *, int64_t,  \
+    int64_t);                                                                                 \
 typedef int32_t (*fastbn__infer_##SUFFIX)(int64_t, int64_t, int64_t, const REAL *,           \
-    const REAL *, const REAL *, const REAL *, const REAL *, REAL, REAL *, int64_t, int64_t); \
+    const REAL *, const REAL *, const REAL *, const REAL *, REAL, REAL *, const REAL *,       \
+    int64_t, int64_t);                                                                        \
 typedef int32_t (*fastbn__bwd_##SUFFIX)(int64_t, int64_t, int64_t, const REAL *, const REAL *,\
-    const REAL *, const REAL *, const REAL *, REAL *, REAL *, REAL *, int64_t, int64_t);     \
+    const REAL *, const REAL *, const REAL *, REAL *, REAL *, REAL *, const REAL *, REAL *,    \
+    int64_t, int64_t);                                                                        \
+typedef int32_t (*fastbn__stats_##SUFFIX)(int64_t, int64_t, int64_t, const REAL *, double *,  \
+    double *, int64_t, int64_t);                                                              \
                                                                                               \
-FASTBN_API int fastbn_forward_train_##SUFFIX(int64_t outer, int64_t channels, int64_t inner,   \
-    const REAL *x, const REAL *weight, const REAL *bias, REAL eps, REAL momentum,             \
-    REAL *running_mean, REAL *running_var, REAL *y, REAL *save_mean, REAL *save_invstd)       \
+static int fastbn__forward_train_##SUFFIX(const char *func, int64_t outer, int64_t channels, \
+    int64_t inner, const REAL *x, const REAL *weight, const REAL *bias, REAL eps,             \
+    REAL momentum, REAL *running_mean, REAL *running_var, REAL *y, REAL *save_mean,           \
+    REAL *save_invstd, const REAL *residual, int activation)                                  \
 {                                                                                             \
-    static const char *func = "fastbn_forward_train_" #SUFFIX;                                \
     int64_t total;                                                                            \
     FASTBN_TRY(fastbn__ready());                                                              \
     FASTBN_TRY(fastbn__check_sizes(func, outer, channels, inner, sizeof(REAL), &total));      \
@@ -295,23 +314,46 @@ FASTBN_API int fastbn_forward_train_##SUFFIX(int64_t outer, int64_t channels, in
     FASTBN_TRY(fastbn__check_batch(func, outer, inner));                                      \
     FASTBN_TRY(fastbn__check_scalar(func, eps, "eps", 0.0, DBL_MAX));                        \
     FASTBN_TRY(fastbn__check_scalar(func, momentum, "momentum", 0.0, 1.0));                   \
+    int64_t act = fastbn__activation(func, activation);                                       \
+    if (act < 0)                                                                              \
+        return FASTBN_ERR_INVALID_ARGUMENT;                                                   \
     if (channels == 0)                                                                        \
         return FASTBN_OK;                                                                     \
     int64_t flags = FASTBN_FLAG(weight, HAS_WEIGHT) | FASTBN_FLAG(bias, HAS_BIAS)             \
         | FASTBN_FLAG(running_mean, HAS_RUNNING_MEAN) | FASTBN_FLAG(running_var, HAS_RUNNING_VAR)\
-        | FASTBN_FLAG(save_mean, HAS_SAVE_MEAN) | FASTBN_FLAG(save_invstd, HAS_SAVE_INVSTD);   \
+        | FASTBN_FLAG(save_mean, HAS_SAVE_MEAN) | FASTBN_FLAG(save_invstd, HAS_SAVE_INVSTD)    \
+        | FASTBN_FLAG(residual, HAS_RESIDUAL) | act;                                          \
     int32_t rc;                                                                               \
     FASTBN_CALL(rc, total * (int64_t)sizeof(REAL), ((fastbn__fwd_##SUFFIX)fastbn__entries[FWD])(\
         outer, channels, inner, x, weight, bias, eps, momentum, running_mean, running_var, y,  \
-        save_mean, save_invstd, flags, nthreads));                                            \
+        save_mean, save_invstd, residual, flags, nthreads));                                  \
     return fastbn__entry_status(func, rc);                                                    \
 }                                                                                             \
                                                                                               \
-FASTBN_API int fastbn_forward_infer_##SUFFIX(int64_t outer, int64_t channels, int64_t inner,   \
-    const REAL *x, const REAL *running_mean, const REAL *running_var,                         \
-    const REAL *weight, const REAL *bias, REAL eps, REAL *y)                                  \
+FASTBN_API int fastbn_forward_train_ex_##SUFFIX(int64_t outer, int64_t channels, int64_t inner,\
+    const REAL *x, const REAL *weight, const REAL *bias, REAL eps, REAL momentum,             \
+    REAL *running_mean, REAL *running_var, REAL *y, REAL *save_mean, REAL *save_invstd,       \
+    const REAL *residual, int activation)                                                     \
 {                                                                                             \
-    static const char *func = "fastbn_forward_infer_" #SUFFIX;                                \
+    return fastbn__forward_train_##SUFFIX("fastbn_forward_train_ex_" #SUFFIX, outer, channels,\
+        inner, x, weight, bias, eps, momentum, running_mean, running_var, y, save_mean,       \
+        save_invstd, residual, activation);                                                   \
+}                                                                                             \
+                                                                                              \
+FASTBN_API int fastbn_forward_train_##SUFFIX(int64_t outer, int64_t channels, int64_t inner,   \
+    const REAL *x, const REAL *weight, const REAL *bias, REAL eps, REAL momentum,             \
+    REAL *running_mean, REAL *running_var, REAL *y, REAL *save_mean, REAL *save_invstd)       \
+{                                                                                             \
+    return fastbn__forward_train_##SUFFIX("fastbn_forward_train_" #SUFFIX, outer, channels,   \
+        inner, x, weight, bias, eps, momentum, running_mean, running_var, y, save_mean,       \
+        save_invstd, NULL, FASTBN_ACT_NONE);                                                  \
+}                                                                                             \
+                                                                                              \
+static int fastbn__forward_infer_##SUFFIX(const char *func, int64_t outer, int64_t channels, \
+    int64_t inner, const REAL *x, const REAL *running_mean, const REAL *running_var,          \
+    const REAL *weight, const REAL *bias, REAL eps, REAL *y, const REAL *residual,            \
+    int activation)                                                                           \
+{                                                                                             \
     int64_t total;                                                                            \
     FASTBN_TRY(fastbn__ready());                                                              \
     FASTBN_TRY(fastbn__check_sizes(func, outer, channels, inner, sizeof(REAL), &total));      \
@@ -320,22 +362,43 @@ FASTBN_API int fastbn_forward_infer_##SUFFIX(int64_t outer, int64_t channels, in
     FASTBN_TRY(fastbn__check_pointer(func, running_var, "running_var"));                      \
     FASTBN_TRY(fastbn__check_pointer(func, y, "y"));                                          \
     FASTBN_TRY(fastbn__check_scalar(func, eps, "eps", 0.0, DBL_MAX));                        \
+    int64_t act = fastbn__activation(func, activation);                                       \
+    if (act < 0)                                                                              \
+        return FASTBN_ERR_INVALID_ARGUMENT;                                                   \
     if (total == 0)                                                                           \
         return FASTBN_OK;                                                                     \
-    int64_t flags = FASTBN_FLAG(weight, HAS_WEIGHT) | FASTBN_FLAG(bias, HAS_BIAS);            \
+    int64_t flags = FASTBN_FLAG(weight, HAS_WEIGHT) | FASTBN_FLAG(bias, HAS_BIAS)             \
+        | FASTBN_FLAG(residual, HAS_RESIDUAL) | act;                                          \
     int32_t rc;                                                                               \
     FASTBN_CALL(rc, total * (int64_t)sizeof(REAL),                                            \
                 ((fastbn__infer_##SUFFIX)fastbn__entries[INFER])(                             \
-        outer, channels, inner, x, running_mean, running_var, weight, bias, eps, y, flags,    \
-        nthreads));                                                                           \
+        outer, channels, inner, x, running_mean, running_var, weight, bias, eps, y, residual, \
+        flags, nthreads));                                                                    \
     return fastbn__entry_status(func, rc);                                                    \
 }                                                                                             \
                                                                                               \
-FASTBN_API int fastbn_backward_##SUFFIX(int64_t outer, int64_t channels, int64_t inner,        \
-    const REAL *dy, const REAL *x, const REAL *save_mean, const REAL *save_invstd,            \
-    const REAL *weight, REAL *dx, REAL *dweight, REAL *dbias)                                 \
+FASTBN_API int fastbn_forward_infer_ex_##SUFFIX(int64_t outer, int64_t channels, int64_t inner,\
+    const REAL *x, const REAL *running_mean, const REAL *running_var,                         \
+    const REAL *weight, const REAL *bias, REAL eps, REAL *y, const REAL *residual,            \
+    int activation)                                                                           \
 {                                                                                             \
-    static const char *func = "fastbn_backward_" #SUFFIX;                                     \
+    return fastbn__forward_infer_##SUFFIX("fastbn_forward_infer_ex_" #SUFFIX, outer, channels,\
+        inner, x, running_mean, running_var, weight, bias, eps, y, residual, activation);     \
+}                                                                                             \
+                                                                                              \
+FASTBN_API int fastbn_forward_infer_##SUFFIX(int64_t outer, int64_t channels, int64_t inner,   \
+    const REAL *x, const REAL *running_mean, const REAL *running_var,                         \
+    const REAL *weight, const REAL *bias, REAL eps, REAL *y)                                  \
+{                                                                                             \
+    return fastbn__forward_infer_##SUFFIX("fastbn_forward_infer_" #SUFFIX, outer, channels,   \
+        inner, x, running_mean, running_var, weight, bias, eps, y, NULL, FASTBN_ACT_NONE);    \
+}                                                                                             \
+                                                                                              \
+static int fastbn__backward_##SUFFIX(const char *func, int64_t outer, int64_t channels,       \
+    int64_t inner, const REAL *dy, const REAL *x, const REAL *save_mean,                      \
+    const REAL *save_invstd, const REAL *weight, REAL *dx, REAL *dweight, REAL *dbias,        \
+    int activation, const REAL *y, REAL *dresidual)                                           \
+{                                                                                             \
     int64_t total;                                                                            \
     FASTBN_TRY(fastbn__ready());                                                              \
     FASTBN_TRY(fastbn__check_sizes(func, outer, channels, inner, sizeof(REAL), &total));      \
@@ -345,17 +408,71 @@ FASTBN_API int fastbn_backward_##SUFFIX(int64_t outer, int64_t channels, int64_t
     FASTBN_TRY(fastbn__check_pointer(func, save_invstd, "save_invstd"));                      \
     FASTBN_TRY(fastbn__check_pointer(func, dx, "dx"));                                        \
     FASTBN_TRY(fastbn__check_batch(func, outer, inner));                                      \
+    int64_t act = fastbn__activation(func, activation);                                       \
+    if (act < 0)                                                                              \
+        return FASTBN_ERR_INVALID_ARGUMENT;                                                   \
+    if (act == RELU && y == NULL) {                                                           \
+        fastbn__set_error("%s: y (the forward's output) must not be NULL with "               \
+                          "FASTBN_ACT_RELU", func);                                           \
+        return FASTBN_ERR_INVALID_ARGUMENT;                                                   \
+    }                                                                                         \
+    if (dresidual != NULL && dresidual == dx) {                                               \
+        fastbn__set_error("%s: dx and dresidual must be different buffers", func);            \
+        return FASTBN_ERR_INVALID_ARGUMENT;                                                   \
+    }                                                                                         \
     if (channels == 0)                                                                        \
         return FASTBN_OK;                                                                     \
     int64_t flags = FASTBN_FLAG(weight, HAS_WEIGHT) | FASTBN_FLAG(dweight, HAS_DWEIGHT)       \
-        | FASTBN_FLAG(dbias, HAS_DBIAS);                                                      \
+        | FASTBN_FLAG(dbias, HAS_DBIAS) | FASTBN_FLAG(dresidual, HAS_DRESIDUAL) | act;        \
     int32_t rc;                                                                               \
     FASTBN_CALL(rc, 2 * total * (int64_t)sizeof(REAL),                                        \
                 ((fastbn__bwd_##SUFFIX)fastbn__entries[BWD])(                                 \
         outer, channels, inner, dy, x, save_mean, save_invstd, weight, dx, dweight, dbias,    \
-        flags, nthreads));                                                                    \
+        y, dresidual, flags, nthreads));                                                      \
+    return fastbn__entry_status(func, rc);                                                    \
+}                                                                                             \
+                                                                                              \
+FASTBN_API int fastbn_backward_ex_##SUFFIX(int64_t outer, int64_t channels, int64_t inner,     \
+    const REAL *dy, const REAL *x, const REAL *save_mean, const REAL *save_invstd,            \
+    const REAL *weight, REAL *dx, REAL *dweight, REAL *dbias, const REAL *residual,           \
+    int activation, const REAL *y, REAL *dresidual)                                           \
+{                                                                                             \
+    (void)residual; /* the backward needs y, not the residual */                              \
+    return fastbn__backward_##SUFFIX("fastbn_backward_ex_" #SUFFIX, outer, channels, inner,   \
+        dy, x, save_mean, save_invstd, weight, dx, dweight, dbias, activation, y, dresidual); \
+}                                                                                             \
+                                                                                              \
+FASTBN_API int fastbn_backward_##SUFFIX(int64_t outer, int64_t channels, int64_t inner,        \
+    const REAL *dy, const REAL *x, const REAL *save_mean, const REAL *save_invstd,            \
+    const REAL *weight, REAL *dx, REAL *dweight, REAL *dbias)                                 \
+{                                                                                             \
+    return fastbn__backward_##SUFFIX("fastbn_backward_" #SUFFIX, outer, channels, inner, dy,  \
+        x, save_mean, save_invstd, weight, dx, dweight, dbias, FASTBN_ACT_NONE, NULL, NULL);  \
+}                                                                                             \
+                                                                                              \
+FASTBN_API int fastbn_batch_stats_##SUFFIX(int64_t outer, int64_t channels, int64_t inner,     \
+    const REAL *x, double *mean, double *var)                                                 \
+{                                                                                             \
+    static const char *func = "fastbn_batch_stats_" #SUFFIX;                                  \
+    int64_t total, n;                                                                         \
+    FASTBN_TRY(fastbn__ready());                                                              \
+    FASTBN_TRY(fastbn__check_sizes(func, outer, channels, inner, sizeof(REAL), &total));      \
+    FASTBN_TRY(fastbn__check_pointer(func, x, "x"));                                          \
+    FASTBN_TRY(fastbn__check_pointer(func, mean, "mean"));                                    \
+    FASTBN_TRY(fastbn__check_pointer(func, var, "var"));                                      \
+    if (__builtin_mul_overflow(outer, inner, &n) || n < 1) {                                  \
+        fastbn__set_error("%s: needs at least 1 value per channel (outer=%lld, inner=%lld)",  \
+                          func, (long long)outer, (long long)inner);                          \
+        return FASTBN_ERR_INVALID_ARGUMENT;                                                   \
+    }                                                                                         \
+    if (channels == 0)                                                                        \
+        return FASTBN_OK;                                                                     \
+    int32_t rc;                                                                               \
+    FASTBN_CALL(rc, total * (int64_t)sizeof(REAL),                                            \
+                ((fastbn__stats_##SUFFIX)fastbn__entries[STATS])(                             \
+        outer, channels, inner, x, mean, var, 0, nthreads));                                  \
     return fastbn__entry_status(func, rc);                                                    \
 }
 
-FASTBN_DEFINE(float, f32, FWD_F32, INFER_F32, BWD_F32)
-FASTBN_DEFINE(double, f64, FWD_F64, INFER_F64, BWD_F64)
+FASTBN_DEFINE(float, f32, FWD_F32, INFER_F32, BWD_F32, STATS_F32)
+FASTBN_DEFINE(double, f64, FWD_F64, INFER_F64, BWD_F64, STATS_F64)

@@ -10,8 +10,10 @@
  *
  * MASK bits for `run`: 1 weight, 2 bias, 4 running statistics, 8 save_mean/save_invstd,
  * 16 dweight/dbias (a clear bit passes NULL).  Files are raw native-endian arrays:
- * inputs x, dy, w, b, rm, rv; outputs y, y_inplace, mean, invstd, rm_out, rv_out,
- * y_infer, y_infer_inplace, dx, dw, db.
+ * inputs x, dy, w, b, rm, rv, res; outputs y, y_inplace, mean, invstd, rm_out, rv_out,
+ * y_infer, y_infer_inplace, dx, dw, db, and through the fused epilogues (residual res,
+ * ReLU) y_ex, y_infer_ex, dx_ex, dw_ex, db_ex, dres_ex, then the statistics alone
+ * stats_mean, stats_var (double).
  */
 #include <math.h>
 #include <pthread.h>
@@ -112,8 +114,32 @@ static int run_##SUFFIX(long long outer, long long C, long long inner, int mask,
     write_file(dir, "dx", dx, bx);                                                             \
     write_file(dir, "dw", dw, bc);                                                             \
     write_file(dir, "db", db, bc);                                                             \
+    /* the fused epilogues: relu(bn(x) + res), its inference and backward */                  \
+    REAL *res = read_file(dir, "res", bx), *dres = malloc(bx + 1);                            \
+    rc = fastbn_forward_train_ex_##SUFFIX(outer, C, inner, x, W, B, (REAL)1e-5, (REAL)0.1,     \
+                                          NULL, NULL, y, mean, invstd, res, FASTBN_ACT_RELU);  \
+    CHECK(rc == FASTBN_OK, "forward_train_ex: %d %s", rc, fastbn_last_error());                \
+    write_file(dir, "y_ex", y, bx);                                                            \
+    rc = fastbn_forward_infer_ex_##SUFFIX(outer, C, inner, x, rm_in, rv_in, W, B, (REAL)1e-5, \
+                                          yi, res, FASTBN_ACT_RELU);                           \
+    CHECK(rc == FASTBN_OK, "forward_infer_ex: %d %s", rc, fastbn_last_error());                \
+    write_file(dir, "y_infer_ex", yi, bx);                                                     \
+    rc = fastbn_backward_ex_##SUFFIX(outer, C, inner, dy, x, mean, invstd, W, dx, DW, DB,      \
+                                     NULL, FASTBN_ACT_RELU, y, dres);                          \
+    CHECK(rc == FASTBN_OK, "backward_ex: %d %s", rc, fastbn_last_error());                     \
+    write_file(dir, "dx_ex", dx, bx);                                                          \
+    write_file(dir, "dw_ex", dw, bc);                                                          \
+    write_file(dir, "db_ex", db, bc);                                                          \
+    write_file(dir, "dres_ex", dres, bx);                                                      \
+    double *smean = malloc((size_t)C * sizeof(double) + 1);                                    \
+    double *svar = malloc((size_t)C * sizeof(double) + 1);                                     \
+    rc = fastbn_batch_stats_##SUFFIX(outer, C, inner, x, smean, svar);                        \
+    CHECK(rc == FASTBN_OK, "batch_stats: %d %s", rc, fastbn_last_error());                     \
+    write_file(dir, "stats_mean", smean, (size_t)C * sizeof(double));                          \
+    write_file(dir, "stats_var", svar, (size_t)C * sizeof(double));                            \
     free(x); free(dy); free(w); free(b); free(rm); free(rv); free(rm_in); free(rv_in);         \
     free(y); free(yi); free(mean); free(invstd); free(dx); free(dw); free(db);                 \
+    free(res); free(dres); free(smean); free(svar);                                            \
     return failures;                                                                           \
 }
 
@@ -199,6 +225,40 @@ static int errors(void)
     /* one rule with the Python API: eps must be finite */
     EXPECT_INVALID(fastbn_forward_train_f32(2, 3, 4, x, w, b, INFINITY, 0.1f, rm, rv, y, sm, si), "eps");
     EXPECT_INVALID(fastbn_forward_infer_f32(2, 3, 4, x, mean, var, w, b, INFINITY, y), "eps");
+    /* the fused epilogues: an unknown activation, RELU's backward without y, dx and
+     * dresidual in one buffer; the statistics alone need x, mean, var and a value */
+    EXPECT_INVALID(fastbn_forward_train_ex_f32(2, 3, 4, x, w, b, 1e-5f, 0.1f, rm, rv, y, sm, si,
+                                               dy, 7), "activation");
+    EXPECT_INVALID(fastbn_forward_train_ex_f32(2, 3, 4, x, w, b, 1e-5f, 0.1f, rm, rv, NULL, sm,
+                                               si, dy, FASTBN_ACT_RELU), "y");
+    EXPECT_INVALID(fastbn_forward_infer_ex_f32(2, 3, 4, x, mean, var, w, b, 1e-5f, y, dy, -1),
+                   "activation");
+    EXPECT_INVALID(fastbn_backward_ex_f32(2, 3, 4, dy, x, mean, inv, w, y, dw, db, NULL, 2, x,
+                                          NULL), "activation");
+    EXPECT_INVALID(fastbn_backward_ex_f32(2, 3, 4, dy, x, mean, inv, w, y, dw, db, NULL,
+                                          FASTBN_ACT_RELU, NULL, NULL), "y");
+    EXPECT_INVALID(fastbn_backward_ex_f32(2, 3, 4, dy, x, mean, inv, w, y, dw, db, NULL,
+                                          FASTBN_ACT_RELU, x, y), "different");
+    {
+        double smean[3] = {SENTINEL, SENTINEL, SENTINEL}, svar[3] = {SENTINEL, SENTINEL, SENTINEL};
+        EXPECT_INVALID(fastbn_batch_stats_f32(2, 3, 4, NULL, smean, svar), "x");
+        EXPECT_INVALID(fastbn_batch_stats_f32(2, 3, 4, x, NULL, svar), "mean");
+        EXPECT_INVALID(fastbn_batch_stats_f32(2, 3, 4, x, smean, NULL), "var");
+        EXPECT_INVALID(fastbn_batch_stats_f32(0, 3, 4, x, smean, svar), "at least 1");
+        CHECK(smean[0] == SENTINEL && svar[2] == SENTINEL, "batch_stats wrote on error");
+    }
+    /* the plain functions name themselves in their messages */
+    fastbn_forward_train_f32(2, 3, 4, NULL, w, b, 1e-5f, 0.1f, rm, rv, y, sm, si);
+    CHECK(strstr(fastbn_last_error(), "fastbn_forward_train_f32:") != NULL, "message '%s'",
+          fastbn_last_error());
+    /* the version macros are the library's version */
+    {
+        char version[64];
+        snprintf(version, sizeof version, "%d.%d.%d", FASTBN_VERSION_MAJOR, FASTBN_VERSION_MINOR,
+                 FASTBN_VERSION_PATCH);
+        CHECK(!strcmp(version, fastbn_version()), "header %s, library %s", version,
+              fastbn_version());
+    }
     /* the f64 functions share the checks; one of each */
     fill(y, NX, SENTINEL);
     CHECK(fastbn_forward_train_f64(2, 3, 4, NULL, NULL, NULL, 1e-5, 0.1, NULL, NULL, yd, NULL, NULL)

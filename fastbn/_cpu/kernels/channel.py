@@ -17,7 +17,8 @@ from numba import prange
 from ..._jit import kernel
 from .numerics import CHUNK, REDUCE_MATH, _invstd, _merge_piece, _merged, _two_sum
 from .codegen import (
-    LINE_BYTES, _line_affine, _line_affine_split, _line_dx, _store_fence, _stream_span, _streams
+    LINE_BYTES, _ep, _flat, _grad, _line_affine, _line_affine_split, _line_dx, _put, _store_fence,
+    _stream_span, _streams
 )
 from .pipes import _strided_dev_sums, _strided_dev_sums_affine
 
@@ -27,27 +28,38 @@ from .pipes import _strided_dev_sums, _strided_dev_sums_affine
 # cannot drop Numba's negative-index wraparound and falls back to gathers.
 
 @kernel()
-def _affine_stream(xf, yf, start, stop, hi, lo, scale, shift):
-    """``yf[start:stop] = ((xf - hi) - lo) * scale + shift`` with streaming stores."""
+def _affine_stream(xf, yf, start, stop, hi, lo, scale, shift, resf, relu):
+    """``yf[start:stop] = ((xf - hi) - lo) * scale + shift`` with streaming stores, with the
+    epilogue (``codegen._ep``: ``+ resf``, then ReLU where ``relu``)."""
     first, last = _stream_span(yf, start, stop)
     for i in range(np.uint64(start), np.uint64(first)):
-        yf[i] = ((xf[i] - hi) - lo) * scale + shift
+        yf[i] = _ep(((xf[i] - hi) - lo) * scale + shift, resf, i, relu)
     for i in range(first, last, LINE_BYTES // yf.itemsize):
-        _line_affine(xf, i, yf, hi, lo, scale, shift, True)
+        _line_affine(xf, i, yf, hi, lo, scale, shift, True, resf, relu)
     for i in range(np.uint64(last), np.uint64(stop)):
-        yf[i] = ((xf[i] - hi) - lo) * scale + shift
+        yf[i] = _ep(((xf[i] - hi) - lo) * scale + shift, resf, i, relu)
+
+
+@kernel(inline="always")
+def _dx_value(dyf, xf, yf, dresf, i, hi, lo, a, b, k):
+    """``dx`` at flat ``i`` from ``g``, ``dy`` masked by ``yf > 0`` (``yf`` None: ``dy``);
+    ``g`` also into ``dresf`` unless it is empty."""
+    g = _grad(dyf, yf, i)
+    _put(dresf, i, g)
+    return ((g - b) - ((xf[i] - hi) - lo) * k) * a
 
 
 @kernel()
-def _dx_stream(dyf, xf, outf, start, stop, hi, lo, a, b, k):
-    """``outf[start:stop] = ((dy - b) - ((x - hi) - lo) * k) * a`` with streaming stores."""
+def _dx_stream(dyf, xf, outf, start, stop, hi, lo, a, b, k, yf, dresf):
+    """``outf[start:stop] = ((g - b) - ((x - hi) - lo) * k) * a`` with streaming stores
+    (``_dx_value``)."""
     first, last = _stream_span(outf, start, stop)
     for i in range(np.uint64(start), np.uint64(first)):
-        outf[i] = ((dyf[i] - b) - ((xf[i] - hi) - lo) * k) * a
+        outf[i] = _dx_value(dyf, xf, yf, dresf, i, hi, lo, a, b, k)
     for i in range(first, last, LINE_BYTES // outf.itemsize):
-        _line_dx(dyf, xf, i, outf, hi, lo, a, b, k, True)
+        _line_dx(dyf, xf, i, outf, hi, lo, a, b, k, True, yf, dresf)
     for i in range(np.uint64(last), np.uint64(stop)):
-        outf[i] = ((dyf[i] - b) - ((xf[i] - hi) - lo) * k) * a
+        outf[i] = _dx_value(dyf, xf, yf, dresf, i, hi, lo, a, b, k)
 
 
 @kernel()
@@ -165,11 +177,11 @@ def _first_run_mean(x, xf, o, c, shift, acc):
 
 
 @kernel()
-def _short_runs_moments(x, xf, yf, o0, o1, c, shift, w, params, acc):
+def _short_runs_moments(x, xf, yf, o0, o1, c, shift, w, params, acc, resf, relu):
     """``(count, mean relative to shift[c], M2)`` of channel ``c`` of short runs over rows
     [o0, o1), exactly as ``_accumulate_rows`` computes them; where ``w >= 0`` channel ``w``
     is normalized into ``yf`` (an output that stays in cache) with row ``w`` of ``params``
-    over the same rows, in the same loop (``_strided_dev_sums_affine``)."""
+    over the same rows, in the same loop (``_strided_dev_sums_affine``), with the epilogue."""
     channels, inner = x.shape[1], x.shape[2]
     lanes = LINE_BYTES // x.itemsize
     nlines = inner // lanes
@@ -186,11 +198,12 @@ def _short_runs_moments(x, xf, yf, o0, o1, c, shift, w, params, acc):
         if w >= 0:
             hi, lo, scale, shift_w = params[w, 0], params[w, 1], params[w, 2], params[w, 3]
             _strided_dev_sums_affine(xf, start, b1 - b0, stride, nlines, center, yf,
-                                     (b0 * channels + w) * inner, hi, lo, scale, shift_w, acc)
+                                     (b0 * channels + w) * inner, hi, lo, scale, shift_w, resf,
+                                     relu, acc)
             for o in range(b0, b1):
                 t = (o * channels + w) * inner
                 for i in range(np.uint64(t + whole), np.uint64(t + inner)):
-                    yf[i] = ((xf[i] - hi) - lo) * scale + shift_w
+                    yf[i] = _ep(((xf[i] - hi) - lo) * scale + shift_w, resf, i, relu)
         else:
             _strided_dev_sums(xf, start, b1 - b0, stride, nlines, center, acc)
         a1, a2 = acc[0], acc[1]
@@ -205,20 +218,23 @@ def _short_runs_moments(x, xf, yf, o0, o1, c, shift, w, params, acc):
 
 
 @kernel()
-def _short_runs_forward(x, c0, c1, shift, weight, bias, eps, y, mean, var, invstd, params):
+def _short_runs_forward(x, c0, c1, shift, weight, bias, eps, y, mean, var, invstd, params, res,
+                        relu):
     """Training forward of channels [c0, c1) of short runs into ``y`` that stays in cache:
     the statistics of channel c + 1 and the output of channel c in one loop."""
     outer = x.shape[0]
     xf = x.reshape(x.size)
     yf = y.reshape(y.size)
+    resf = _flat(res)
     acc = np.empty(2)
-    n, mu, q = _short_runs_moments(x, xf, yf, 0, outer, c0, shift, -1, params, acc)
+    n, mu, q = _short_runs_moments(x, xf, yf, 0, outer, c0, shift, -1, params, acc, resf, relu)
     for c in range(c0, c1):
         _finish_channel(c, n, mu, q, shift, weight, bias, eps, mean, var, invstd, params)
         if c + 1 < c1:
-            n, mu, q = _short_runs_moments(x, xf, yf, 0, outer, c + 1, shift, c, params, acc)
+            n, mu, q = _short_runs_moments(x, xf, yf, 0, outer, c + 1, shift, c, params, acc,
+                                           resf, relu)
         else:
-            _affine_runs(x, 0, outer, c, c + 1, params, y)
+            _affine_runs(x, 0, outer, c, c + 1, params, y, res, relu)
 
 
 # The fused short-run forward pays off for float32 runs of at least this many bytes.
@@ -263,7 +279,7 @@ def _runs_dev_sums(x, xf, o0, o1, c, center, acc):
 
 
 @kernel()
-def _affine_runs(x, o0, o1, c0, c1, params, y):
+def _affine_runs(x, o0, o1, c0, c1, params, y, res, relu):
     """Normalize the runs ``x[o, c, :]`` for o in [o0, o1), c in [c0, c1), row by row.
 
     Within a row the runs of neighbouring channels are adjacent, so reads and
@@ -271,18 +287,22 @@ def _affine_runs(x, o0, o1, c0, c1, params, y):
     The flat views are made once here, not per run: for short runs their set-up
     would cost more than the run.  Whole lines are written with streaming stores,
     or, for an output that stays in cache, ordinary vector stores (``_line_stores``).
+    The epilogue (``codegen._ep``) adds ``res`` (None: nothing) and applies ReLU where
+    ``relu``.
     """
     outer, channels, inner = x.shape
     stores = _line_stores(y)
+    xf = x.reshape(x.size)
+    yf = y.reshape(y.size)
+    resf = _flat(res)
     if stores == 0 or inner < LINE_BYTES // y.itemsize:
         for o in range(o0, o1):
             for c in range(c0, c1):
                 hi, lo, scale, shift = params[c, 0], params[c, 1], params[c, 2], params[c, 3]
-                for i in range(np.uint64(0), np.uint64(inner)):
-                    y[o, c, i] = ((x[o, c, i] - hi) - lo) * scale + shift
+                t = (o * channels + c) * inner
+                for i in range(np.uint64(t), np.uint64(t + inner)):
+                    yf[i] = _ep(((xf[i] - hi) - lo) * scale + shift, resf, i, relu)
         return
-    xf = x.reshape(x.size)
-    yf = y.reshape(y.size)
     lanes = LINE_BYTES // y.itemsize
     whole = inner // lanes * lanes
     for o in range(o0, o1):
@@ -290,14 +310,14 @@ def _affine_runs(x, o0, o1, c0, c1, params, y):
             start = (o * channels + c) * inner
             hi, lo, scale, shift = params[c, 0], params[c, 1], params[c, 2], params[c, 3]
             if stores == 2:
-                _affine_stream(xf, yf, start, start + inner, hi, lo, scale, shift)
+                _affine_stream(xf, yf, start, start + inner, hi, lo, scale, shift, resf, relu)
                 continue
             # cached: whole lines from the run's start (inlined: a call per short run costs
             # as much as its lines), then a scalar tail
             for i in range(start, start + whole, lanes):
-                _line_affine(xf, i, yf, hi, lo, scale, shift, False)
+                _line_affine(xf, i, yf, hi, lo, scale, shift, False, resf, relu)
             for i in range(np.uint64(start + whole), np.uint64(start + inner)):
-                yf[i] = ((xf[i] - hi) - lo) * scale + shift
+                yf[i] = _ep(((xf[i] - hi) - lo) * scale + shift, resf, i, relu)
 
 
 @kernel()
@@ -365,10 +385,11 @@ def _finish_channel(c, n, mu, q, shift, weight, bias, eps, mean, var, invstd, pa
 
 
 @kernel(parallel=True)
-def channel_forward(x, group, weight, bias, eps, y, mean, var, invstd):
+def channel_forward(x, group, weight, bias, eps, y, mean, var, invstd, res, relu):
     """Training forward, fused: each group of channels is reduced, then normalized from cache.
 
-    Writes ``y`` and the float64 ``mean``, biased ``var`` and ``invstd`` per channel.
+    Writes ``y`` (with the epilogue of ``_affine_runs``) and the float64 ``mean``, biased
+    ``var`` and ``invstd`` per channel.
     """
     outer, channels, inner = x.shape
     shift = _first_values(x)
@@ -380,7 +401,7 @@ def channel_forward(x, group, weight, bias, eps, y, mean, var, invstd):
         c1 = min(c0 + group, channels)
         if fused:
             _short_runs_forward(x, c0, c1, shift, weight, bias, eps, y, mean, var, invstd,
-                                params)
+                                params, res, relu)
         else:
             n = np.zeros(c1 - c0)
             mu = np.zeros(c1 - c0)
@@ -389,25 +410,26 @@ def channel_forward(x, group, weight, bias, eps, y, mean, var, invstd):
             for c in range(c0, c1):
                 _finish_channel(c, n[c - c0], mu[c - c0], q[c - c0], shift, weight, bias, eps,
                                 mean, var, invstd, params)
-            _affine_runs(x, 0, outer, c0, c1, params, y)
+            _affine_runs(x, 0, outer, c0, c1, params, y, res, relu)
             _store_fence()
 
 
 @kernel()
-def _affine_scalar(xf, yf, start, stop, channels, inner, params):
+def _affine_scalar(xf, yf, start, stop, channels, inner, params, resf, relu):
     for i in range(start, stop):
         c = (i // inner) % channels
-        yf[i] = ((xf[i] - params[c, 0]) - params[c, 1]) * params[c, 2] + params[c, 3]
+        yf[i] = _ep(((xf[i] - params[c, 0]) - params[c, 1]) * params[c, 2] + params[c, 3], resf,
+                    i, relu)
 
 
 @kernel()
-def _affine_span(xf, yf, start, stop, channels, inner, params):
+def _affine_span(xf, yf, start, stop, channels, inner, params, resf, relu):
     """Flat ``[start, stop)`` of the (outer, C, inner) runs, normalized as one stream of
     whole lines: a run's parameters switch within a line where two runs share it (runs
     of ``inner >= lanes`` values), so no line is written twice and every run boundary
-    costs a compare, not a call with a scalar head and tail."""
+    costs a compare, not a call with a scalar head and tail.  With the epilogue."""
     first, last = _stream_span(yf, start, stop)
-    _affine_scalar(xf, yf, start, first, channels, inner, params)
+    _affine_scalar(xf, yf, start, first, channels, inner, params, resf, relu)
     lanes = LINE_BYTES // yf.itemsize
     t = first // inner
     c = t % channels
@@ -417,21 +439,22 @@ def _affine_span(xf, yf, start, stop, channels, inner, params):
         hi, lo, scale, shift = params[c, 0], params[c, 1], params[c, 2], params[c, 3]
         whole = i + (min(run_end, last) - i) // lanes * lanes
         for k in range(i, whole, lanes):
-            _line_affine(xf, k, yf, hi, lo, scale, shift, True)
+            _line_affine(xf, k, yf, hi, lo, scale, shift, True, resf, relu)
         i = whole
         n = c + 1 if c + 1 < channels else 0
         if i < run_end and i < last:
             _line_affine_split(xf, i, yf, run_end - i, hi, lo, scale, shift, params[n, 0],
-                               params[n, 1], params[n, 2], params[n, 3])
+                               params[n, 1], params[n, 2], params[n, 3], resf, relu)
             i += lanes
         c = n
         run_end += inner
-    _affine_scalar(xf, yf, max(first, last), stop, channels, inner, params)
+    _affine_scalar(xf, yf, max(first, last), stop, channels, inner, params, resf, relu)
 
 
 @kernel(parallel=True)
-def affine_channels(x, params, nblocks, y):
-    """``y = ((x - hi) - lo) * scale + shift`` per channel, ``params`` of shape (C, 4).
+def affine_channels(x, params, nblocks, y, res, relu):
+    """``y = ((x - hi) - lo) * scale + shift`` per channel, ``params`` of shape (C, 4), with
+    the epilogue (``+ res`` where it is an array, then ReLU where ``relu``).
 
     ``nblocks`` tasks, each a contiguous range of the (outer, C) runs.
     """
@@ -439,16 +462,17 @@ def affine_channels(x, params, nblocks, y):
     if _streams(y) and inner >= LINE_BYTES // y.itemsize:
         xf = x.reshape(x.size)
         yf = y.reshape(y.size)
+        resf = _flat(res)
         for blk in prange(nblocks):
             _affine_span(xf, yf, blk * x.size // nblocks, (blk + 1) * x.size // nblocks,
-                         channels, inner, params)
+                         channels, inner, params, resf, relu)
             _store_fence()
         return
     for blk in prange(nblocks):
         o0, c0, c1, r0, r1, o1, c2 = _block_runs(blk, nblocks, outer, channels)
-        _affine_runs(x, o0, o0 + 1, c0, c1, params, y)
-        _affine_runs(x, r0, r1, 0, channels, params, y)
-        _affine_runs(x, o1, o1 + 1, 0, c2, params, y)
+        _affine_runs(x, o0, o0 + 1, c0, c1, params, y, res, relu)
+        _affine_runs(x, r0, r1, 0, channels, params, y, res, relu)
+        _affine_runs(x, o1, o1 + 1, 0, c2, params, y, res, relu)
         _store_fence()
 
 

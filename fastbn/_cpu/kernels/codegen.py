@@ -92,6 +92,72 @@ def _dx_expr(builder, g, v, hi, lo, a, b, k):
     return builder.fmul(builder.fsub(builder.fsub(g, b), builder.fmul(xc, k)), a)
 
 
+# Fused epilogues (contract section 6).  The forward's output ``r`` becomes
+# ``relu(r + residual)``: the residual an array laid out like the output (its line is
+# loaded at the output's index) or None, resolved at compile time, and ReLU a run-time
+# flag.  The backward's ``dy`` becomes the masked ``g = dy where y > 0, else 0``, ``y``
+# the forward's output or None (no activation), and ``g`` is also stored into
+# ``dresidual`` unless that array is empty (a run-time test, so that writing it or not
+# is one compiled kernel: every variant compiled costs CI and first-use time).
+
+def _is_none(ty):
+    return isinstance(ty, (types.NoneType, types.Omitted))
+
+
+def _relu_expr(builder, r, relu):
+    """``r`` with its negative values set to 0 where the i1 ``relu`` is true; NaN stays."""
+    zero = ir.Constant(r.type, None)
+    clipped = builder.select(builder.fcmp_ordered("<", r, zero), zero, r)
+    return builder.select(relu, clipped, r)
+
+
+def _epilogue(context, builder, sig, args, r, index, res_pos, relu_pos, vty):
+    """The forward's epilogue of line ``r`` written at ``index``: ``+ residual`` (argument
+    ``res_pos``, None: nothing), then ReLU where argument ``relu_pos`` is true."""
+    if not _is_none(sig.args[res_pos]):
+        r = builder.fadd(r, _load_line(context, builder, sig.args[res_pos], args[res_pos], index,
+                                       vty))
+    return _relu_expr(builder, r, args[relu_pos])
+
+
+def _masked(builder, g, yline):
+    """``g`` where ``y > 0``, else 0 (the gradient through ReLU; NaN ``y`` stops it)."""
+    return builder.select(builder.fcmp_ordered(">", yline, ir.Constant(yline.type, None)), g,
+                          ir.Constant(g.type, None))
+
+
+def _masked_grad_line(context, builder, sig, args, g, index, y_pos, vty):
+    """Line ``g`` of ``dy`` at ``index`` masked by the line of argument ``y_pos`` (None:
+    unmasked)."""
+    if _is_none(sig.args[y_pos]):
+        return g
+    return _masked(builder, g, _load_line(context, builder, sig.args[y_pos], args[y_pos], index,
+                                          vty))
+
+
+def _nonempty(context, builder, aryty, ary):
+    """i1: whether the array ``ary`` has any element."""
+    arr = context.make_array(aryty)(context, builder, ary)
+    return builder.icmp_signed("!=", arr.nitems, ir.Constant(arr.nitems.type, 0))
+
+
+@intrinsic
+def _relu_if(typingctx, v, relu):
+    """Scalar ``v``, or 0 where ``v < 0`` and ``relu``; NaN stays NaN."""
+    def codegen(context, builder, sig, args):
+        return _relu_expr(builder, args[0], args[1])
+    return v(v, types.boolean), codegen
+
+
+@intrinsic
+def _masked_value(typingctx, g, y):
+    """Scalar ``g`` where ``y > 0``, else 0."""
+    def codegen(context, builder, sig, args):
+        yv = context.cast(builder, args[1], sig.args[1], sig.args[0])
+        return _masked(builder, args[0], yv)
+    return g(g, y), codegen
+
+
 def _column_params(context, builder, pty, params, j, rows, vty, shared=()):
     """Lines of ``rows`` (row numbers) of ``params`` (k, W + lanes) starting at column
     ``j``; a row in ``shared`` is the same in every column: its column 0, broadcast."""
@@ -118,20 +184,23 @@ def _scalar_params(context, builder, sig, args, first, count, vty):
 
 
 @intrinsic
-def _line_affine(typingctx, x, i, out, hi, lo, scale, shift, stream):
-    """``out[i:i+L] = ((x[i:i+L] - hi) - lo) * scale + shift``, one line (``_store_line``)."""
+def _line_affine(typingctx, x, i, out, hi, lo, scale, shift, stream, res, relu):
+    """``out[i:i+L] = ((x[i:i+L] - hi) - lo) * scale + shift``, one line (``_store_line``),
+    with the epilogue (``_epilogue``: ``res`` None or an array like ``out``)."""
     def codegen(context, builder, sig, args):
         vty = _line_type(context, sig.args[0].dtype)
         v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
         r = _affine_expr(builder, v, *_scalar_params(context, builder, sig, args, 3, 4, vty))
+        r = _epilogue(context, builder, sig, args, r, args[1], 8, 9, vty)
         _store_line(context, builder, sig.args[2], args[2], args[1], r, args[7])
         return context.get_dummy_value()
-    return types.void(x, types.intp, out, hi, lo, scale, shift, types.boolean), codegen
+    return types.void(x, types.intp, out, hi, lo, scale, shift, types.boolean, res,
+                      types.boolean), codegen
 
 
 @intrinsic
 def _line_affine_split(typingctx, x, i, out, split, hi0, lo0, scale0, shift0, hi1, lo1, scale1,
-                       shift1):
+                       shift1, res, relu):
     """``_line_affine`` for a line shared by two channels: its first ``split`` values take
     the first parameters, the others the second."""
     def codegen(context, builder, sig, args):
@@ -145,28 +214,30 @@ def _line_affine_split(typingctx, x, i, out, split, hi0, lo0, scale0, shift0, hi
                      ir.VectorType(ity, vty.count))
         mask = builder.icmp_signed("<", lanes, cut)
         params = [builder.select(mask, a, b) for a, b in zip(first, second)]
-        _store_line_nt(context, builder, sig.args[2], args[2], args[1],
-                       _affine_expr(builder, v, *params))
+        r = _epilogue(context, builder, sig, args, _affine_expr(builder, v, *params), args[1],
+                      12, 13, vty)
+        _store_line_nt(context, builder, sig.args[2], args[2], args[1], r)
         return context.get_dummy_value()
     return types.void(x, types.intp, out, types.intp, hi0, lo0, scale0, shift0, hi1, lo1, scale1,
-                      shift1), codegen
+                      shift1, res, types.boolean), codegen
 
 
 def _make_line_cols(rows, expr, shared=()):
-    """An intrinsic ``(x, i, out, params, j)``: ``out[i:i+L] = expr(x[i:i+L], *p)``, ``p``
-    the lines of ``rows`` (row numbers) of ``params`` (k, W + lanes) at column ``j`` (the
-    column path's parameters), streamed.  Rows in ``shared`` are the same in every
-    column: their column 0 is read once and broadcast, a load less per line each
-    (loads, not arithmetic, bound these passes)."""
+    """An intrinsic ``(x, i, out, params, j, res, relu)``: ``out[i:i+L] = expr(x[i:i+L],
+    *p)`` with the epilogue (``_epilogue``), ``p`` the lines of ``rows`` (row numbers) of
+    ``params`` (k, W + lanes) at column ``j`` (the column path's parameters), streamed.
+    Rows in ``shared`` are the same in every column: their column 0 is read once and
+    broadcast, a load less per line each (loads, not arithmetic, bound these passes)."""
     @intrinsic
-    def line_cols(typingctx, x, i, out, params, j):
+    def line_cols(typingctx, x, i, out, params, j, res, relu):
         def codegen(context, builder, sig, args):
             vty = _line_type(context, sig.args[0].dtype)
             v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
             p = _column_params(context, builder, sig.args[3], args[3], args[4], rows, vty, shared)
-            _store_line_nt(context, builder, sig.args[2], args[2], args[1], expr(builder, v, *p))
+            r = _epilogue(context, builder, sig, args, expr(builder, v, *p), args[1], 5, 6, vty)
+            _store_line_nt(context, builder, sig.args[2], args[2], args[1], r)
             return context.get_dummy_value()
-        return types.void(x, types.intp, out, params, types.intp), codegen
+        return types.void(x, types.intp, out, params, types.intp, res, types.boolean), codegen
     return line_cols
 
 
@@ -199,29 +270,37 @@ def _line_two_sided(typingctx, x, i, out, params, c):
 
 
 @intrinsic
-def _line_dx(typingctx, dy, x, i, out, hi, lo, a, b, k, stream):
-    """``out[i:i+L] = ((dy - b) - ((x - hi) - lo) * k) * a``, one line (``_store_line``)."""
+def _line_dx(typingctx, dy, x, i, out, hi, lo, a, b, k, stream, y, dres):
+    """``out[i:i+L] = ((g - b) - ((x - hi) - lo) * k) * a``, one line (``_store_line``),
+    ``g`` the line of ``dy`` masked by ``y`` (None: ``dy``); ``g`` also into ``dres``
+    unless it is empty."""
     def codegen(context, builder, sig, args):
         vty = _line_type(context, sig.args[1].dtype)
         g = _load_line(context, builder, sig.args[0], args[0], args[2], vty)
+        g = _masked_grad_line(context, builder, sig, args, g, args[2], 10, vty)
         v = _load_line(context, builder, sig.args[1], args[1], args[2], vty)
         r = _dx_expr(builder, g, v, *_scalar_params(context, builder, sig, args, 4, 5, vty))
         _store_line(context, builder, sig.args[3], args[3], args[2], r, args[9])
+        with builder.if_then(_nonempty(context, builder, sig.args[11], args[11])):
+            _store_line(context, builder, sig.args[11], args[11], args[2], g, args[9])
         return context.get_dummy_value()
-    return types.void(dy, x, types.intp, out, hi, lo, a, b, k, types.boolean), codegen
+    return types.void(dy, x, types.intp, out, hi, lo, a, b, k, types.boolean, y, dres), codegen
 
 
 @intrinsic
-def _line_dx_cols(typingctx, dy, x, i, out, params, j):
+def _line_dx_cols(typingctx, dy, x, i, out, params, j, y, dres):
     """Column form of ``_line_dx``: parameters are rows of ``params`` (5, W) at column ``j``."""
     def codegen(context, builder, sig, args):
         vty = _line_type(context, sig.args[1].dtype)
         g = _load_line(context, builder, sig.args[0], args[0], args[2], vty)
+        g = _masked_grad_line(context, builder, sig, args, g, args[2], 6, vty)
         v = _load_line(context, builder, sig.args[1], args[1], args[2], vty)
         p = _column_params(context, builder, sig.args[4], args[4], args[5], range(5), vty)
         _store_line_nt(context, builder, sig.args[3], args[3], args[2], _dx_expr(builder, g, v, *p))
+        with builder.if_then(_nonempty(context, builder, sig.args[7], args[7])):
+            _store_line_nt(context, builder, sig.args[7], args[7], args[2], g)
         return context.get_dummy_value()
-    return types.void(dy, x, types.intp, out, params, types.intp), codegen
+    return types.void(dy, x, types.intp, out, params, types.intp, y, dres), codegen
 
 
 @intrinsic
@@ -330,3 +409,65 @@ def _stream_span(out, start, stop):
     lanes = LINE_BYTES // size
     last = first + (stop - first) // lanes * lanes
     return first, last
+
+
+# Views of the epilogues' optional arrays, and scalar forms for the heads and tails of
+# runs.  ``_flat`` and ``_rows_view`` are intrinsics typed by their argument: a kernel's
+# ``if a is None`` folds only for an argument typed None, so a helper returning None or
+# a view would be typed Optional; and an ``overload`` cached on its own segfaulted when
+# a kernel calling it was loaded from the cache in a new process.
+
+def _none_codegen(context, builder, sig, args):
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _flat(typingctx, a):
+    """``a`` (C-contiguous) as a flat view, or None."""
+    if _is_none(a):
+        return types.none(a), _none_codegen
+
+    def codegen(context, builder, sig, args):
+        return context.compile_internal(builder, lambda a: a.reshape(a.size), sig, args)
+    return a.copy(ndim=1, layout="C")(a), codegen
+
+
+def _rows_of(a, rows, width):
+    if a.size == 0:
+        return a.reshape(0, 0)
+    return a.reshape(rows, width)
+
+
+@intrinsic
+def _rows_view(typingctx, a, rows, width):
+    """``a`` (C-contiguous) as a (rows, width) view (an empty array: an empty view), or
+    None."""
+    if _is_none(a):
+        return types.none(a, rows, width), _none_codegen
+
+    def codegen(context, builder, sig, args):
+        return context.compile_internal(builder, _rows_of, sig, args)
+    return a.copy(ndim=2, layout="C")(a, rows, width), codegen
+
+
+@kernel()
+def _ep(v, resf, i, relu):
+    """The forward's epilogue of ``v`` written at flat ``i``: ``relu(v + resf[i])``."""
+    if resf is not None:
+        v = v + resf[i]
+    return _relu_if(v, relu)
+
+
+@kernel()
+def _grad(gf, yf, i):
+    """``gf[i]`` masked by ``yf[i] > 0`` (``yf`` None: unmasked)."""
+    if yf is None:
+        return gf[i]
+    return _masked_value(gf[i], yf[i])
+
+
+@kernel()
+def _put(af, i, v):
+    """``af[i] = v`` unless ``af`` is empty."""
+    if af.size != 0:
+        af[i] = v

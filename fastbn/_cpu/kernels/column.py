@@ -12,8 +12,8 @@ from numba import prange
 from ..._jit import kernel
 from .numerics import _merge_chunk, _two_sided_value
 from .codegen import (
-    LINE_BYTES, _line_affine_cols, _line_dx_cols, _line_two_sided_cols, _line_two_sided_exact,
-    _store_fence, _stream_span
+    LINE_BYTES, _ep, _flat, _grad, _line_affine_cols, _line_dx_cols, _line_two_sided_cols,
+    _line_two_sided_exact, _put, _store_fence, _stream_span
 )
 from .tiles import (
     ROW_PREFETCH_BYTES, ROW_TILE_MAX_WIDTH, _prefetch_line, _tile_dev_sums_32, _tile_dev_sums_64,
@@ -180,12 +180,13 @@ def _expand(per_channel, inner):
 
 @kernel(parallel=True)
 def column_forward(x, inner, nblocks, chunk_rows, normalize, weight, bias, eps, y, mean, var,
-                   invstd):
+                   invstd, res, relu):
     """Statistics over rows of ``x`` (rows, C * inner), then (``normalize``) ``y``, in one call.
 
     Three phases: per-block column moments in parallel, a serial fold to
     channels (count, mean, var, invstd into the float64 outputs), and a
-    parallel affine pass over rows.
+    parallel affine pass over rows, with the epilogue (``+ res`` where it is an array
+    laid out like ``y``, then ReLU where ``relu``).
     """
     rows, width = x.shape
     channels = width // inner
@@ -211,7 +212,8 @@ def column_forward(x, inner, nblocks, chunk_rows, normalize, weight, bias, eps, 
     _wrap_columns(params, width, lanes)
     if normalize:
         for blk in prange(nblocks):
-            _map_rows(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, params, y, None)
+            _map_rows(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, params, y, None, res,
+                      relu)
             _store_fence()
 
 
@@ -226,9 +228,10 @@ def _column_value(v, p, j, two_sided):
 
 
 @kernel()
-def _map_rows(x, r0, r1, params, y, two_sided):
+def _map_rows(x, r0, r1, params, y, two_sided, res, relu):
     """Rows [r0, r1) of the column path, streamed as one span of lines (the map of
-    ``_column_value``).
+    ``_column_value``, then the epilogue: ``+ res`` where it is an array, ReLU where
+    ``relu``; min-max scaling takes neither).
 
     ``params`` (k, W + lanes) holds each column's parameters and, after column
     W - 1, the first ``lanes`` columns again: a line that starts at column j reads
@@ -240,6 +243,7 @@ def _map_rows(x, r0, r1, params, y, two_sided):
     lanes = LINE_BYTES // y.itemsize
     xf = x.reshape(x.size)
     yf = y.reshape(y.size)
+    resf = _flat(res)
     start = r0 * width
     stop = r1 * width
     first, last = _stream_span(yf, start, stop)
@@ -253,69 +257,80 @@ def _map_rows(x, r0, r1, params, y, two_sided):
                                                   params[2, j], f_low, f_high, zero, zero)
                 return
         for r in range(r0, r1):
+            t = r * width
             for j in range(np.uint64(0), np.uint64(width)):
-                y[r, j] = _column_value(x[r, j], params, j, two_sided)
+                yf[t + j] = _ep(_column_value(xf[t + j], params, j, two_sided), resf, t + j, relu)
         return
     for i in range(start, first):
-        yf[i] = _column_value(xf[i], params, (i - start) % width, two_sided)
+        yf[i] = _ep(_column_value(xf[i], params, (i - start) % width, two_sided), resf, i, relu)
     j = (first - start) % width if width > 0 else 0
     for i in range(first, last, lanes):
         if two_sided is None:
-            _line_affine_cols(xf, i, yf, params, j)
+            _line_affine_cols(xf, i, yf, params, j, resf, relu)
         elif two_sided:
-            _line_two_sided_exact(xf, i, yf, params, j)
+            _line_two_sided_exact(xf, i, yf, params, j, resf, relu)
         else:
-            _line_two_sided_cols(xf, i, yf, params, j)
+            _line_two_sided_cols(xf, i, yf, params, j, resf, relu)
         j += lanes
         if j >= width:
             j -= width
     for i in range(last, stop):
-        yf[i] = _column_value(xf[i], params, (i - start) % width, two_sided)
+        yf[i] = _ep(_column_value(xf[i], params, (i - start) % width, two_sided), resf, i, relu)
 
 
 @kernel(parallel=True)
-def map_columns(x, params, inner, nblocks, y, two_sided):
+def map_columns(x, params, inner, nblocks, y, two_sided, res, relu):
     """Per channel, ``y = ((x - hi) - lo) * scale + shift`` with ``params`` (C, 4), or
     with ``two_sided`` not None min-max scaling about both ends with ``params`` (C, 7)
     (``kernels.minmax``; ``two_sided`` true where every residual is 0), over
-    rows of ``x`` (rows, C * inner), in ``nblocks`` tasks of contiguous rows."""
+    rows of ``x`` (rows, C * inner), in ``nblocks`` tasks of contiguous rows; then the
+    epilogue (``_map_rows``)."""
     rows, width = x.shape
     cols = _params_by_column(params, inner, width)
     for blk in prange(nblocks):
-        _map_rows(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, cols, y, two_sided)
+        _map_rows(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, cols, y, two_sided,
+                  res, relu)
         _store_fence()
 
 
 @kernel()
-def _rows_add_grad_sums(dy, x, r0, r1, mean, s, sx):
+def _rows_add_grad_sums(dy, x, y, r0, r1, mean, s, sx):
+    """Per column, ``s += sum(g)``, ``sx += sum(g * (x - mean))`` over rows [r0, r1), ``g``
+    being ``dy`` masked by ``y > 0`` (``y`` None: ``dy``)."""
     width = x.shape[1]
     tiled = 0
     if width == 64:
-        _tile_grad_sums_64(dy, x, r0, r1, 0, mean, s, sx)
+        _tile_grad_sums_64(dy, x, y, r0, r1, 0, mean, s, sx)
         tiled = 64
     elif width < ROW_TILE_MAX_WIDTH:
         tiled = width - width % 32
         for j in range(0, tiled, 32):
-            _tile_grad_sums_32(dy, x, r0, r1, j, mean, s, sx)
+            _tile_grad_sums_32(dy, x, y, r0, r1, j, mean, s, sx)
+    gf = dy.reshape(dy.size)
+    xf = x.reshape(x.size)
+    yf = _flat(y)
     for r in range(r0, r1):
+        t = r * width
         for j in range(np.uint64(tiled), np.uint64(width)):
-            g = np.float64(dy[r, j])
+            g = np.float64(_grad(gf, yf, t + j))
             s[j] += g
-            sx[j] += g * (np.float64(x[r, j]) - mean[j])
+            sx[j] += g * (np.float64(xf[t + j]) - mean[j])
 
 
 @kernel(parallel=True)
 def column_backward(dy, x, mean, invstd, weight, inner, nblocks, write_dx, dx, sum_dy,
-                    sum_dy_xmu):
-    """Per-channel ``sum(dy)``, ``sum(dy * (x - mean))`` over rows of (rows, C * inner)
-    arrays and (``write_dx``) the training-mode ``dx``, in one call."""
+                    sum_dy_xmu, y, dres):
+    """Per-channel ``sum(g)``, ``sum(g * (x - mean))`` over rows of (rows, C * inner)
+    arrays and (``write_dx``) the training-mode ``dx``, in one call; ``g`` is ``dy``
+    masked by ``y > 0`` (``y`` None: ``dy``), also written to ``dres`` unless it is
+    empty."""
     rows, width = x.shape
     channels = width // inner
     mean_cols = _expand(mean, inner)
     s = np.zeros((nblocks, width))
     sx = np.zeros((nblocks, width))
     for blk in prange(nblocks):
-        _rows_add_grad_sums(dy, x, blk * rows // nblocks, (blk + 1) * rows // nblocks,
+        _rows_add_grad_sums(dy, x, y, blk * rows // nblocks, (blk + 1) * rows // nblocks,
                             mean_cols, s[blk], sx[blk])
     n = float(rows * inner)
     lanes = LINE_BYTES // x.itemsize
@@ -338,42 +353,51 @@ def column_backward(dy, x, mean, invstd, weight, inner, nblocks, write_dx, dx, s
     _wrap_columns(params, width, lanes)
     if write_dx:
         for blk in prange(nblocks):
-            _dx_rows(dy, x, blk * rows // nblocks, (blk + 1) * rows // nblocks, params, dx)
+            _dx_rows(dy, x, blk * rows // nblocks, (blk + 1) * rows // nblocks, params, dx, y,
+                     dres)
             _store_fence()
 
 
+@kernel(inline="always")
+def _dx_column_value(gf, xf, yf, rf, i, params, j):
+    """``dx`` at flat ``i`` (column ``j``) from the masked ``g``, also stored into ``rf``."""
+    g = _grad(gf, yf, i)
+    _put(rf, i, g)
+    return ((g - params[3, j]) - ((xf[i] - params[0, j]) - params[1, j]) * params[4, j]) \
+        * params[2, j]
+
+
 @kernel()
-def _dx_rows(dy, x, r0, r1, params, dx):
+def _dx_rows(dy, x, r0, r1, params, dx, y, dres):
     """Rows [r0, r1) of the column path's ``dx``, streamed as in ``_map_rows``;
-    ``params`` (5, W + lanes) holds (hi, lo, a, b, k) per column, wrapped."""
+    ``params`` (5, W + lanes) holds (hi, lo, a, b, k) per column, wrapped; ``dy`` masked
+    by ``y > 0`` (``y`` None: ``dy``), and written into ``dres`` unless it is empty."""
     width = x.shape[1]
     lanes = LINE_BYTES // dx.itemsize
     gf = dy.reshape(dy.size)
     xf = x.reshape(x.size)
     df = dx.reshape(dx.size)
+    yf = _flat(y)
+    rf = _flat(dres)
     start = r0 * width
     stop = r1 * width
     first, last = _stream_span(df, start, stop)
     if width < lanes or first == stop:
         for r in range(r0, r1):
+            t = r * width
             for j in range(np.uint64(0), np.uint64(width)):
-                dx[r, j] = ((dy[r, j] - params[3, j])
-                            - ((x[r, j] - params[0, j]) - params[1, j]) * params[4, j]) * params[2, j]
+                df[t + j] = _dx_column_value(gf, xf, yf, rf, t + j, params, j)
         return
     for i in range(start, first):
-        j = (i - start) % width
-        df[i] = ((gf[i] - params[3, j]) - ((xf[i] - params[0, j]) - params[1, j]) * params[4, j]) \
-            * params[2, j]
+        df[i] = _dx_column_value(gf, xf, yf, rf, i, params, (i - start) % width)
     j = (first - start) % width if width > 0 else 0
     for i in range(first, last, lanes):
-        _line_dx_cols(gf, xf, i, df, params, j)
+        _line_dx_cols(gf, xf, i, df, params, j, yf, rf)
         j += lanes
         if j >= width:
             j -= width
     for i in range(last, stop):
-        j = (i - start) % width
-        df[i] = ((gf[i] - params[3, j]) - ((xf[i] - params[0, j]) - params[1, j]) * params[4, j]) \
-            * params[2, j]
+        df[i] = _dx_column_value(gf, xf, yf, rf, i, params, (i - start) % width)
 
 
 @kernel()

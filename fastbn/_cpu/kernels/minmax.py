@@ -93,6 +93,7 @@ def run_two_sided(x, lo, hi, scale, f0, f1, y, nthreads, min_run):
         exact = exact and params[c, 5] == 0.0 and params[c, 6] == 0.0
     if inner < min_run:
         map_columns(x.reshape(outer, channels * inner), params, inner,
-                    column_blocks(outer, nthreads), y.reshape(outer, channels * inner), exact)
+                    column_blocks(outer, nthreads), y.reshape(outer, channels * inner), exact,
+                    None, False)
     else:
         two_sided_channels(x, params, run_blocks(outer, channels, nthreads), y)

@@ -9,8 +9,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .codegen import (
-    _affine_expr, _dx_expr, _item_pointer, _line_type, _load_line, _splat, _store_line,
-    _store_line_nt
+    _affine_expr, _dx_expr, _epilogue, _is_none, _item_pointer, _line_type, _load_line, _masked,
+    _masked_grad_line, _nonempty, _splat, _store_line, _store_line_nt
 )
 from .tiles import _prefetch
 
@@ -51,9 +51,11 @@ def _pipelined_lines(context, builder, sig, args, ninputs, reduce, write):
 
     Arguments: ``inputs..., out, nxt, cur, nreduce, nwrite, pf, wrap, jump, extras...,
     acc``; the line at ``nxt + k`` also prefetches the inputs at ``pf + k`` (plus ``jump``
-    once ``k >= wrap``).  The two sums are added to ``acc[0]`` and ``acc[1]`` (float64).
-    The reduced lines start at their run's start, whatever the output's alignment (which
-    places the written lines), so the sums do not depend on where the output lies.
+    once ``k >= wrap``).  An input typed None is skipped (its line is None).  The two sums
+    are added to ``acc[0]`` and ``acc[1]`` (float64).  ``write(lines, extras, i)`` returns
+    the line stored at flat ``i``.  The reduced lines start at their run's start, whatever
+    the output's alignment (which places the written lines), so the sums do not depend on
+    where the output lies.
     """
     tys, vals = sig.args, args
     nxt, cur, nreduce, nwrite, pf, wrap, jump = vals[ninputs + 1:ninputs + 8]
@@ -70,6 +72,9 @@ def _pipelined_lines(context, builder, sig, args, ninputs, reduce, write):
                             builder.select(builder.icmp_signed("<", k, wrap), intp(0), jump))
         ahead_lines = []
         for n in range(ninputs):
+            if _is_none(tys[n]):
+                ahead_lines.append(None)
+                continue
             _prefetch(context, builder, tys[n], vals[n], ahead)
             ahead_lines.append(_load_f64_line(context, builder, tys[n], vals[n],
                                               builder.add(nxt, k), vty))
@@ -77,10 +82,11 @@ def _pipelined_lines(context, builder, sig, args, ninputs, reduce, write):
             builder.store(builder.fadd(builder.load(acc), term), acc)
         with builder.if_then(builder.icmp_signed("<", loop.index, nwrite), likely=True):
             i = builder.add(cur, k)
-            lines = [_load_line(context, builder, tys[n], vals[n], i, vty)
+            lines = [None if _is_none(tys[n]) else _load_line(context, builder, tys[n], vals[n],
+                                                                i, vty)
                      for n in range(ninputs)]
             _store_line_nt(context, builder, tys[ninputs], vals[ninputs], i,
-                           write(lines, extras))
+                           write(lines, extras, i))
     _add_lane_sums(context, builder, accs, tys[-1], vals[-1])
     return context.get_dummy_value()
 
@@ -90,9 +96,10 @@ _PIPE_GEOMETRY = (types.intp,) * 7  # nxt, cur, nreduce, nwrite, pf, wrap, jump
 
 @intrinsic
 def _pipe_dev_sums_affine(typingctx, x, y, nxt, cur, nreduce, nwrite, pf, wrap, jump, center,
-                          hi, lo, scale, shift, acc):
+                          hi, lo, scale, shift, res, relu, acc):
     """Pipelined forward run: ``d = x[nxt + k] - center`` adds ``sum(d)``, ``sum(d*d)``
-    to ``acc``; ``y[cur + k] = ((x[cur + k] - hi) - lo) * scale + shift``, streamed."""
+    to ``acc``; ``y[cur + k] = ((x[cur + k] - hi) - lo) * scale + shift`` with the epilogue
+    (``codegen._epilogue``), streamed."""
     def codegen(context, builder, sig, args):
         vty = _line_type(context, sig.args[0].dtype)
         dvty = ir.VectorType(ir.DoubleType(), vty.count)
@@ -102,34 +109,46 @@ def _pipe_dev_sums_affine(typingctx, x, y, nxt, cur, nreduce, nwrite, pf, wrap, 
                                               types.float64, dvty))
             return d, builder.fmul(d, d)
 
-        def write(lines, extras):
+        def write(lines, extras, i):
             params = [_splat(context, builder, args[e], sig.args[e], sig.args[0].dtype, vty)
-                      for e in extras[1:]]
-            return _affine_expr(builder, lines[0], *params)
+                      for e in extras[1:5]]
+            return _epilogue(context, builder, sig, args, _affine_expr(builder, lines[0], *params),
+                             i, extras[5], extras[6], vty)
         return _pipelined_lines(context, builder, sig, args, 1, reduce, write)
-    sig = types.void(x, y, *_PIPE_GEOMETRY, types.float64, hi, lo, scale, shift, acc)
+    sig = types.void(x, y, *_PIPE_GEOMETRY, types.float64, hi, lo, scale, shift, res,
+                     types.boolean, acc)
     return sig, codegen
 
 
 @intrinsic
-def _pipe_grad_sums_dx(typingctx, dy, x, dx, nxt, cur, nreduce, nwrite, pf, wrap, jump, mean,
-                       hi, lo, a, b, k, acc):
-    """Pipelined backward run: adds ``sum(dy)`` and ``sum(dy * (x - mean))`` over the lines
-    at ``nxt`` to ``acc``; ``dx[cur + k] = ((dy - b) - ((x - hi) - lo) * k) * a``, streamed."""
+def _pipe_grad_sums_dx(typingctx, dy, x, y, dx, nxt, cur, nreduce, nwrite, pf, wrap, jump, mean,
+                       hi, lo, a, b, k, dres, acc):
+    """Pipelined backward run: adds ``sum(g)`` and ``sum(g * (x - mean))`` over the lines
+    at ``nxt`` to ``acc``; ``dx[cur + k] = ((g - b) - ((x - hi) - lo) * k) * a``, streamed,
+    ``g`` the line of ``dy`` masked by ``y > 0`` (``y`` None: ``dy``), and ``g`` into
+    ``dres`` unless it is empty."""
     def codegen(context, builder, sig, args):
         vty = _line_type(context, sig.args[1].dtype)
         dvty = ir.VectorType(ir.DoubleType(), vty.count)
 
+        def grad(lines):
+            return lines[0] if lines[2] is None else _masked(builder, lines[0], lines[2])
+
         def reduce(lines, extras):
             m = _splat(context, builder, args[extras[0]], types.float64, types.float64, dvty)
-            return lines[0], builder.fmul(lines[0], builder.fsub(lines[1], m))
+            g = grad(lines)
+            return g, builder.fmul(g, builder.fsub(lines[1], m))
 
-        def write(lines, extras):
+        def write(lines, extras, i):
             params = [_splat(context, builder, args[e], sig.args[e], sig.args[1].dtype, vty)
-                      for e in extras[1:]]
-            return _dx_expr(builder, lines[0], lines[1], *params)
-        return _pipelined_lines(context, builder, sig, args, 2, reduce, write)
-    sig = types.void(dy, x, dx, *_PIPE_GEOMETRY, types.float64, hi, lo, a, b, k, acc)
+                      for e in extras[1:6]]
+            g = grad(lines)
+            dres = extras[6]
+            with builder.if_then(_nonempty(context, builder, sig.args[dres], args[dres])):
+                _store_line_nt(context, builder, sig.args[dres], args[dres], i, g)
+            return _dx_expr(builder, g, lines[1], *params)
+        return _pipelined_lines(context, builder, sig, args, 3, reduce, write)
+    sig = types.void(dy, x, y, dx, *_PIPE_GEOMETRY, types.float64, hi, lo, a, b, k, dres, acc)
     return sig, codegen
 
 
@@ -139,7 +158,7 @@ def _pipe_sum_copy(typingctx, x, y, nxt, cur, nreduce, nwrite, pf, wrap, jump, a
     def codegen(context, builder, sig, args):
         return _pipelined_lines(context, builder, sig, args, 1,
                                 lambda lines, extras: (lines[0], lines[0]),
-                                lambda lines, extras: lines[0])
+                                lambda lines, extras, i: lines[0])
     return types.void(x, y, *_PIPE_GEOMETRY, acc), codegen
 
 
@@ -149,7 +168,7 @@ def _pipe_sum2_add(typingctx, a, b, out, nxt, cur, nreduce, nwrite, pf, wrap, ju
     def codegen(context, builder, sig, args):
         return _pipelined_lines(context, builder, sig, args, 2,
                                 lambda lines, extras: (lines[0], lines[1]),
-                                lambda lines, extras: builder.fadd(lines[0], lines[1]))
+                                lambda lines, extras, i: builder.fadd(lines[0], lines[1]))
     return types.void(a, b, out, *_PIPE_GEOMETRY, acc), codegen
 
 
@@ -219,21 +238,25 @@ def _strided_lines(context, builder, xty, x, start, nruns, stride, nlines, cente
 
 
 @intrinsic
-def _strided_grad_sums(typingctx, gf, xf, start, nruns, stride, nlines, mean, acc):
-    """Runs of flat ``gf`` (dy) and ``xf`` as in ``_strided_dev_sums``: ``sum(dy)`` and
-    ``sum(dy * (x - mean))`` of their whole lines into ``acc``."""
+def _strided_grad_sums(typingctx, gf, xf, yf, start, nruns, stride, nlines, mean, acc):
+    """Runs of flat ``gf`` (dy) and ``xf`` as in ``_strided_dev_sums``: ``sum(g)`` and
+    ``sum(g * (x - mean))`` of their whole lines into ``acc``, ``g`` the line of ``dy``
+    masked by ``yf > 0`` (``yf`` None: ``dy``)."""
     def codegen(context, builder, sig, args):
         gty, xty = sig.args[0], sig.args[1]
         vty = _line_type(context, xty.dtype)
         dvty = ir.VectorType(ir.DoubleType(), vty.count)
-        m = _splat(context, builder, args[6], types.float64, types.float64, dvty)
+        m = _splat(context, builder, args[7], types.float64, types.float64, dvty)
 
         def terms(i):
-            g = _load_f64_line(context, builder, gty, args[0], i, vty)
+            g = _load_line(context, builder, gty, args[0], i, vty)
+            g = _masked_grad_line(context, builder, sig, args, g, i, 2, vty)
+            if xty.dtype != types.float64:
+                g = builder.fpext(g, dvty)
             return g, g, builder.fsub(_load_f64_line(context, builder, xty, args[1], i, vty), m)
-        _strided_sums(context, builder, vty.count, *args[2:6], terms, sig.args[7], args[7])
+        _strided_sums(context, builder, vty.count, *args[3:7], terms, sig.args[8], args[8])
         return context.get_dummy_value()
-    return types.void(gf, xf, *_STRIDES, types.float64, acc), codegen
+    return types.void(gf, xf, yf, *_STRIDES, types.float64, acc), codegen
 
 
 _STRIDES = (types.intp,) * 4  # start, nruns, stride, nlines
@@ -250,11 +273,12 @@ def _strided_dev_sums(typingctx, xf, start, nruns, stride, nlines, center, acc):
 
 @intrinsic
 def _strided_dev_sums_affine(typingctx, xf, start, nruns, stride, nlines, center, yf, wstart,
-                             hi, lo, scale, shift, acc):
+                             hi, lo, scale, shift, res, relu, acc):
     """``_strided_dev_sums`` of the runs at ``start`` while the runs at ``wstart`` (same
-    geometry) are normalized into ``yf`` with ordinary stores: the statistics of one channel
-    and the output of the previous one in a single loop.  Both come from L2 for a batch that
-    stays in cache; the reduction's float64 arithmetic then hides the write's traffic."""
+    geometry) are normalized into ``yf`` with ordinary stores, with the epilogue
+    (``codegen._epilogue``): the statistics of one channel and the output of the previous
+    one in a single loop.  Both come from L2 for a batch that stays in cache; the
+    reduction's float64 arithmetic then hides the write's traffic."""
     def codegen(context, builder, sig, args):
         xty, yty = sig.args[0], sig.args[6]
         vty = _line_type(context, xty.dtype)
@@ -265,9 +289,11 @@ def _strided_dev_sums_affine(typingctx, xf, start, nruns, stride, nlines, center
         def write(offset):
             i = builder.add(args[7], offset)
             v = _load_line(context, builder, xty, args[0], i, vty)
-            _store_line(context, builder, yty, args[6], i, _affine_expr(builder, v, *params), cached)
+            r = _epilogue(context, builder, sig, args, _affine_expr(builder, v, *params), i, 12,
+                          13, vty)
+            _store_line(context, builder, yty, args[6], i, r, cached)
 
-        _strided_lines(context, builder, xty, *args[:6], sig.args[12], args[12], write)
+        _strided_lines(context, builder, xty, *args[:6], sig.args[14], args[14], write)
         return context.get_dummy_value()
-    return types.void(xf, *_STRIDES, types.float64, yf, types.intp, hi, lo, scale, shift,
-                      acc), codegen
+    return types.void(xf, *_STRIDES, types.float64, yf, types.intp, hi, lo, scale, shift, res,
+                      types.boolean, acc), codegen

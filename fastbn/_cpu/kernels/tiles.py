@@ -137,20 +137,28 @@ def _make_tile_dev_sums(vectors):
 
 def _make_tile_grad_sums(vectors):
     @intrinsic
-    def tile_grad_sums(typingctx, dy, x, r0, r1, j, mean, s, sx):
-        """Columns [j, j + 8 * vectors), rows [r0, r1): add ``sum(dy)`` to ``s`` and
-        ``sum(dy * (x - mean))`` to ``sx``."""
+    def tile_grad_sums(typingctx, dy, x, y, r0, r1, j, mean, s, sx):
+        """Columns [j, j + 8 * vectors), rows [r0, r1): add ``sum(g)`` to ``s`` and
+        ``sum(g * (x - mean))`` to ``sx``, ``g`` being ``dy`` where ``y > 0`` and 0
+        elsewhere (``y`` None: ``dy``)."""
+        masked = not isinstance(y, (types.NoneType, types.Omitted))
+
         def codegen(context, builder, sig, args):
             vty = ir.VectorType(ir.DoubleType(), TILE_LANES)
             load_g = _tile_loader(context, builder, sig.args[0], args[0], vty)
             load_x = _tile_loader(context, builder, sig.args[1], args[1], vty)
+            if masked:
+                load_y = _tile_loader(context, builder, sig.args[2], args[2], vty)
+            zero = ir.Constant(vty, None)
 
             def step(r, k, c, columns):
                 (mean_,) = columns
                 g = load_g(r, c)
+                if masked:
+                    g = builder.select(builder.fcmp_ordered(">", load_y(r, c), zero), g, zero)
                 return g, builder.fmul(g, builder.fsub(load_x(r, c), mean_))
-            return _tile_sums(context, builder, sig, args, vectors, 2, 4, (5,), step)
-        return types.void(dy, x, types.intp, types.intp, types.intp, mean, s, sx), codegen
+            return _tile_sums(context, builder, sig, args, vectors, 3, 5, (6,), step)
+        return types.void(dy, x, y, types.intp, types.intp, types.intp, mean, s, sx), codegen
     return tile_grad_sums
 
 
