@@ -18,6 +18,11 @@ PATHS = {
     "parts": ((6, 2, 96, 96), 1),  # two channels split over rows, then an affine pass
     "pipelined": ((4, 40, 96, 96), 1),  # > 4 MB: chains of channels, streamed output
 }
+# outputs over 4 MB on paths that otherwise write small outputs with ordinary stores
+STREAMED = {
+    "parts-streamed": ((48, 2, 112, 112), 1),  # lines shared by two runs, streamed
+    "column-streamed": ((64, 32, 32, 24), -1),  # whole lines of columns, streamed
+}
 
 
 def _inputs(rng, shape, dtype, axis):
@@ -298,3 +303,22 @@ def test_module_without_residual_has_no_residual_gradient():
     assert "activation='relu'" in repr(bn)
     with pytest.raises(ValueError, match="activation"):
         fastbn.BatchNorm(3, activation="sigmoid")
+
+
+@pytest.mark.parametrize("path", sorted(STREAMED))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_outputs_with_epilogue(rng, path, dtype):
+    shape, axis = STREAMED[path]
+    x, residual, w, b = _inputs(rng, shape, dtype, axis)
+    y, mean, invstd = fastbn.batch_norm_forward(x, w, b, axis=axis, residual=residual,
+                                                activation="relu")
+    y_plain, _, _ = fastbn.batch_norm_forward(x, w, b, axis=axis)
+    np.testing.assert_array_equal(y, np.maximum(y_plain + residual, 0))
+    assert_output(y, ref.epilogue(ref.forward(x, w, b, axis=axis)[0], residual, "relu"), dtype,
+                  scale=4.0)
+    dy = make(rng, shape, dtype)
+    dx, dw, db, dres = fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+                                                  activation="relu", y=y, residual_grad=True)
+    edx, edw, edb, eres = ref.backward_through(dy, x, mean, invstd, w, axis, y, "relu")
+    assert_output(dx, edx, dtype, scale=8.0)
+    np.testing.assert_array_equal(dres.astype(np.float64), eres)
