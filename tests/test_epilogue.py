@@ -160,18 +160,13 @@ def test_in_place_forms(rng):
     dy = make(rng, shape, np.float32)
     want = fastbn.batch_norm_backward(dy, x, mean, invstd, w, activation="relu", y=expected,
                                       residual_grad=True)
-    g = dy.copy()
-    dx, _, _, dres = fastbn.batch_norm_backward(g, x, mean, invstd, w, activation="relu",
-                                                y=expected, out=g, residual_grad=True)
-    assert dx is g
-    np.testing.assert_array_equal(dx, want[0])
-    np.testing.assert_array_equal(dres, want[3])
-    g = dy.copy()
-    dx, _, _, dres = fastbn.batch_norm_backward(g, x, mean, invstd, w, activation="relu",
-                                                y=expected, residual_grad=True, residual_out=g)
-    assert dres is g
-    np.testing.assert_array_equal(dx, want[0])
-    np.testing.assert_array_equal(dres, want[3])
+    for into in ("out", "residual_out"):
+        g = dy.copy()
+        dx, _, _, dres = fastbn.batch_norm_backward(g, x, mean, invstd, w, activation="relu",
+                                                    y=expected, residual_grad=True, **{into: g})
+        assert (dx if into == "out" else dres) is g
+        np.testing.assert_array_equal(dx, want[0])
+        np.testing.assert_array_equal(dres, want[3])
 
 
 def test_nan_in_the_residual_stays_in_its_values(rng):
