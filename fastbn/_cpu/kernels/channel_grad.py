@@ -8,25 +8,26 @@ from numba import prange
 
 from ..._jit import kernel
 from .numerics import CHUNK, REDUCE_MATH
-from .codegen import LINE_BYTES, _flat, _grad, _line_dx, _store_fence
+from .codegen import LINE_BYTES, _flat, _line_dx, _masked_value, _store_fence
 from .pipes import _strided_grad_sums
 from .channel import _batch_rows, _block_runs, _dx_stream, _dx_value, _group_part, _line_stores
 
 
 @kernel(fastmath=REDUCE_MATH)
-def _run_grad_sums(gf, xf, yf, shape, o0, o1, c, i0, i1, mean):
-    """``sum(g)`` and ``sum(g * (x - mean))`` over ``[o0:o1, c, i0:i1]`` of the flat
-    ``gf``, ``xf`` of (outer, C, inner) ``shape`` (as ``_run_dev_sums``), ``g`` being
-    ``dy`` masked by ``yf > 0`` (``yf`` None: ``dy``)."""
-    channels, inner = shape[1], shape[2]
+def _run_grad_sums(dy, x, y, o0, o1, c, i0, i1, mean):
+    """``sum(g)`` and ``sum(g * (x - mean))`` over ``[o0:o1, c, i0:i1]`` (as
+    ``_run_dev_sums``), ``g`` being ``dy`` masked by ``y > 0`` (``y`` None: ``dy``).
+    Indexed (o, c, i), not flat: a flat index made this loop scalar."""
     s = 0.0
     sx = 0.0
     for o in range(o0, o1):
-        t = (o * channels + c) * inner
-        for i in range(np.uint64(t + i0), np.uint64(t + i1)):
-            g = np.float64(_grad(gf, yf, i))
+        for i in range(np.uint64(i0), np.uint64(i1)):
+            if y is None:
+                g = np.float64(dy[o, c, i])
+            else:
+                g = np.float64(_masked_value(dy[o, c, i], y[o, c, i]))
             s += g
-            sx += g * (np.float64(xf[i]) - mean)
+            sx += g * (np.float64(x[o, c, i]) - mean)
     return s, sx
 
 
@@ -44,7 +45,7 @@ def _rows_grad_sums(dy, x, y, o0, o1, c0, c1, mean, s, sx):
     if inner >= CHUNK:
         for o in range(o0, o1):
             for c in range(c0, c1):
-                a, b = _run_grad_sums(gf, xf, yf, x.shape, o, o + 1, c, 0, inner, mean[c])
+                a, b = _run_grad_sums(dy, x, y, o, o + 1, c, 0, inner, mean[c])
                 s[c - c0] += a
                 sx[c - c0] += b
         return
@@ -61,7 +62,7 @@ def _rows_grad_sums(dy, x, y, o0, o1, c0, c1, mean, s, sx):
                                channels * inner, inner // lanes, mean[c], acc)
             a, b = acc[0], acc[1]
             if whole < inner:
-                t1, t2 = _run_grad_sums(gf, xf, yf, x.shape, b0, b1, c, whole, inner, mean[c])
+                t1, t2 = _run_grad_sums(dy, x, y, b0, b1, c, whole, inner, mean[c])
                 a += t1
                 b += t2
             s[c - c0] += a

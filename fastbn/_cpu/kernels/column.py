@@ -13,7 +13,7 @@ from ..._jit import kernel
 from .numerics import _merge_chunk, _two_sided_value
 from .codegen import (
     LINE_BYTES, _ep, _flat, _grad, _line_affine_cols, _line_dx_cols, _line_two_sided_cols,
-    _line_two_sided_exact, _put, _store_fence, _stream_span
+    _line_two_sided_exact, _masked_value, _put, _store_fence, _stream_span
 )
 from .tiles import (
     ROW_PREFETCH_BYTES, ROW_TILE_MAX_WIDTH, _prefetch_line, _tile_dev_sums_32, _tile_dev_sums_64,
@@ -306,15 +306,16 @@ def _rows_add_grad_sums(dy, x, y, r0, r1, mean, s, sx):
         tiled = width - width % 32
         for j in range(0, tiled, 32):
             _tile_grad_sums_32(dy, x, y, r0, r1, j, mean, s, sx)
-    gf = dy.reshape(dy.size)
-    xf = x.reshape(x.size)
-    yf = _flat(y)
+    # indexed (r, j), not flat: LLVM vectorizes this loop over j only then (a flat index
+    # made the column backward 5.7x slower)
     for r in range(r0, r1):
-        t = r * width
         for j in range(np.uint64(tiled), np.uint64(width)):
-            g = np.float64(_grad(gf, yf, t + j))
+            if y is None:
+                g = np.float64(dy[r, j])
+            else:
+                g = np.float64(_masked_value(dy[r, j], y[r, j]))
             s[j] += g
-            sx[j] += g * (np.float64(xf[t + j]) - mean[j])
+            sx[j] += g * (np.float64(x[r, j]) - mean[j])
 
 
 @kernel(parallel=True)
