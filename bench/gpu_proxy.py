@@ -41,6 +41,9 @@ STREAMING = [
     ("plane_features", "float32", "reduce", 1),
     ("row_features", "float32", "reduce", 1),
     ("fused_forward", "float32", "reduce", 1),
+    # the fused epilogues: with the residual, and with ReLU's mask and dresidual
+    ("affine_epilogue", "float32", "map", 2),
+    ("dx_epilogue", "float32", "map", 3),
 ]
 
 
@@ -143,6 +146,7 @@ from fastbn._cuda import backend, kernels
 log = []
 size = {"data": 0}  # arrays of the data's size are the data (per-channel vectors are shorter)
 STREAMING = {"plane_moments", "row_moments", "plane_grad_sums", "row_grad_sums", "affine", "dx",
+             "affine_epilogue", "dx_epilogue",
              "two_sided", "fused_forward", "plane_features", "row_features", "cast", "clip",
              "partial_moments", "partial_grad_sums"}
 
@@ -187,11 +191,20 @@ for case, (shape, axis) in cases.items():
         fastbn.batch_norm_forward(x, w, b, axis=axis)  # compile, outside the count
         y, mean, inv = fastbn.batch_norm_forward(x, w, b, axis=axis)
         fastbn.batch_norm_backward(x, x, mean, inv, w, axis=axis)
+        r = cuda.to_device(rng.standard_normal(shape).astype(dtype))
         calls = {
             "forward": lambda: fastbn.batch_norm_forward(x, w, b, running_mean=rm,
                                                          running_var=rv, axis=axis),
             "backward": lambda: fastbn.batch_norm_backward(x, x, mean, inv, w, axis=axis),
             "inference": lambda: fastbn.batch_norm_inference(x, rm, rv, w, b, axis=axis),
+            # the fused epilogues (contract section 6): the same launches
+            "fused-forward": lambda: fastbn.batch_norm_forward(
+                x, w, b, running_mean=rm, running_var=rv, axis=axis, residual=r,
+                activation="relu"),
+            "fused-backward": lambda: fastbn.batch_norm_backward(
+                x, x, mean, inv, w, axis=axis, activation="relu", y=y, residual_grad=True),
+            "fused-inference": lambda: fastbn.batch_norm_inference(
+                x, rm, rv, w, b, axis=axis, residual=r, activation="relu"),
         }
         n = int(np.prod(shape))
         size["data"] = n

@@ -276,6 +276,9 @@ class _Input:
         self.layout = layout or Layout.of(_stand_in(self.d), axis)
         self.shape3 = self.layout.shape3
         self.view3 = _canonical_view(self.d, self.layout)
+        if self.view3 is None and layout is not None:
+            raise ValueError(f"{self.name} must be laid out like x in device memory (the "
+                             "same order of strides); make a copy in x's layout first")
         if self.view3 is None:
             raise ValueError(f"{self.name}: this device array's strides leave gaps between its "
                              "elements; make a contiguous copy on the device first")
@@ -400,13 +403,19 @@ class _Output:
                      like, self.run)
 
 
-def _no_epilogue(a):
-    """The fused epilogues (contract section 6) have no CUDA kernels yet: say so rather
-    than compute without them."""
-    if (getattr(a, "residual", None) is not None or getattr(a, "relu", False)
-            or getattr(a, "residual_grad", False)):
-        raise NotImplementedError("residual=, activation= and residual_grad= are not yet "
-                                  "implemented on the CUDA backend (host arrays only)")
+def _operand(run, a):
+    """A residual or ``y`` (an ``_Input`` in ``x``'s layout, or None) as the flat array the
+    epilogue kernels read in its own dtype, or an empty one (not given)."""
+    if a is None:
+        return run.empty()
+    d3 = a.data3(run)
+    return d3.reshape(d3.size)
+
+
+def _epilogue(a):
+    """Whether a call has a fused epilogue (contract section 6)."""
+    return (getattr(a, "residual", None) is not None or getattr(a, "relu", False)
+            or getattr(a, "y", None) is not None or getattr(a, "residual_grad", False))
 
 
 class CUDABackend:
@@ -435,8 +444,9 @@ class CUDABackend:
                                                *arrays, run.empty(), run.empty())
         return [a.reshape(channels, inner * nparts) for a in arrays]
 
-    def _grad_sums(self, run, g3, x3, mean, wd):
-        """Partial ``sum(dy)`` and ``sum(dy * (x - mean))``: float64 arrays (C, parts)."""
+    def _grad_sums(self, run, g3, x3, mean, wd, yf):
+        """Partial ``sum(g)`` and ``sum(g * (x - mean))``: float64 arrays (C, parts); ``g``
+        is ``dy`` masked by ``y > 0`` (flat ``yf``; empty: ``g = dy``)."""
         outer, channels, inner = x3.shape
         zero = wd.type(0)
         if inner >= k.PLANE_MIN:
@@ -444,22 +454,22 @@ class CUDABackend:
             s, sx = run.scratch("s", (channels, nparts)), run.scratch("sx", (channels, nparts))
             run.launch(k.plane_grad_sums, (_channel_blocks(channels), nparts))(
                 g3.reshape(g3.size), x3.reshape(x3.size), outer, channels, inner, mean, nparts,
-                zero, s, sx)
+                zero, s, sx, yf)
             return s, sx
         grid, block, nparts = _row_grid(x3.shape)
         s = run.scratch("s", (channels * inner, nparts))
         sx = run.scratch("sx", (channels * inner, nparts))
         run.launch(k.row_grad_sums, grid, block)(g3.reshape(g3.size), x3.reshape(x3.size), outer,
-                                                 channels, inner, mean, zero, s, sx)
+                                                 channels, inner, mean, zero, s, sx, yf)
         return s.reshape(channels, inner * nparts), sx.reshape(channels, inner * nparts)
 
     def batch_norm_forward(self, a, n):
         """``(y, mean, invstd)`` of a training forward (``fastbn._validate.forward_args``)
         over ``n`` values per channel; the running statistics updated.  Three launches
         (one for channels that fit in shared memory), no allocation but the outputs."""
-        _no_epilogue(a)
         xi, c = a.x, a.channels
-        run = _Run(xi)
+        run = _Run(xi, (a.residual,))
+        res = _operand(run, a.residual)
         rm = a.running_mean if a.running_mean is not None else run.empty()
         rv = a.running_var if a.running_var is not None else run.empty()
         w, b = run.given(a.weight), run.given(a.bias)
@@ -471,22 +481,22 @@ class CUDABackend:
             xf, yf = x3.reshape(x3.size), dest.y3.reshape(dest.y3.size)
             if _work_dtype(a.out_dtype) == np.float32 and n <= FUSED_MAX:
                 run.launch(k.fused_forward, _channel_blocks(c))(
-                    xf, outer, c, inner, w, b, a.eps, rm, rv, a.momentum, yf, mean, inv)
+                    xf, outer, c, inner, w, b, a.eps, rm, rv, a.momentum, yf, mean, inv, res,
+                    a.relu)
             else:
                 count, mean_rel, m2 = self._moments(run, x3)
                 params = run.scratch("params", (c, 4), _work_dtype(a.out_dtype))
                 run.launch(k.finish_forward, _blocks(c))(
                     xf, inner, count, mean_rel, m2, w, b, a.eps, rm, rv, float(n), a.momentum,
                     mean, inv, params)
-                run.map(k.affine, [x3], params, dest.y3)
+                self._affine(run, a, x3, params, dest, res)
         x = xi.original
         return dest.finish(x), _wrap(mean, x, run), _wrap(inv, x, run)
 
     def batch_norm_inference(self, a):
         """``y`` of an inference forward (``fastbn._validate.inference_args``)."""
-        _no_epilogue(a)
         xi, c = a.x, a.channels
-        run = _Run(xi)
+        run = _Run(xi, (a.residual,))
         x3 = xi.data3(run)
         dest = _Output(run, xi, a.out, a.out_dtype)
         if x3.size:
@@ -494,28 +504,48 @@ class CUDABackend:
             run.launch(k.inference_params, _blocks(c))(
                 run.given(a.running_mean), run.given(a.running_var), run.given(a.weight),
                 run.given(a.bias), a.eps, params)
-            run.map(k.affine, [x3], params, dest.y3)
+            self._affine(run, a, x3, params, dest, _operand(run, a.residual))
         return dest.finish(xi.original)
+
+    @staticmethod
+    def _affine(run, a, x3, params, dest, res):
+        """The forward's channel map: ``affine``, or with the epilogue ``affine_epilogue``."""
+        if not _epilogue(a):
+            run.map(k.affine, [x3], params, dest.y3)
+            return
+        y3 = dest.y3
+        run.launch(k.affine_epilogue, map_blocks(y3.size, y3.shape[1] * y3.shape[2]))(
+            x3.reshape(x3.size), params, y3.reshape(y3.size), y3.shape[1], y3.shape[2], res,
+            a.relu)
 
     def batch_norm_backward(self, a, n):
         """``(dx, dweight, dbias)`` of a training backward (``fastbn._validate.backward_args``)
         over ``n`` values per channel: three launches, no allocation but the outputs."""
-        _no_epilogue(a)
         xi, gi, c = a.x, a.dy, a.channels
-        run = _Run(xi, (gi,))
+        run = _Run(xi, (gi, a.y))
         mu, inv, w = run.given(a.mean), run.given(a.invstd), run.given(a.weight)
         wd = _work_dtype(a.out_dtype)
         x3, g3 = xi.data3(run), gi.data3(run)
+        yf = _operand(run, a.y)
         dest = _Output(run, xi, a.out, a.out_dtype)
+        dres = _Output(run, xi, a.residual_out, a.out_dtype) if a.residual_grad else None
         dweight, dbias = run.array(c, a.stats_dtype), run.array(c, a.stats_dtype)
         if c:
-            s, sx = self._grad_sums(run, g3, x3, mu, wd)
+            s, sx = self._grad_sums(run, g3, x3, mu, wd, yf)
             params = run.scratch("params", (c, 5), wd)
             run.launch(k.finish_backward, _blocks(c))(s, sx, mu, inv, w, float(n), dweight,
                                                       dbias, params)
-            run.map(k.dx, [g3, x3], params, dest.y3)
+            if not _epilogue(a):
+                run.map(k.dx, [g3, x3], params, dest.y3)
+            elif x3.size:
+                y3 = dest.y3
+                dres_f = run.empty() if dres is None else dres.y3.reshape(dres.y3.size)
+                run.launch(k.dx_epilogue, map_blocks(y3.size, c * y3.shape[2]))(
+                    g3.reshape(g3.size), x3.reshape(x3.size), params, y3.reshape(y3.size), c,
+                    y3.shape[2], yf, dres_f)
         x = xi.original
-        return dest.finish(x), _wrap(dweight, x, run), _wrap(dbias, x, run)
+        grads = dest.finish(x), _wrap(dweight, x, run), _wrap(dbias, x, run)
+        return grads + (dres.finish(x),) if a.residual_grad else grads
 
     def batch_stats(self, a):
         """``(count, mean, var)`` (``fastbn._validate.stats_args``); NaN for an empty batch."""

@@ -28,6 +28,11 @@ Launches by ``fastbn._cuda.backend`` (bench/gpu_proxy.py counts them):
 * inference: ``inference_params`` and ``affine``.
 * backward: ``plane_grad_sums`` or ``row_grad_sums``, ``finish_backward``
   (dweight, dbias and the parameters of dx) and the channel map ``dx``.
+
+With a fused epilogue (contract section 6) the same launches, with the residual
+and the ReLU flag passed to ``fused_forward``, ``affine_epilogue`` in place of
+``affine``, ReLU's mask ``y`` passed to the gradient sums and ``dx_epilogue``
+(which also writes the residual's gradient) in place of ``dx``.
 """
 
 
@@ -197,12 +202,32 @@ def _advance(e, o, i, step, step_o, step_i, inner):
     return e + step, o, i
 
 
+@cuda.jit(device=True, inline=True)
+def _relu_if(v, relu):
+    """``v``, or 0 where ``relu`` and ``v < 0`` (NaN stays NaN, -0.0 stays -0.0), as the
+    host kernels' ReLU."""
+    if relu and v < as_work(0.0, v):
+        return as_work(0.0, v)
+    return v
+
+
+@cuda.jit(device=True, inline=True)
+def _grad_at(gf, yf, masked, k, like):
+    """``dy[k]`` in the working dtype (the type of ``like``), 0 where ``masked`` and not
+    ``y[k] > 0``: the gradient through ReLU (a NaN ``y`` stops it, as on the host)."""
+    g = as_work(gf[k], like)
+    if masked and not yf[k] > 0:
+        g = as_work(0.0, like)
+    return g
+
+
 @cuda.jit
 def fused_forward(xf, outer, channels, inner, weight, bias, eps, running_mean, running_var,
-                  momentum, yf, mean, invstd):
+                  momentum, yf, mean, invstd, res, relu):
     """One block per channel, the channel's values in shared memory (n <= FUSED_MAX_VALUES),
     of flat (outer, C, inner) ``xf`` into ``yf``: one read and one write of the data, the
-    statistics and running statistics as ``finish_forward``'s."""
+    statistics and running statistics as ``finish_forward``'s; the epilogue (``+ res``
+    unless ``res`` is empty, then ReLU where ``relu``) as ``affine_epilogue``'s."""
     t = U(cuda.threadIdx.x)
     step = U(cuda.blockDim.x)
     inner = U(inner)
@@ -246,8 +271,13 @@ def fused_forward(xf, outer, channels, inner, weight, bias, eps, running_mean, r
         scale = np.float32(sm2[0])
         b = np.float32(shared_bias[0])
         e, o, i = t, t // inner, t - t // inner * inner
+        has_res = res.size > 0
         while e < n:
-            yf[o * plane + first + i] = ((vals[e] - hi32) - lo32) * scale + b
+            at = o * plane + first + i
+            v = ((vals[e] - hi32) - lo32) * scale + b
+            if has_res:
+                v += np.float32(res[at])
+            yf[at] = _relu_if(v, relu)
             e, o, i = _advance(e, o, i, step, step_o, step_i, inner)
         cuda.syncthreads()  # every thread done with the shared values before the next channel
 
@@ -543,23 +573,24 @@ def _split(m, zero):
 
 
 @cuda.jit(device=True, inline=True)
-def _strided_grad_sums(gf, xf, base, seg, t, step, hi, lo, a, b):
-    """Add ``dy`` and ``dy * (x - mean)`` of values ``base + j``, ``j = t, t + step, ... <
+def _strided_grad_sums(gf, xf, yf, masked, base, seg, t, step, hi, lo, a, b):
+    """Add ``g`` and ``g * (x - mean)`` of values ``base + j``, ``j = t, t + step, ... <
     seg``, to float64 sums ``a``, ``b``: four values at a time summed in the working
-    dtype (``x - mean`` as ``(x - hi) - lo``)."""
+    dtype (``x - mean`` as ``(x - hi) - lo``); ``g`` is ``dy``, masked by ``y > 0``
+    where ``masked`` (``_grad_at``)."""
     j = t
     while j + U(3) * step < seg:
         k = base + j
         k1, k2, k3 = k + step, k + U(2) * step, k + U(3) * step
-        g0, g1 = as_work(gf[k], hi), as_work(gf[k1], hi)
-        g2, g3 = as_work(gf[k2], hi), as_work(gf[k3], hi)
+        g0, g1 = _grad_at(gf, yf, masked, k, hi), _grad_at(gf, yf, masked, k1, hi)
+        g2, g3 = _grad_at(gf, yf, masked, k2, hi), _grad_at(gf, yf, masked, k3, hi)
         v0, v1, v2, v3 = xf[k], xf[k1], xf[k2], xf[k3]
         a += np.float64((g0 + g1) + (g2 + g3))
         b += np.float64((g0 * ((v0 - hi) - lo) + g1 * ((v1 - hi) - lo))
                         + (g2 * ((v2 - hi) - lo) + g3 * ((v3 - hi) - lo)))
         j += U(4) * step
     while j < seg:
-        g = as_work(gf[base + j], hi)
+        g = _grad_at(gf, yf, masked, base + j, hi)
         a += np.float64(g)
         b += np.float64(g * ((xf[base + j] - hi) - lo))
         j += step
@@ -567,11 +598,13 @@ def _strided_grad_sums(gf, xf, base, seg, t, step, hi, lo, a, b):
 
 
 @cuda.jit
-def plane_grad_sums(gf, xf, outer, channels, inner, mean, nparts, zero, s, sx):
-    """Grid (channel blocks, nparts), threads along ``inner``: ``sum(dy)`` and
-    ``sum(dy * (x - mean))`` of each part of each channel, float64 arrays (C, nparts), of
-    flat (outer, C, inner) ``dy`` and ``x``."""
+def plane_grad_sums(gf, xf, outer, channels, inner, mean, nparts, zero, s, sx, yf):
+    """Grid (channel blocks, nparts), threads along ``inner``: ``sum(g)`` and
+    ``sum(g * (x - mean))`` of each part of each channel, float64 arrays (C, nparts), of
+    flat (outer, C, inner) ``dy`` and ``x``; ``g = dy`` where ``y > 0``, else 0, or plain
+    ``dy`` when ``yf`` is empty (no ReLU)."""
     t, step, lo_e, hi_e = _block_part(outer, inner, nparts)
+    masked = yf.size > 0
     sa = cuda.shared.array(THREADS, dtype=np.float64)
     sb = cuda.shared.array(THREADS, dtype=np.float64)
     for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
@@ -581,7 +614,7 @@ def plane_grad_sums(gf, xf, outer, channels, inner, mean, nparts, zero, s, sx):
         e, o, i = lo_e, lo_e // U(inner), lo_e % U(inner)
         while e < hi_e:  # plane by plane: no division per value
             seg, base = _segment(e, o, i, hi_e, channels, inner, c)
-            a, b = _strided_grad_sums(gf, xf, base, seg, t, step, hi, lo, a, b)
+            a, b = _strided_grad_sums(gf, xf, yf, masked, base, seg, t, step, hi, lo, a, b)
             e += seg
             o += U(1)
             i = U(0)
@@ -596,10 +629,11 @@ def plane_grad_sums(gf, xf, outer, channels, inner, mean, nparts, zero, s, sx):
 
 
 @cuda.jit
-def row_grad_sums(gf, xf, outer, channels, inner, mean, zero, s, sx):
+def row_grad_sums(gf, xf, outer, channels, inner, mean, zero, s, sx, yf):
     """``plane_grad_sums`` for short ``inner``: 2-D blocks over (rows, columns) of the
     (outer, W) view, one pair of sums per (column, part), arrays (W, nparts)."""
     width, tx, ty, bx, by, row_step = _row_block(channels, inner)
+    masked = yf.size > 0
     sa = cuda.shared.array(THREADS, dtype=np.float64)
     sb = cuda.shared.array(THREADS, dtype=np.float64)
     rows = U(outer)
@@ -610,8 +644,9 @@ def row_grad_sums(gf, xf, outer, channels, inner, mean, zero, s, sx):
         if j < width:
             hi, lo = _split(mean[j // U(inner)], zero)
             r = U(cuda.blockIdx.y) * by + ty
-            a, b = _strided_grad_sums(gf, xf, j + r * width, (rows - min(r, rows)) * width,
-                                      U(0), row_step * width, hi, lo, a, b)
+            a, b = _strided_grad_sums(gf, xf, yf, masked, j + r * width,
+                                      (rows - min(r, rows)) * width, U(0), row_step * width,
+                                      hi, lo, a, b)
         sa[ty * bx + tx] = a
         sb[ty * bx + tx] = b
         cuda.syncthreads()
@@ -732,6 +767,59 @@ affine = _channel_map(_four, _affine_value)
 dx = _channel_map(_five, _dx_value, two_inputs=True)
 # min-max scaling about both ends, params (C, 7) as the host's
 two_sided = _channel_map(_seven, _two_sided_value)
+
+
+# The channel maps with the fused epilogues (contract section 6).  An optional array
+# is passed empty when not given, and the flags are uniform over the grid, so the
+# branches cost no divergence.
+
+@cuda.jit
+def affine_epilogue(a, params, out, channels, inner, res, relu):
+    """``affine``, then ``+ res`` (read in its own dtype; an empty ``res``: none), then
+    ReLU where ``relu``: ``out = act(((a - hi) - lo) * scale + shift + res)``."""
+    n = U(a.size)
+    k = U(cuda.grid(1))
+    if k >= n:
+        return
+    step = U(cuda.gridsize(1))
+    p = _four(params, (k // U(inner)) % U(channels))
+    has_res = res.size > 0
+    while k + step < n:
+        k1 = k + step
+        a0, a1 = a[k], a[k1]
+        v0, v1 = _affine_value(a0, a0, p), _affine_value(a1, a1, p)
+        if has_res:
+            v0 += as_work(res[k], v0)
+            v1 += as_work(res[k1], v1)
+        out[k] = _relu_if(v0, relu)
+        out[k1] = _relu_if(v1, relu)
+        k += U(2) * step
+    if k < n:
+        v = _affine_value(a[k], a[k], p)
+        if has_res:
+            v += as_work(res[k], v)
+        out[k] = _relu_if(v, relu)
+
+
+@cuda.jit
+def dx_epilogue(g, x, params, out, channels, inner, y, dres):
+    """``dx`` through ReLU and into the residual: ``m = dy`` where ``y > 0``, else 0 (plain
+    ``dy`` when ``y`` is empty); ``out = dx(m, x)``, and ``dres = m`` unless ``dres`` is
+    empty."""
+    n = U(x.size)
+    k = U(cuda.grid(1))
+    if k >= n:
+        return
+    step = U(cuda.gridsize(1))
+    p = _five(params, (k // U(inner)) % U(channels))
+    masked = y.size > 0
+    has_dres = dres.size > 0
+    while k < n:
+        m = _grad_at(g, y, masked, k, p[2])
+        out[k] = _dx_value(m, x[k], p)
+        if has_dres:
+            dres[k] = m
+        k += step
 
 
 @cuda.jit

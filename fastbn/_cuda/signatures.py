@@ -35,9 +35,20 @@ def launch_signatures():
                 ("finish_forward", (x1, I64, m, m, m, v, v, F64, v, v, F64, F64, v, v, p2)),
                 ("finish_stats", (x1, I64, m, m, m, F64, v, v)),
                 ("affine", (x1, x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64)),
-                ("plane_grad_sums", (x1, x1, I64, I64, I64, v, I64, wd, m, m)),
-                ("row_grad_sums", (x1, x1, I64, I64, I64, v, wd, m, m)),
+                ("plane_grad_sums", (x1, x1, I64, I64, I64, v, I64, wd, m, m, v)),
+                ("row_grad_sums", (x1, x1, I64, I64, I64, v, wd, m, m, v)),
                 ("dx", (x1, x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64)),
+                # the fused epilogues: a residual, ReLU's mask y and dresidual of the data's
+                # dtype, or an empty float64 array (not given)
+                ("plane_grad_sums", (x1, x1, I64, I64, I64, v, I64, wd, m, m, x1)),
+                ("row_grad_sums", (x1, x1, I64, I64, I64, v, wd, m, m, x1)),
+                ("affine_epilogue", (x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64, x1,
+                                     types.boolean)),
+                ("affine_epilogue", (x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64, v,
+                                     types.boolean)),
+                ("dx_epilogue", (x1, x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64, x1,
+                                 out if dt == F16 else _arr(wd, 1))),
+                ("dx_epilogue", (x1, x1, p2, out if dt == F16 else _arr(wd, 1), I64, I64, v, v)),
                 ("plane_features", (x1, I64, I64, I64, I64, wd, m, m, m, m, m)),
                 ("row_features", (x1, I64, I64, I64, wd, m, m, m, m, m)),
                 ("standardize_params", (x1, I64, m, m, m, p2)),
@@ -51,10 +62,12 @@ def launch_signatures():
         ]
     for dt in (F16, F32):
         x1 = _arr(dt, 1)
-        sigs.append(("fused_forward", (x1, I64, I64, I64, v, v, F64, v, v, F64, x1, v, v)))
+        for res in (v, x1):
+            sigs.append(("fused_forward", (x1, I64, I64, I64, v, v, F64, v, v, F64, x1, v, v,
+                                           res, types.boolean)))
     sigs.append(("fused_forward", (_arr(F32, 1), I64, I64, I64, _arr(F32, 1), _arr(F32, 1), F64,
                                    _arr(F32, 1), _arr(F32, 1), F64, _arr(F32, 1),
-                                   _arr(F32, 1), _arr(F32, 1))))
+                                   _arr(F32, 1), _arr(F32, 1), v, types.boolean)))
     sigs.append(("cast", (_arr(types.boolean, 1), _arr(F64, 1))))  # boolean data only
     sigs += [("fill", (_arr(F64, 1), F64))]
     return sigs
