@@ -21,6 +21,7 @@ from .codegen import (
     _stream_span, _streams
 )
 from .pipes import _strided_dev_sums, _strided_dev_sums_affine
+from .tiles import PREFETCH_BYTES, _prefetch_line
 
 
 # Run helpers index x[o, c, i] directly (no slice objects: their set-up costs
@@ -56,7 +57,11 @@ def _dx_stream(dyf, xf, outf, start, stop, hi, lo, a, b, k, yf, dresf):
     first, last = _stream_span(outf, start, stop)
     for i in range(np.uint64(start), np.uint64(first)):
         outf[i] = _dx_value(dyf, xf, yf, dresf, i, hi, lo, a, b, k)
+    ahead = PREFETCH_BYTES // dyf.itemsize
     for i in range(first, last, LINE_BYTES // outf.itemsize):
+        if yf is not None:
+            # the mask becomes a masked load of dy that waits for y's compare: fetch ahead
+            _prefetch_line(dyf, i + ahead)
         _line_dx(dyf, xf, i, outf, hi, lo, a, b, k, True, yf, dresf)
     for i in range(np.uint64(last), np.uint64(stop)):
         outf[i] = _dx_value(dyf, xf, yf, dresf, i, hi, lo, a, b, k)

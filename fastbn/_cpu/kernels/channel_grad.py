@@ -9,6 +9,7 @@ from numba import prange
 from ..._jit import kernel
 from .numerics import CHUNK, REDUCE_MATH
 from .codegen import LINE_BYTES, _flat, _line_dx, _masked_value, _store_fence
+from .tiles import PREFETCH_BYTES, _prefetch_line
 from .pipes import _strided_grad_sums
 from .channel import _batch_rows, _block_runs, _dx_stream, _dx_value, _group_part, _line_stores
 
@@ -20,14 +21,27 @@ def _run_grad_sums(dy, x, y, o0, o1, c, i0, i1, mean):
     Indexed (o, c, i), not flat: a flat index made this loop scalar."""
     s = 0.0
     sx = 0.0
-    for o in range(o0, o1):
-        for i in range(np.uint64(i0), np.uint64(i1)):
-            if y is None:
+    if y is None:
+        for o in range(o0, o1):
+            for i in range(np.uint64(i0), np.uint64(i1)):
                 g = np.float64(dy[o, c, i])
-            else:
+                s += g
+                sx += g * (np.float64(x[o, c, i]) - mean)
+        return s, sx
+    # the mask becomes a masked load of dy that waits for y's compare, which holds back
+    # the hardware's run-ahead: blocks of PREFETCH_BYTES, the next one's dy prefetched
+    channels, inner = dy.shape[1], dy.shape[2]
+    dyf = dy.reshape(dy.size)
+    block = PREFETCH_BYTES // dy.itemsize
+    for o in range(o0, o1):
+        t = (o * channels + c) * inner
+        for b0 in range(np.uint64(i0), np.uint64(i1), block):
+            for k in range(b0 + block, b0 + 2 * block, LINE_BYTES // dy.itemsize):
+                _prefetch_line(dyf, t + k)
+            for i in range(b0, min(b0 + block, np.uint64(i1))):
                 g = np.float64(_masked_value(dy[o, c, i], y[o, c, i]))
-            s += g
-            sx += g * (np.float64(x[o, c, i]) - mean)
+                s += g
+                sx += g * (np.float64(x[o, c, i]) - mean)
     return s, sx
 
 
