@@ -34,7 +34,11 @@ def _bench(args):
     size = "quick" if args.quick else "full" if args.full else "default"
     cases = args.case or (list(_bench.CASES) if args.full else list(_bench.DEFAULT_CASES))
     dtypes = args.dtype or (["float32", "float64"] if args.full else ["float32"])
-    ops = _bench.ALL_OPS if args.full else _bench.DEFAULT_OPS
+    unknown = [op for op in args.op or () if op not in _bench.ALL_OPS]
+    if unknown:
+        sys.exit(f"fastbn bench: unknown --op {', '.join(map(repr, unknown))}; the ops are "
+                 + ", ".join(map(repr, _bench.ALL_OPS)))
+    ops = tuple(args.op) if args.op else _bench.ALL_OPS if args.full else _bench.DEFAULT_OPS
     print(_bench.peers_line(not args.no_peers))
     print(report.LEGEND, flush=True)
     t0 = time.perf_counter()
@@ -125,6 +129,10 @@ def main(argv=None):
     b.add_argument("--full", action="store_true",
                    help="the complete run: every case at full size (205 MB arrays), float32 "
                         "and float64, every op (about 20 minutes, 4.5 GB of memory)")
+    b.add_argument("--op", nargs="+", metavar="OP",
+                   help="ops to time, of: forward, inference, backward, 'fused forward', "
+                        "'fused inference', 'fused backward', standardize, scaler, stats, "
+                        "'scaler (weighted)' (default: all but the last two; --full: all)")
     b.add_argument("--repeats", type=int, help="timed repeats per contender (default 11)")
     b.add_argument("--quick", action="store_true",
                    help="smaller shapes and 5 repeats: seconds once compiled")

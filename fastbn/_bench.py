@@ -41,7 +41,9 @@ CASES = {
 SIZES = ("full", "default", "quick")
 # what the plain command times: the cases and ops a user decides on, in float32
 DEFAULT_CASES = ("nchw", "channels-last", "small")
-DEFAULT_OPS = ("forward", "inference", "backward", "standardize", "scaler")
+# the fused epilogues (contract section 6): ResNet's bn -> add -> relu and its backward
+FUSED_OPS = ("fused forward", "fused inference", "fused backward")
+DEFAULT_OPS = ("forward", "inference", "backward") + FUSED_OPS + ("standardize", "scaler")
 ALL_OPS = DEFAULT_OPS + ("stats", "scaler (weighted)")
 FLOOR = "memory floor: parallel copy"
 READ = "floor: parallel read"
@@ -53,6 +55,13 @@ GROUPED_READ_COPY = "floor: per channel group, read + copy from cache"
 GROUPED_READ2_ADD = "floor: per channel group, read x, dy + (x + dy) from cache"
 PIPELINED_READ_COPY = "floor: pipelined, read channel c+1 + copy c from cache"
 PIPELINED_READ2_ADD = "floor: pipelined, read x, dy of c+1 + (x + dy) of c from cache"
+READ_ADD = "floor: read x, then x + residual"
+ADD_RESIDUAL = "floor: x + residual (read x, residual, write y)"
+READ3_ADD_COPY = "floor: read x, dy, y, then x + dy and a copy of y"
+ADD_COPY = "floor: x + dy and a copy of y (read x, dy, y, write dx, dresidual)"
+PIPELINED_READ_ADD = "floor: pipelined, read x of c+1 + (x + residual) of c"
+PIPELINED_READ3_ADD_COPY = ("floor: pipelined, read x, dy, y of c+1 + (x + dy), copy of y, "
+                            "of c")
 EPS = 1e-5
 
 
@@ -192,6 +201,22 @@ class Inputs:
         self.bshape = bshape
         ax = axis % self.x.ndim
         self.shape3 = (math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:]))
+        self.residual = None
+
+    def with_epilogues(self):
+        """Also the fused epilogues' arrays: a residual, the forward's output through
+        residual and ReLU (``y``, the backward's mask) and a ``dresidual`` buffer."""
+        if self.residual is None:
+            rng = np.random.default_rng(1)
+            self.residual = rng.standard_normal(self.shape, dtype=np.float32).astype(
+                self.dtype, copy=False)
+            self.y = api.batch_norm_forward(self.x, self.weight, self.bias, axis=self.axis,
+                                            eps=EPS, residual=self.residual,
+                                            activation="relu")[0]
+            # at out's offset within a cache line, as the fused backward needs to write
+            # both with streaming stores (else it writes dresidual through a temporary)
+            self.dres = traffic.empty_aligned_like(self.out)
+        return self
 
 
 def uses_column_path(shape, axis):
@@ -235,6 +260,7 @@ def pattern_floors(a):
                         lambda: traffic.pipelined_read2_add(x3, dy3, dst3))
     floors = {"forward": forward, "inference": (FLOOR, None), "backward": backward,
               "stats": (READ, lambda: traffic.read(a.x))}
+    floors.update(epilogue_floors(a))
     if feature_last(a):  # a statistics pass, then a transform pass
         floors["standardize"] = (READ_COPY,
                                  lambda: (traffic.read(a.x), traffic.copy(a.x, a.copy_dst)))
@@ -242,6 +268,46 @@ def pattern_floors(a):
         # (and zeroed by the kernel) as they are first written
         floors["scaler"] = (READ_NEW_COPY,
                             lambda: (traffic.read(a.x), traffic.copy(a.x, np.empty_like(a.x))))
+    return floors
+
+
+def epilogue_floors(a):
+    """Pattern floors of the fused epilogues (``pattern_floors``), with the residual, ReLU's
+    ``y`` and ``dresidual`` added to each op's traffic.
+
+    The forward with a residual reads ``x`` for the statistics, then ``x`` and the
+    residual for the output, and writes it: on the pipelined channel path the second
+    read of ``x`` comes from cache and the residual is read from memory as the write
+    needs it (its schedule); on the column path a read, then ``x + residual``; elsewhere
+    ``x + residual`` alone, as for inference (read ``x`` and the residual, write ``y``).
+    The backward through ReLU with the residual's gradient also reads ``y`` wherever it
+    reads ``dy`` and writes ``dresidual`` with ``dx``: pipelined, the backward's floor
+    with ``y`` read and copied; on the column path reads of ``x``, ``dy`` and ``y``,
+    then ``x + dy`` and a copy of ``y``; elsewhere the latter alone.
+    """
+    def add_residual():
+        traffic.add(a.x, a.residual, a.copy_dst)
+
+    def add_copy():
+        traffic.add(a.x, a.dy, a.copy_dst)
+        traffic.copy(a.y, a.dres)
+
+    inference = (ADD_RESIDUAL, add_residual)
+    if uses_column_path(a.shape, a.axis):
+        return {"fused forward": (READ_ADD, lambda: (traffic.read(a.x), add_residual())),
+                "fused inference": inference,
+                "fused backward": (READ3_ADD_COPY, lambda: (
+                    traffic.read(a.x), traffic.read(a.dy), traffic.read(a.y), add_copy()))}
+    floors = {"fused forward": (ADD_RESIDUAL, add_residual), "fused inference": inference,
+              "fused backward": (ADD_COPY, add_copy)}
+    x3, dst3 = a.x.reshape(a.shape3), a.copy_dst.reshape(a.shape3)
+    if fused_channel_path(a) and pipelined(a.shape3, a.x.itemsize, dst3):
+        floors["fused forward"] = (PIPELINED_READ_ADD, lambda: traffic.pipelined_read_copy(
+            x3, dst3, a.residual.reshape(a.shape3)))
+    if fused_channel_path(a) and pipelined(a.shape3, 2 * a.x.itemsize, dst3):
+        floors["fused backward"] = (PIPELINED_READ3_ADD_COPY, lambda: traffic.pipelined_read2_add(
+            x3, a.dy.reshape(a.shape3), dst3, c3=a.y.reshape(a.shape3),
+            out3_c=a.dres.reshape(a.shape3)))
     return floors
 
 
@@ -283,6 +349,8 @@ WEIGHTED_SCALER = "fastbn.sklearn StandardScaler().fit_transform(sample_weight)"
 
 def fastbn_contenders(a, ops=ALL_OPS):
     """op -> {name: callable} for fastbn's calls of ``ops`` and the floors they need."""
+    if any(op in FUSED_OPS for op in ops):
+        a.with_epilogues()
     floors = {FLOOR: lambda: traffic.copy(a.x, a.copy_dst)}
     for op, (name, fn) in pattern_floors(a).items():
         if fn is not None and op in ops:
@@ -293,6 +361,8 @@ def fastbn_contenders(a, ops=ALL_OPS):
                 a.x, a.weight, a.bias, axis=a.axis, eps=EPS, out=a.out),
             "fastbn forward (allocating)": lambda: api.batch_norm_forward(
                 a.x, a.weight, a.bias, axis=a.axis, eps=EPS),
+            "fastbn forward + relu, fused (out=)": lambda: api.batch_norm_forward(
+                a.x, a.weight, a.bias, axis=a.axis, eps=EPS, activation="relu", out=a.out),
         },
         "inference": {
             "fastbn inference (out=)": lambda: api.batch_norm_inference(
@@ -302,11 +372,62 @@ def fastbn_contenders(a, ops=ALL_OPS):
             "fastbn backward (out=)": lambda: api.batch_norm_backward(
                 a.dy, a.x, a.mean, a.invstd, a.weight, axis=a.axis, out=a.out),
         },
+        **fused_contenders(a, ops),
         "stats": {"fastbn batch_stats": lambda: api.batch_stats(a.x, axis=a.axis)},
         **({"standardize": {"fastbn standardize (out=)": lambda: preprocessing.standardize(
             a.x, axis=a.axis, out=a.out)}} if feature_last(a) else {}),
     }
     return {"floor": floors, **{op: c for op, c in calls.items() if op in ops}}
+
+
+def fused_contenders(a, ops=FUSED_OPS):
+    """fastbn's fused epilogues, and the same computed unfused: fastbn's plain call, then
+    NumPy's ``add`` and ``maximum`` (or, backward, the ReLU mask multiply) with ``out=``."""
+    if not any(op in FUSED_OPS for op in ops):
+        return {}
+    a.with_epilogues()
+
+    def forward_unfused():
+        api.batch_norm_forward(a.x, a.weight, a.bias, axis=a.axis, eps=EPS, out=a.out)
+        np.add(a.out, a.residual, out=a.out)
+        np.maximum(a.out, 0, out=a.out)
+
+    def inference_unfused():
+        api.batch_norm_inference(a.x, a.mean, a.running_var, a.weight, a.bias, axis=a.axis,
+                                 eps=EPS, out=a.out)
+        np.add(a.out, a.residual, out=a.out)
+        np.maximum(a.out, 0, out=a.out)
+
+    def backward_unfused():
+        np.multiply(a.dy, a.y > 0, out=a.dres)
+        api.batch_norm_backward(a.dres, a.x, a.mean, a.invstd, a.weight, axis=a.axis,
+                                out=a.out)
+
+    return {
+        "fused forward": {
+            FUSED_FORWARD: lambda: api.batch_norm_forward(
+                a.x, a.weight, a.bias, axis=a.axis, eps=EPS, residual=a.residual,
+                activation="relu", out=a.out),
+            "fastbn forward, then np.add + np.maximum (out=)": forward_unfused,
+        },
+        "fused inference": {
+            FUSED_INFERENCE: lambda: api.batch_norm_inference(
+                a.x, a.mean, a.running_var, a.weight, a.bias, axis=a.axis, eps=EPS,
+                residual=a.residual, activation="relu", out=a.out),
+            "fastbn inference, then np.add + np.maximum (out=)": inference_unfused,
+        },
+        "fused backward": {
+            FUSED_BACKWARD: lambda: api.batch_norm_backward(
+                a.dy, a.x, a.mean, a.invstd, a.weight, axis=a.axis, activation="relu", y=a.y,
+                residual_grad=True, out=a.out, residual_out=a.dres),
+            "np.multiply(dy, y > 0), then fastbn backward (out=)": backward_unfused,
+        },
+    }
+
+
+FUSED_FORWARD = "fastbn forward + add + relu, fused (out=)"
+FUSED_INFERENCE = "fastbn inference + add + relu, fused (out=)"
+FUSED_BACKWARD = "fastbn backward through relu + dresidual, fused (out=)"
 
 
 def numpy_contenders(a):
@@ -362,6 +483,10 @@ def torch_contenders(torch, a):
         return torch.ops.aten.native_batch_norm_backward(
             tdy, tx, tw, None, None, save_mean, save_invstd, True, EPS, [True, True, True])
 
+    epilogues = {}
+    if a.residual is not None:
+        epilogues = _torch_epilogue_contenders(torch, a, tx, tdy, tw, tb, rm, rv, ty,
+                                               save_mean, save_invstd, axis)
     forward_out()
     y_ok = np.allclose(ty.numpy() if axis == 1 else _unpermute(ty, axis), a.out, atol=1e-3)
     if not y_ok:
@@ -376,6 +501,48 @@ def torch_contenders(torch, a):
             tx, rm, rv, tw, tb, training=False, eps=EPS)},
         "backward": {"torch native_batch_norm_backward": backward},
         "stats": {"torch var_mean": lambda: torch.var_mean(tx, dim=dims, correction=0)},
+        **epilogues,
+    }
+
+
+def _torch_epilogue_contenders(torch, a, tx, tdy, tw, tb, rm, rv, ty, save_mean, save_invstd,
+                               axis):
+    """PyTorch's unfused bn -> add -> relu: the in-place sequence a careful user writes
+    (``native_batch_norm.out``, ``add_``, ``relu_``), the functional one
+    (``F.batch_norm(...) + r``, then ``relu``), and autograd's backward
+    (``threshold_backward``, whose result is also the residual's gradient, then
+    ``native_batch_norm_backward``)."""
+    tr, t_y = torch.from_numpy(a.residual), torch.from_numpy(a.y)
+    if axis != 1:
+        perm = [0, axis] + [d for d in range(1, a.x.ndim) if d != axis]
+        tr, t_y = tr.permute(*perm), t_y.permute(*perm)
+    native = torch.ops.aten.native_batch_norm
+    F = torch.nn.functional
+
+    def forward_inplace():
+        native.out(tx, tw, tb, None, None, True, 0.1, EPS, out=ty, save_mean=save_mean,
+                   save_invstd=save_invstd)
+        ty.add_(tr)
+        ty.relu_()
+
+    def backward():
+        g = torch.ops.aten.threshold_backward(tdy, t_y, 0)
+        return torch.ops.aten.native_batch_norm_backward(
+            g, tx, tw, None, None, save_mean, save_invstd, True, EPS, [True, True, True]), g
+
+    forward_inplace()
+    got = ty.numpy() if axis == 1 else _unpermute(ty, axis)
+    if not np.allclose(got, a.y, atol=1e-3):
+        raise RuntimeError("PyTorch's bn + add + relu disagrees with fastbn's; not timing it")
+    return {
+        "fused forward": {
+            "torch native_batch_norm.out + add_ + relu_": forward_inplace,
+            "torch F.relu(F.batch_norm + r)": lambda: F.relu(
+                F.batch_norm(tx, None, None, tw, tb, training=True, eps=EPS) + tr),
+        },
+        "fused inference": {"torch F.relu(F.batch_norm (eval) + r)": lambda: F.relu(
+            F.batch_norm(tx, rm, rv, tw, tb, training=False, eps=EPS) + tr)},
+        "fused backward": {"torch threshold_backward + native_batch_norm_backward": backward},
     }
 
 
@@ -385,9 +552,12 @@ def _unpermute(t, axis):
 
 
 BYTES_MOVED = {"floor": 2, "forward": 2, "inference": 2, "backward": 3, "stats": 1,
-               "standardize": 2, "scaler": 2, "scaler (weighted)": 2}  # x sizes
+               "standardize": 2, "scaler": 2, "scaler (weighted)": 2, "fused forward": 3,
+               "fused inference": 3, "fused backward": 5}  # x sizes
 BASELINE = {"forward": "fastbn forward (out=)", "inference": "fastbn inference (out=)",
             "backward": "fastbn backward (out=)", "stats": "fastbn batch_stats",
+            "fused forward": FUSED_FORWARD, "fused inference": FUSED_INFERENCE,
+            "fused backward": FUSED_BACKWARD,
             "standardize": "fastbn standardize (out=)", "scaler": SCALER,
             "scaler (weighted)": WEIGHTED_SCALER}
 

@@ -84,7 +84,7 @@ def verdict_lines(results):
     """Per case and op: fastbn's ratio to the copy floor and to its pattern floor, and
     each peer's time over fastbn's."""
     lines = ["Verdict (medians; floor ratios: lower is better; a peer's number is its time "
-             "over fastbn's, above 1 when fastbn is faster):"]
+             "over fastbn's first call of the op, above 1 when that is faster):"]
     for result in results:
         rows = result["rows"]
         ops = [op for op in dict.fromkeys(r["op"] for r in rows) if op != "floor"]
@@ -92,9 +92,10 @@ def verdict_lines(results):
         width = max((len(op) for op in ops), default=0)
         for op in ops:
             ours = _baseline_row(rows, op)
-            peers = [r for r in rows if r["op"] == op and not r["contender"].startswith("fastbn")]
             if ours is None:
                 continue
+            # peers, and fastbn's other calls of the op (allocating, unfused, ...)
+            peers = [r for r in rows if r["op"] == op and r is not ours]
             text = f"{ours['x_floor']:.2f}x floor"
             floor = _row(rows, FLOOR_NAME)
             if (BYTES_MOVED[op] >= 2 and not result.get("cache_resident")

@@ -26,11 +26,21 @@ def test_bench_prints_tables_and_writes_json(tmp_path, capsys):
     assert "Verdict" in printed and printed.rstrip().splitlines()[-2].startswith("Machine: ")
     assert "[1/2] small" in captured.err and "[2/2] channels-last" in captured.err
     data = json.loads(path.read_text())
+    from fastbn import _bench
+
     assert [r["case"] for r in data["results"]] == ["small", "channels-last"]
     names = {row["contender"] for r in data["results"] for row in r["rows"]}
     assert {"fastbn forward (out=)", "fastbn backward (out=)", "fastbn inference (out=)",
             "fastbn standardize (out=)", "NumPy naive forward"} <= names
     assert "fastbn batch_stats" not in names  # only --full times every op
+    # the fused epilogues, and the same computed unfused with NumPy
+    assert {_bench.FUSED_FORWARD, _bench.FUSED_INFERENCE, _bench.FUSED_BACKWARD,
+            "fastbn forward + relu, fused (out=)",
+            "fastbn forward, then np.add + np.maximum (out=)",
+            "np.multiply(dy, y > 0), then fastbn backward (out=)"} <= names
+    patterns = {row["pattern_floor"] for r in data["results"] for row in r["rows"]
+                if row["contender"] == _bench.FUSED_FORWARD}
+    assert patterns <= {_bench.READ_ADD, _bench.ADD_RESIDUAL} and patterns
     assert all(row["median_ms"] > 0 and row["iqr_pct"] >= 0
                for r in data["results"] for row in r["rows"])
     assert len(data["bandwidth_probes"]) == 2 and data["bandwidth_probes"][0]["GB/s"] > 0
@@ -38,7 +48,37 @@ def test_bench_prints_tables_and_writes_json(tmp_path, capsys):
     # no temporary of the input's size beyond the output
     for r in data["results"]:
         if r["case"] != "small":
-            assert r["memory"]["forward"] < 0.05 and r["memory"]["backward"] < 0.05
+            for op in ("forward", "backward", "fused forward", "fused inference",
+                       "fused backward"):
+                assert r["memory"][op] < 0.05, (op, r["memory"])
+
+
+def test_bench_op_selects_ops_and_refuses_unknown_ones(monkeypatch, capsys):
+    runs = _record_runs(monkeypatch)
+    cli.main(["bench", "--no-peers", "--case", "nchw", "--op", "fused forward", "forward"])
+    assert [ops for *_, ops in runs] == [("fused forward", "forward")]
+    with pytest.raises(SystemExit, match="unknown --op 'relu'"):
+        cli.main(["bench", "--no-peers", "--op", "relu"])
+
+
+def test_bench_fused_rows_against_pytorch():
+    """PyTorch's unfused bn -> add -> relu runs as a contender (it is checked against
+    fastbn's fused output before timing), and its backward gives fastbn's gradients."""
+    torch = pytest.importorskip("torch")
+    from fastbn import _bench
+
+    result = _bench.run_case("channels-last", np.float32, size="quick", repeats=1, naive=False,
+                             peers=True, ops=_bench.FUSED_OPS)
+    names = {row["contender"] for row in result["rows"]}
+    assert {"torch native_batch_norm.out + add_ + relu_", "torch F.relu(F.batch_norm + r)",
+            "torch F.relu(F.batch_norm (eval) + r)",
+            "torch threshold_backward + native_batch_norm_backward"} <= names
+    a = _bench.Inputs(*_bench.case_shape("nchw", "quick"), np.float32).with_epilogues()
+    (dx_t, _, _), g = _bench.torch_contenders(torch, a)["fused backward"][
+        "torch threshold_backward + native_batch_norm_backward"]()
+    _bench.fused_contenders(a)["fused backward"][_bench.FUSED_BACKWARD]()
+    np.testing.assert_allclose(a.out, dx_t.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(a.dres, g.numpy())
 
 
 def _record_runs(monkeypatch):

@@ -49,3 +49,28 @@ def test_floors_command(capsys):
     assert "memory floor: parallel copy" in printed
     assert "read + copy, groups of" in printed and "fastbn backward (out=)" in printed
     assert "pipelined over tiles of" in printed
+
+
+def test_pipelined_floors_with_the_epilogues_operands(arrays):
+    """The fused epilogues' pipelined floors: ``y = x + residual`` (the forward with a
+    residual), and ``x + dy`` with ``y`` read and copied (the backward through ReLU that
+    writes ``dresidual``)."""
+    x, dy, dst = arrays
+    residual = np.cos(x)
+    total = floors.pipelined_read_copy(x, dst, residual)
+    np.testing.assert_array_equal(dst, x + residual)
+    assert total == pytest.approx(x.sum(dtype=np.float64), rel=1e-9, abs=1e-6)
+    y, dres = np.sin(x), floors.empty_aligned_like(dst)
+    dres[...] = np.nan
+    dst[...] = np.nan
+    total = floors.pipelined_read2_add(x, dy, dst, c3=y, out3_c=dres)
+    np.testing.assert_array_equal(dst, x + dy)
+    np.testing.assert_array_equal(dres, y)
+    expected = sum(a.sum(dtype=np.float64) for a in (x, dy, y))
+    size = sum(np.abs(a).sum(dtype=np.float64) for a in (x, dy, y))
+    assert total == pytest.approx(expected, rel=0, abs=1e-6 * size)
+    misaligned = np.empty(x.size + 1, x.dtype)
+    misaligned = misaligned[1:] if (misaligned.ctypes.data - dst.ctypes.data) % 64 == 0 \
+        else misaligned[:-1]
+    with pytest.raises(ValueError, match="offset within a cache line"):
+        floors.pipelined_read2_add(x, dy, dst, c3=y, out3_c=misaligned.reshape(x.shape))

@@ -13,7 +13,9 @@ from numba import prange
 from .._jit import kernel, serial_module
 from . import backend, kernels
 from .kernels.numerics import REDUCE_MATH
-from .kernels.codegen import LINE_BYTES, _line_add, _line_copy, _store_fence, _stream_span
+from .kernels.codegen import (
+    LINE_BYTES, _flat, _line_add, _line_copy, _store_fence, _stream_span
+)
 from .kernels.pipes import _pipe_sum2_add, _pipe_sum_copy
 from .kernels.pipeline import _next_run, _part_rows, _pipe_geometry
 
@@ -122,83 +124,127 @@ def _grouped_traffic(a, b, group, out):
     return sums.sum()
 
 
-# Floors of the pipelined path: its schedule and traffic, no arithmetic.
+# Floors of the pipelined path: its schedule and traffic, no arithmetic.  An optional
+# operand typed None (a residual; ReLU's y and the dresidual it is copied to) compiles
+# away.
 
 @kernel()
-def _pipelined_copy_chain(x, c0, c1, y, acc):
+def _copy_or_add_span(src, r, dst, lo, hi):
+    """``dst[lo:hi] = src[lo:hi]``, plus ``r[lo:hi]`` where ``r`` is not None."""
+    if r is None:
+        _copy_span(src, dst, lo, hi)
+    else:
+        _add_span(src, r, dst, lo, hi)
+
+
+@kernel()
+def _pipelined_copy_chain(x, r, c0, c1, y, acc):
     outer, channels, inner = x.shape
     xf = x.reshape(x.size)
     yf = y.reshape(y.size)
+    rf = _flat(r)
     for o in range(outer):
         acc[0] += _flat_sum(xf, (o * channels + c0) * inner, (o * channels + c0 + 1) * inner)
     for c in range(c0, c1 - 1):
         acc[0] += _flat_sum(xf, (c + 1) * inner, (c + 2) * inner)
-        _copy_span(xf, yf, c * inner, (c + 1) * inner)
+        _copy_or_add_span(xf, rf, yf, c * inner, (c + 1) * inner)
         for o in range(1, outer):
             cur = (o * channels + c) * inner
             first, last, nreduce, nwrite, pf, wrap, jump = _pipe_geometry(
                 yf, cur + inner, cur, inner, _next_run(channels, inner, 0, outer, o, c))
-            _pipe_sum_copy(xf, yf, cur + inner, first, nreduce, nwrite, pf, wrap, jump, acc)
+            _pipe_sum_copy(xf, yf, cur + inner, first, nreduce, nwrite, pf, wrap, jump, rf, acc)
             acc[0] += _flat_sum(xf, cur + inner + nreduce * (LINE_BYTES // yf.itemsize),
                                 cur + 2 * inner)
-            _copy_span(xf, yf, cur, first)
-            _copy_span(xf, yf, last, cur + inner)
+            _copy_or_add_span(xf, rf, yf, cur, first)
+            _copy_or_add_span(xf, rf, yf, last, cur + inner)
     for o in range(outer):
-        _copy_span(xf, yf, (o * channels + c1 - 1) * inner, (o * channels + c1) * inner)
+        _copy_or_add_span(xf, rf, yf, (o * channels + c1 - 1) * inner,
+                          (o * channels + c1) * inner)
 
 
 @kernel(parallel=True)
-def _pipelined_read_copy(x, nchains, nparts, y):
-    """The pipelined forward's traffic: ``y = x`` on its schedule, the next channel summed,
-    over ``nchains`` chains of channels of ``nparts`` parts of rows each (the forward's
-    schedule: one chain per thread, one part); returns the sum of ``x``."""
+def _pipelined_read_copy(x, r, nchains, nparts, y):
+    """The pipelined forward's traffic: ``y = x`` on its schedule (``r`` not None: ``y = x
+    + r``, the forward with a residual), the next channel summed, over ``nchains`` chains
+    of channels of ``nparts`` parts of rows each (the forward's schedule: one chain per
+    thread, one part); returns the sum of ``x``."""
     outer, channels = x.shape[0], x.shape[1]
     sums = np.zeros((nchains * nparts, 2))
     for t in prange(nchains * nparts):
         chain = t // nparts
         r0, r1 = _part_rows(outer, nparts, t - chain * nparts)
-        _pipelined_copy_chain(x[r0:r1], chain * channels // nchains,
-                              (chain + 1) * channels // nchains, y[r0:r1], sums[t])
+        c0, c1 = chain * channels // nchains, (chain + 1) * channels // nchains
+        if r is None:
+            _pipelined_copy_chain(x[r0:r1], None, c0, c1, y[r0:r1], sums[t])
+        else:
+            _pipelined_copy_chain(x[r0:r1], r[r0:r1], c0, c1, y[r0:r1], sums[t])
         _store_fence()
     return sums[:, 0].sum()
 
 
 @kernel()
-def _pipelined_add_chain(a, b, c0, c1, out, acc):
+def _flat_sums(a, b, c, lo, hi):
+    """The sum of ``a + b`` over [lo, hi), plus that of ``c`` where it is not None."""
+    s = _flat_sum2(a, b, lo, hi)
+    if c is not None:
+        s += _flat_sum(c, lo, hi)
+    return s
+
+
+@kernel()
+def _add_spans(a, b, c, out, out_c, lo, hi):
+    """``out[lo:hi] = a + b``, and ``out_c[lo:hi] = c`` where ``c`` is not None."""
+    _add_span(a, b, out, lo, hi)
+    if c is not None:
+        _copy_span(c, out_c, lo, hi)
+
+
+@kernel()
+def _pipelined_add_chain(a, b, c, c0, c1, out, out_c, acc):
     outer, channels, inner = a.shape
     af = a.reshape(a.size)
     bf = b.reshape(b.size)
     of = out.reshape(out.size)
+    cf = _flat(c)
+    ocf = _flat(out_c)
     for o in range(outer):
-        acc[0] += _flat_sum2(af, bf, (o * channels + c0) * inner, (o * channels + c0 + 1) * inner)
-    for c in range(c0, c1 - 1):
-        acc[0] += _flat_sum2(af, bf, (c + 1) * inner, (c + 2) * inner)
-        _add_span(af, bf, of, c * inner, (c + 1) * inner)
+        acc[0] += _flat_sums(af, bf, cf, (o * channels + c0) * inner,
+                             (o * channels + c0 + 1) * inner)
+    for ch in range(c0, c1 - 1):
+        acc[0] += _flat_sums(af, bf, cf, (ch + 1) * inner, (ch + 2) * inner)
+        _add_spans(af, bf, cf, of, ocf, ch * inner, (ch + 1) * inner)
         for o in range(1, outer):
-            cur = (o * channels + c) * inner
+            cur = (o * channels + ch) * inner
             first, last, nreduce, nwrite, pf, wrap, jump = _pipe_geometry(
-                of, cur + inner, cur, inner, _next_run(channels, inner, 0, outer, o, c))
-            _pipe_sum2_add(af, bf, of, cur + inner, first, nreduce, nwrite, pf, wrap, jump, acc)
-            acc[0] += _flat_sum2(af, bf, cur + inner + nreduce * (LINE_BYTES // of.itemsize),
+                of, cur + inner, cur, inner, _next_run(channels, inner, 0, outer, o, ch))
+            _pipe_sum2_add(af, bf, cf, of, cur + inner, first, nreduce, nwrite, pf, wrap, jump,
+                           ocf, acc)
+            acc[0] += _flat_sums(af, bf, cf, cur + inner + nreduce * (LINE_BYTES // of.itemsize),
                                  cur + 2 * inner)
-            _add_span(af, bf, of, cur, first)
-            _add_span(af, bf, of, last, cur + inner)
+            _add_spans(af, bf, cf, of, ocf, cur, first)
+            _add_spans(af, bf, cf, of, ocf, last, cur + inner)
     for o in range(outer):
-        _add_span(af, bf, of, (o * channels + c1 - 1) * inner, (o * channels + c1) * inner)
+        _add_spans(af, bf, cf, of, ocf, (o * channels + c1 - 1) * inner,
+                   (o * channels + c1) * inner)
 
 
 @kernel(parallel=True)
-def _pipelined_read2_add(a, b, nchains, nparts, out):
+def _pipelined_read2_add(a, b, c, nchains, nparts, out, out_c):
     """The pipelined backward's traffic: ``out = a + b`` on its schedule (``nchains``,
-    ``nparts``: see ``backward_chains``), the next channel of both summed; returns the
-    sum of ``a`` and ``b``."""
+    ``nparts``: see ``backward_chains``), the next channel of both summed; with ``c`` (not
+    None) also read and copied into ``out_c`` (the backward through ReLU: ``y`` read,
+    ``dresidual`` written); returns the sum of the inputs."""
     outer, channels = a.shape[0], a.shape[1]
     sums = np.zeros((nchains * nparts, 2))
     for t in prange(nchains * nparts):
         chain = t // nparts
         r0, r1 = _part_rows(outer, nparts, t - chain * nparts)
-        _pipelined_add_chain(a[r0:r1], b[r0:r1], chain * channels // nchains,
-                             (chain + 1) * channels // nchains, out[r0:r1], sums[t])
+        c0, c1 = chain * channels // nchains, (chain + 1) * channels // nchains
+        if c is None:
+            _pipelined_add_chain(a[r0:r1], b[r0:r1], None, c0, c1, out[r0:r1], None, sums[t])
+        else:
+            _pipelined_add_chain(a[r0:r1], b[r0:r1], c[r0:r1], c0, c1, out[r0:r1],
+                                 out_c[r0:r1], sums[t])
         _store_fence()
     return sums.sum()
 
@@ -261,21 +307,45 @@ def grouped_read2_add(a3, b3, out3, group=None):
         return _kernels(call)._grouped_traffic(a3, b3, group, out3)
 
 
-def pipelined_read_copy(x3, y3):
+def pipelined_read_copy(x3, y3, r3=None):
     """The pipelined forward's traffic, no arithmetic: along each thread's chain of
-    channels, copy channel c from cache while reading channel c + 1."""
+    channels, copy channel c from cache while reading channel c + 1; with ``r3``, ``y3 =
+    x3 + r3`` instead of the copy (the forward with a residual: the residual read once,
+    as the write needs it)."""
     with _guard() as call:
-        return _kernels(call)._pipelined_read_copy(x3, backend.plan_chains(x3.shape[1]), 1, y3)
+        return _kernels(call)._pipelined_read_copy(x3, r3, backend.plan_chains(x3.shape[1]), 1,
+                                                   y3)
 
 
-def pipelined_read2_add(a3, b3, out3, nchains=None, nparts=None):
+def empty_aligned_like(like):
+    """An uninitialized array like ``like`` at its offset within a cache line: two outputs
+    written together with streaming stores (``dx`` and ``dresidual``) must be, as the
+    backend arranges (``Output.align_like``)."""
+    raw = np.empty(like.size + LINE_BYTES // like.itemsize, dtype=like.dtype)
+    offset = (_address(like) - _address(raw)) % LINE_BYTES // like.itemsize
+    return raw[offset:offset + like.size].reshape(like.shape)
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def pipelined_read2_add(a3, b3, out3, nchains=None, nparts=None, c3=None, out3_c=None):
     """The pipelined backward's traffic on its schedule (``nchains`` chains of channels,
     split into ``nparts`` parts of rows; default: the backward's plan), no arithmetic:
-    ``out3 = a3 + b3`` for channel c from cache while reading channel c + 1 of both."""
+    ``out3 = a3 + b3`` for channel c from cache while reading channel c + 1 of both; with
+    ``c3``, also read with them and copied into ``out3_c`` (the backward through ReLU with
+    the residual's gradient: ``y`` read, ``dresidual`` written), which must lie at
+    ``out3``'s offset within a cache line (``empty_aligned_like``)."""
+    if (c3 is None) != (out3_c is None):
+        raise ValueError("c3 and out3_c go together")
+    if out3_c is not None and (_address(out3_c) - _address(out3)) % LINE_BYTES:
+        raise ValueError("out3_c must lie at out3's offset within a cache line "
+                         "(empty_aligned_like): both are written with streaming stores")
     with _guard() as call:
         if nchains is None:
             nchains, nparts = kernels.backward_chains(a3.shape[0], a3.shape[1], call.n)
-        return _kernels(call)._pipelined_read2_add(a3, b3, nchains, nparts, out3)
+        return _kernels(call)._pipelined_read2_add(a3, b3, c3, nchains, nparts, out3, out3_c)
 
 
 def row_tiled_read_copy(x3, y3, nparts=None):
@@ -283,15 +353,16 @@ def row_tiled_read_copy(x3, y3, nparts=None):
     (default 4 per thread): the forward's traffic when a channel's re-read comes from a
     tile in L2."""
     with _guard() as call:
-        return _kernels(call)._pipelined_read_copy(x3, 1, _row_parts(x3, nparts, call.n), y3)
+        return _kernels(call)._pipelined_read_copy(x3, None, 1, _row_parts(x3, nparts, call.n),
+                                                   y3)
 
 
 def row_tiled_read2_add(a3, b3, out3, nparts=None):
     """``pipelined_read2_add`` as one chain in ``nparts`` blocks of rows (default 4 per
     thread)."""
     with _guard() as call:
-        return _kernels(call)._pipelined_read2_add(a3, b3, 1, _row_parts(a3, nparts, call.n),
-                                                  out3)
+        return _kernels(call)._pipelined_read2_add(a3, b3, None, 1,
+                                                  _row_parts(a3, nparts, call.n), out3, None)
 
 
 def _row_parts(x3, nparts, nthreads):

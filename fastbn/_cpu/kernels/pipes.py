@@ -12,7 +12,7 @@ from .codegen import (
     _affine_expr, _dx_expr, _epilogue, _is_none, _item_pointer, _line_type, _load_line, _masked,
     _masked_grad_line, _nonempty, _splat, _store_line, _store_line_nt
 )
-from .tiles import _prefetch
+from .tiles import PREFETCH_BYTES, _prefetch
 
 
 def _fma(builder, a, b, c):
@@ -94,6 +94,16 @@ def _pipelined_lines(context, builder, sig, args, ninputs, reduce, write):
 _PIPE_GEOMETRY = (types.intp,) * 7  # nxt, cur, nreduce, nwrite, pf, wrap, jump
 
 
+def _prefetch_operand(context, builder, aryty, ary, i):
+    """Prefetch ``ary`` (None: nothing) ``PREFETCH_BYTES`` ahead of flat ``i``: a residual
+    is the write's only stream from memory, which the next channel's prefetches do not
+    cover."""
+    if _is_none(aryty):
+        return
+    ahead = context.get_constant(types.intp, PREFETCH_BYTES // (aryty.dtype.bitwidth // 8))
+    _prefetch(context, builder, aryty, ary, builder.add(i, ahead))
+
+
 @intrinsic
 def _pipe_dev_sums_affine(typingctx, x, y, nxt, cur, nreduce, nwrite, pf, wrap, jump, center,
                           hi, lo, scale, shift, res, relu, acc):
@@ -112,6 +122,7 @@ def _pipe_dev_sums_affine(typingctx, x, y, nxt, cur, nreduce, nwrite, pf, wrap, 
         def write(lines, extras, i):
             params = [_splat(context, builder, args[e], sig.args[e], sig.args[0].dtype, vty)
                       for e in extras[1:5]]
+            _prefetch_operand(context, builder, sig.args[extras[5]], args[extras[5]], i)
             return _epilogue(context, builder, sig, args, _affine_expr(builder, lines[0], *params),
                              i, extras[5], extras[6], vty)
         return _pipelined_lines(context, builder, sig, args, 1, reduce, write)
@@ -153,23 +164,41 @@ def _pipe_grad_sums_dx(typingctx, dy, x, y, dx, nxt, cur, nreduce, nwrite, pf, w
 
 
 @intrinsic
-def _pipe_sum_copy(typingctx, x, y, nxt, cur, nreduce, nwrite, pf, wrap, jump, acc):
-    """The pipelined forward's traffic alone: sum the lines at ``nxt``, copy those at ``cur``."""
+def _pipe_sum_copy(typingctx, x, y, nxt, cur, nreduce, nwrite, pf, wrap, jump, r, acc):
+    """The pipelined forward's traffic alone: sum the lines at ``nxt``, copy those at ``cur``
+    (``r`` not None: ``y = x + r`` there, ``r`` prefetched as the fused forward does)."""
     def codegen(context, builder, sig, args):
+        vty = _line_type(context, sig.args[0].dtype)
+
+        def write(lines, extras, i):
+            rty, rv = sig.args[extras[0]], args[extras[0]]
+            if _is_none(rty):
+                return lines[0]
+            _prefetch_operand(context, builder, rty, rv, i)
+            return builder.fadd(lines[0], _load_line(context, builder, rty, rv, i, vty))
         return _pipelined_lines(context, builder, sig, args, 1,
-                                lambda lines, extras: (lines[0], lines[0]),
-                                lambda lines, extras, i: lines[0])
-    return types.void(x, y, *_PIPE_GEOMETRY, acc), codegen
+                                lambda lines, extras: (lines[0], lines[0]), write)
+    return types.void(x, y, *_PIPE_GEOMETRY, r, acc), codegen
 
 
 @intrinsic
-def _pipe_sum2_add(typingctx, a, b, out, nxt, cur, nreduce, nwrite, pf, wrap, jump, acc):
-    """The pipelined backward's traffic alone: sum two inputs at ``nxt``, add them at ``cur``."""
+def _pipe_sum2_add(typingctx, a, b, c, out, nxt, cur, nreduce, nwrite, pf, wrap, jump, out_c,
+                   acc):
+    """The pipelined backward's traffic alone: sum two inputs at ``nxt``, add them at ``cur``;
+    a third input ``c`` (not None) is also summed at ``nxt`` and copied into ``out_c`` at
+    ``cur`` (ReLU's ``y`` read, ``dresidual`` written)."""
     def codegen(context, builder, sig, args):
-        return _pipelined_lines(context, builder, sig, args, 2,
-                                lambda lines, extras: (lines[0], lines[1]),
-                                lambda lines, extras, i: builder.fadd(lines[0], lines[1]))
-    return types.void(a, b, out, *_PIPE_GEOMETRY, acc), codegen
+        def reduce(lines, extras):
+            first = lines[0] if lines[2] is None else builder.fadd(lines[0], lines[2])
+            return first, lines[1]
+
+        def write(lines, extras, i):
+            if lines[2] is not None:
+                _store_line_nt(context, builder, sig.args[extras[0]], args[extras[0]], i,
+                               lines[2])
+            return builder.fadd(lines[0], lines[1])
+        return _pipelined_lines(context, builder, sig, args, 3, reduce, write)
+    return types.void(a, b, c, out, *_PIPE_GEOMETRY, out_c, acc), codegen
 
 
 STRIDED_CHAINS = 4
