@@ -693,6 +693,14 @@ def finish_backward(s, sx, mean, invstd, weight, n, dweight, dbias, params):
 # a load, the arithmetic and a store (about 13 SASS instructions a value on sm_90,
 # bench/gpu_proxy.py), four loads in flight.
 
+@cuda.jit(device=True, inline=True)
+def _map_begin(channels, inner):
+    """A map thread's first flat index, the grid's stride and the thread's channel (fixed:
+    ``map_blocks`` makes the stride a multiple of ``channels * inner``)."""
+    k = U(cuda.grid(1))
+    return k, U(cuda.gridsize(1)), (k // U(inner)) % U(channels)
+
+
 def _channel_map(load, value, two_inputs=False):
     """A kernel ``(a, b, params, out, channels, inner)``: ``out[k] = value(a[k], b[k], p)``
     with ``p = load(params, c)`` for the channel ``c`` of flat index ``k``; ``b`` is
@@ -700,11 +708,8 @@ def _channel_map(load, value, two_inputs=False):
     @cuda.jit
     def kernel(a, b, params, out, channels, inner):
         n = U(a.size)
-        k = U(cuda.grid(1))
-        if k >= n:
-            return
-        step = U(cuda.gridsize(1))
-        p = load(params, (k // U(inner)) % U(channels))
+        k, step, c = _map_begin(channels, inner)
+        p = load(params, c)  # a thread past the end reads a channel's parameters, writes nothing
         while k + U(3) * step < n:
             k1, k2, k3 = k + step, k + U(2) * step, k + U(3) * step
             a0, a1, a2, a3 = a[k], a[k1], a[k2], a[k3]
@@ -778,11 +783,8 @@ def affine_epilogue(a, params, out, channels, inner, res, relu):
     """``affine``, then ``+ res`` (read in its own dtype; an empty ``res``: none), then
     ReLU where ``relu``: ``out = act(((a - hi) - lo) * scale + shift + res)``."""
     n = U(a.size)
-    k = U(cuda.grid(1))
-    if k >= n:
-        return
-    step = U(cuda.gridsize(1))
-    p = _four(params, (k // U(inner)) % U(channels))
+    k, step, c = _map_begin(channels, inner)
+    p = _four(params, c)  # a thread past the end reads a channel's parameters, writes nothing
     has_res = res.size > 0
     while k + step < n:
         k1 = k + step
@@ -807,11 +809,8 @@ def dx_epilogue(g, x, params, out, channels, inner, y, dres):
     ``dy`` when ``y`` is empty); ``out = dx(m, x)``, and ``dres = m`` unless ``dres`` is
     empty."""
     n = U(x.size)
-    k = U(cuda.grid(1))
-    if k >= n:
-        return
-    step = U(cuda.gridsize(1))
-    p = _five(params, (k // U(inner)) % U(channels))
+    k, step, c = _map_begin(channels, inner)
+    p = _five(params, c)  # a thread past the end reads a channel's parameters, writes nothing
     masked = y.size > 0
     has_dres = dres.size > 0
     while k < n:
