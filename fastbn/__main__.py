@@ -1,5 +1,5 @@
 """Command line: ``fastbn`` (or ``python -m fastbn``) ``bench | floors | normalize |
-startup | warmup``; ``python -m fastbn.capi build`` builds the C library."""
+startup | warmup | demo``; ``python -m fastbn.capi build`` builds the C library."""
 
 import argparse
 import json
@@ -108,6 +108,23 @@ def _startup(args):
             json.dump(result, f, indent=2)
 
 
+def _demo(args):
+    try:
+        import matplotlib  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as exc:
+        sys.exit(f"fastbn demo needs scikit-learn and matplotlib ({exc}): "
+                 "pip install 'fastbn[demo]'")
+    from .examples import demo
+
+    print(f"fastbn demo ({'--quick' if args.quick else 'full run'}): writing {args.out}/",
+          flush=True)
+    results = demo.run(args.out, quick=args.quick)
+    print("\n".join(demo.summary_lines(results)))
+    print(f"took {results['seconds']:.0f} s; numbers in {os.path.join(args.out, 'demo.json')}, "
+          f"figures in {args.out}/ (summary.png and one per experiment)")
+
+
 def _warmup(args):
     import fastbn
 
@@ -158,6 +175,13 @@ def main(argv=None):
     s = sub.add_parser("startup", help="cold compile and warm-cache start-up times")
     s.add_argument("--json")
     s.set_defaults(func=_startup)
+    d = sub.add_parser("demo", help="measure what normalization does on scikit-learn's bundled "
+                                    "data sets and draw it (needs fastbn[demo])")
+    d.add_argument("--out", default="fastbn-demo", help="directory for demo.json and the PNGs "
+                                                        "(default: fastbn-demo)")
+    d.add_argument("--quick", action="store_true",
+                   help="fewer seeds, epochs and rates: under a minute")
+    d.set_defaults(func=_demo)
     w = sub.add_parser("warmup", help="compile the common kernel signatures now")
     w.set_defaults(func=_warmup)
     args = parser.parse_args(argv)

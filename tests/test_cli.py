@@ -155,7 +155,7 @@ def test_console_script_lists_every_subcommand():
     result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: fastbn ")
-    for name in ("bench", "floors", "normalize", "startup", "warmup"):
+    for name in ("bench", "floors", "normalize", "startup", "warmup", "demo"):
         assert name in result.stdout
 
 
