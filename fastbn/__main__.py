@@ -145,7 +145,7 @@ def main(argv=None):
                    help="default float32; --full: float32 and float64")
     b.add_argument("--full", action="store_true",
                    help="the complete run: every case at full size (205 MB arrays), float32 "
-                        "and float64, every op (about 20 minutes, 4.5 GB of memory)")
+                        "and float64, every op (about 20 minutes, 6 GB of memory)")
     b.add_argument("--op", nargs="+", metavar="OP",
                    help="ops to time, of: forward, inference, backward, 'fused forward', "
                         "'fused inference', 'fused backward', standardize, scaler, stats, "
