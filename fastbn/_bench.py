@@ -349,8 +349,6 @@ WEIGHTED_SCALER = "fastbn.sklearn StandardScaler().fit_transform(sample_weight)"
 
 def fastbn_contenders(a, ops=ALL_OPS):
     """op -> {name: callable} for fastbn's calls of ``ops`` and the floors they need."""
-    if any(op in FUSED_OPS for op in ops):
-        a.with_epilogues()
     floors = {FLOOR: lambda: traffic.copy(a.x, a.copy_dst)}
     for op, (name, fn) in pattern_floors(a).items():
         if fn is not None and op in ops:
