@@ -457,11 +457,8 @@ def numpy_contenders(a):
 
 def torch_contenders(torch, a):
     """PyTorch CPU peers, channel axis moved to dim 1 as a view, checked before timing."""
-    tx, tdy = torch.from_numpy(a.x), torch.from_numpy(a.dy)
     axis = a.axis % a.x.ndim
-    if axis != 1:
-        perm = [0, axis] + [d for d in range(1, a.x.ndim) if d != axis]
-        tx, tdy = tx.permute(*perm), tdy.permute(*perm)
+    tx, tdy = (_channels_at_dim1(torch.from_numpy(v), axis) for v in (a.x, a.dy))
     c = a.x.shape[axis]
     tw = torch.from_numpy(a.weight.astype(a.dtype))
     tb = torch.from_numpy(a.bias.astype(a.dtype))
@@ -510,10 +507,7 @@ def _torch_epilogue_contenders(torch, a, tx, tdy, tw, tb, rm, rv, ty, save_mean,
     (``F.batch_norm(...) + r``, then ``relu``), and autograd's backward
     (``threshold_backward``, whose result is also the residual's gradient, then
     ``native_batch_norm_backward``)."""
-    tr, t_y = torch.from_numpy(a.residual), torch.from_numpy(a.y)
-    if axis != 1:
-        perm = [0, axis] + [d for d in range(1, a.x.ndim) if d != axis]
-        tr, t_y = tr.permute(*perm), t_y.permute(*perm)
+    tr, t_y = (_channels_at_dim1(torch.from_numpy(v), axis) for v in (a.residual, a.y))
     native = torch.ops.aten.native_batch_norm
     F = torch.nn.functional
 
@@ -542,6 +536,14 @@ def _torch_epilogue_contenders(torch, a, tx, tdy, tw, tb, rm, rv, ty, save_mean,
             F.batch_norm(tx, rm, rv, tw, tb, training=False, eps=EPS) + tr)},
         "fused backward": {"torch threshold_backward + native_batch_norm_backward": backward},
     }
+
+
+def _channels_at_dim1(t, axis):
+    """Tensor ``t`` with its channel axis ``axis`` moved to dim 1, as a view (PyTorch's
+    layout for batch norm)."""
+    if axis == 1:
+        return t
+    return t.permute(0, axis, *[d for d in range(1, t.dim()) if d != axis])
 
 
 def _unpermute(t, axis):

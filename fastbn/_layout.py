@@ -109,13 +109,9 @@ class Output:
         """Make ``y3`` lie at ``other3``'s offset within a cache line (through a temporary
         when it does not): a kernel writing both with streaming stores splits them into the
         same whole lines."""
-        offset = other3.__array_interface__["data"][0] % line
-        if self.y3.__array_interface__["data"][0] % line == offset:
+        if (_address(self.y3) - _address(other3)) % line == 0:
             return
-        items = line // self.y3.itemsize + 1
-        raw = np.empty(self.y3.size + items, dtype=self.y3.dtype)
-        start = (offset - raw.__array_interface__["data"][0] % line) % line // self.y3.itemsize
-        y3 = raw[start:start + self.y3.size].reshape(self.y3.shape)
+        y3 = empty_at_line_offset(self.y3.shape, self.y3.dtype, other3, line)
         if self._copy_to is None:
             self._copy_to = self._layout.transformed(self.result)
         self.y3 = y3
@@ -124,6 +120,21 @@ class Output:
         if self._copy_to is not None:
             np.copyto(self._copy_to, self.y3.reshape(self._copy_to.shape), casting="unsafe")
         return self.result
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def empty_at_line_offset(shape, dtype, other, line=64):
+    """An uninitialized array that starts at ``other``'s offset within a ``line``-byte cache
+    line (two outputs written together with streaming stores then split into the same
+    whole lines).  ``fastbn.capi._entries._aligned_like`` is its nopython twin."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape)
+    raw = np.empty(size + line // dtype.itemsize, dtype=dtype)
+    start = (_address(other) - _address(raw)) % line // dtype.itemsize
+    return raw[start:start + size].reshape(shape)
 
 
 def _overlaps_elsewhere(y3, a3):

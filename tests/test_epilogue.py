@@ -317,3 +317,29 @@ def test_streamed_outputs_with_epilogue(rng, path, dtype):
     edx, edw, edb, eres = ref.backward_through(dy, x, mean, invstd, w, axis, y, "relu")
     assert_output(dx, edx, dtype, scale=8.0)
     np.testing.assert_array_equal(dres.astype(np.float64), eres)
+
+
+@pytest.mark.parametrize("path", ["pipelined", "column-streamed"])
+def test_residual_out_at_another_line_offset_than_out(rng, path):
+    """dresidual and dx are written with the same streaming stores: a residual_out whose
+    offset within a cache line differs from out's goes through an aligned temporary and
+    still receives exactly the gradient."""
+    shape, axis = {**PATHS, **STREAMED}[path]
+    x, residual, w, b = _inputs(rng, shape, np.float32, axis)
+    y, mean, invstd = fastbn.batch_norm_forward(x, w, b, axis=axis, residual=residual,
+                                                activation="relu")
+    dy = make(rng, shape, np.float32)
+    want = fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, activation="relu",
+                                      y=y, residual_grad=True)
+    out = np.empty_like(x)
+    raw = np.empty(x.size + 1, np.float32)
+    shifted = raw[1:] if (raw[1:].ctypes.data - out.ctypes.data) % 64 else raw[:-1]
+    residual_out = shifted.reshape(shape)
+    assert (residual_out.ctypes.data - out.ctypes.data) % 64
+    dx, dw, _, dres = fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+                                                 activation="relu", y=y, residual_grad=True,
+                                                 out=out, residual_out=residual_out)
+    assert dx is out and dres is residual_out
+    np.testing.assert_array_equal(dx, want[0])
+    np.testing.assert_array_equal(dres, want[3])
+    np.testing.assert_array_equal(dw, want[1])

@@ -11,6 +11,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import kernel, serial_module
+from .._layout import empty_at_line_offset
 from . import backend, kernels
 from .kernels.numerics import REDUCE_MATH
 from .kernels.codegen import (
@@ -321,9 +322,7 @@ def empty_aligned_like(like):
     """An uninitialized array like ``like`` at its offset within a cache line: two outputs
     written together with streaming stores (``dx`` and ``dresidual``) must be, as the
     backend arranges (``Output.align_like``)."""
-    raw = np.empty(like.size + LINE_BYTES // like.itemsize, dtype=like.dtype)
-    offset = (_address(like) - _address(raw)) % LINE_BYTES // like.itemsize
-    return raw[offset:offset + like.size].reshape(like.shape)
+    return empty_at_line_offset(like.shape, like.dtype, like, LINE_BYTES)
 
 
 def _address(a):
