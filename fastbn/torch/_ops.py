@@ -1,0 +1,336 @@
+"""fastbn's batch norm as PyTorch operators (``torch.library``, namespace ``fastbn``).
+
+Three operators, each with a fake kernel (shapes only, for ``torch.compile``) and the
+first two with autograd formulas:
+
+- ``fastbn::batch_norm_train``: batch statistics, normalized output, optional residual
+  and ReLU (CONTRACT section 6), and the updated running statistics;
+- ``fastbn::batch_norm_infer``: the same with given statistics;
+- ``fastbn::batch_norm_backward``: the training forward's gradients.
+
+CPU tensors that fastbn computes are handed to the kernels as NumPy views of their own
+memory (``Tensor.numpy()`` shares it), and the outputs are tensors PyTorch allocated
+with the input's memory format, written through such views: no activation is copied.
+CUDA tensors go to fastbn's CUDA backend through ``__cuda_array_interface__`` when a GPU
+is usable.  Anything else (bfloat16, half running statistics, a sparse or quantized
+tensor, a GPU without numba-cuda) runs PyTorch's own kernel and is counted in
+:func:`stats`.
+"""
+
+import threading
+from collections import Counter
+from typing import Optional
+
+import torch
+
+import fastbn
+
+from ._fallback import reference_backward, reference_forward, reference_inference
+
+Tensor = torch.Tensor
+
+_HOST_DTYPES = (torch.float16, torch.float32, torch.float64)
+_STATS_DTYPES = (torch.float32, torch.float64)
+
+_lock = threading.Lock()
+_counts = Counter()
+
+
+def stats():
+    """How often each operator ran on fastbn's kernels and on PyTorch's fallback.
+
+    Returns
+    -------
+    dict
+        ``{"fastbn": {op: calls}, "fallback": {op: calls}, "fallback_reasons":
+        {reason: calls}}``; op is ``"train"``, ``"infer"`` or ``"backward"``.
+    """
+    with _lock:
+        out = {"fastbn": {}, "fallback": {}, "fallback_reasons": {}}
+        for (kind, key), n in _counts.items():
+            out[kind][key] = n
+        return out
+
+
+def reset_stats():
+    """Set every :func:`stats` counter back to zero."""
+    with _lock:
+        _counts.clear()
+
+
+def _count(kind, key):
+    with _lock:
+        _counts[(kind, key)] += 1
+
+
+def stats_dtype(dtype):
+    """The dtype of mean and invstd: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _plain_strided(t):
+    return (t.layout == torch.strided and not t.is_conj() and not t.is_neg()
+            and not t.is_quantized)
+
+
+def _cuda_usable():
+    try:
+        from numba import cuda
+        return cuda.is_available()
+    except Exception:  # numba-cuda missing or no driver
+        return False
+
+
+def why_not_fastbn(input, weight=None, bias=None, residual=None, running_mean=None,
+                   running_var=None, others=()):
+    """None when fastbn computes this call, else a short reason for the fallback."""
+    device = input.device
+    tensors = [t for t in (input, weight, bias, residual, running_mean, running_var, *others)
+               if t is not None]
+    if any(t.device != device for t in tensors):
+        return "tensors on different devices"
+    if device.type == "cuda":
+        if not _cuda_usable():
+            return "CUDA tensor without a usable numba-cuda"
+    elif device.type != "cpu":
+        return f"device {device.type}"
+    if input.dtype not in _HOST_DTYPES:
+        return f"dtype {input.dtype}"
+    if residual is not None and residual.dtype not in _HOST_DTYPES:
+        return f"residual dtype {residual.dtype}"
+    for t in (weight, bias, *others):
+        if t is not None and t.dtype not in _HOST_DTYPES:
+            return f"dtype {t.dtype}"
+    for t in (running_mean, running_var):
+        if t is not None and t.dtype not in _STATS_DTYPES:
+            return f"running statistics of dtype {t.dtype}"
+    if not all(_plain_strided(t) for t in tensors):
+        return "not a plain strided tensor"
+    return None
+
+
+def _np(t):
+    """The array fastbn reads or writes for tensor ``t``: a NumPy view of a CPU tensor's
+    memory, the tensor itself on CUDA (``__cuda_array_interface__``)."""
+    if t is None:
+        return None
+    t = t.detach()
+    return t.numpy() if t.device.type == "cpu" else t
+
+
+def _fallback(op, reason):
+    _count("fallback", op)
+    _count("fallback_reasons", reason)
+
+
+def _activation(relu):
+    return "relu" if relu else None
+
+
+# --- training forward ---------------------------------------------------------------
+
+@torch.library.custom_op("fastbn::batch_norm_train", mutates_args=())
+def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     residual: Optional[Tensor], running_mean: Optional[Tensor],
+                     running_var: Optional[Tensor], momentum: float, eps: float,
+                     relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Training batch norm: ``(y, save_mean, save_invstd, new_running_mean,
+    new_running_var)``.
+
+    Functional, so that it can carry an autograd formula: the updated running statistics
+    are returned (empty without running statistics), and
+    :func:`fastbn.torch.batch_norm` copies them into the buffers.
+    """
+    reason = why_not_fastbn(input, weight, bias, residual, running_mean, running_var)
+    new_rm, new_rv = _updatable_copies(input, running_mean, running_var)
+    if reason is not None:
+        _fallback("train", reason)
+        y, mean, invstd = reference_forward(input, weight, bias, residual, new_rm, new_rv,
+                                            momentum, eps, relu)
+        return y, mean, invstd, _or_empty(new_rm, input), _or_empty(new_rv, input)
+    y = torch.empty_like(input)
+    _, mean, invstd = fastbn.batch_norm_forward(
+        _np(input), _np(weight), _np(bias), axis=1, eps=eps, running_mean=_np(new_rm),
+        running_var=_np(new_rv), momentum=momentum, residual=_np(residual),
+        activation=_activation(relu), out=_np(y))
+    _count("fastbn", "train")
+    sd = stats_dtype(input.dtype)
+    return (y, _as_tensor(mean, input.device, sd), _as_tensor(invstd, input.device, sd),
+            _or_empty(new_rm, input), _or_empty(new_rv, input))
+
+
+def _updatable_copies(input, running_mean, running_var):
+    if running_mean is None or running_var is None:
+        return None, None
+    return running_mean.clone(), running_var.clone()
+
+
+def _or_empty(t, like):
+    return like.new_empty((0,)) if t is None else t
+
+
+def _as_tensor(a, device, dtype):
+    t = torch.from_numpy(a) if device.type == "cpu" else torch.as_tensor(a, device=device)
+    return t.to(dtype)
+
+
+@batch_norm_train.register_fake
+def _(input, weight, bias, residual, running_mean, running_var, momentum, eps, relu):
+    c = input.shape[1]
+    sd = stats_dtype(input.dtype)
+    new_rm = input.new_empty((0,)) if running_mean is None else torch.empty_like(running_mean)
+    new_rv = input.new_empty((0,)) if running_var is None else torch.empty_like(running_var)
+    return (torch.empty_like(input), input.new_empty((c,), dtype=sd),
+            input.new_empty((c,), dtype=sd), new_rm, new_rv)
+
+
+# --- inference ------------------------------------------------------------------------
+
+@torch.library.custom_op("fastbn::batch_norm_infer", mutates_args=())
+def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     residual: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
+                     eps: float, relu: bool) -> Tensor:
+    """Inference batch norm with the given statistics, optional residual and ReLU."""
+    reason = why_not_fastbn(input, weight, bias, residual, running_mean, running_var)
+    if reason is not None:
+        _fallback("infer", reason)
+        return reference_inference(input, weight, bias, residual, running_mean, running_var,
+                                   eps, relu)
+    y = torch.empty_like(input)
+    fastbn.batch_norm_inference(
+        _np(input), _np(running_mean), _np(running_var), _np(weight), _np(bias), axis=1,
+        eps=eps, residual=_np(residual), activation=_activation(relu), out=_np(y))
+    _count("fastbn", "infer")
+    return y
+
+
+@batch_norm_infer.register_fake
+def _(input, weight, bias, residual, running_mean, running_var, eps, relu):
+    return torch.empty_like(input)
+
+
+# --- backward ---------------------------------------------------------------------------
+
+@torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=())
+def batch_norm_backward(grad: Tensor, input: Tensor, weight: Optional[Tensor],
+                        save_mean: Tensor, save_invstd: Tensor, y: Optional[Tensor],
+                        relu: bool, residual_grad: bool) -> tuple[Tensor, Tensor, Tensor,
+                                                                  Tensor]:
+    """Gradients of the training forward: ``(dx, dweight, dbias, dresidual)``.
+
+    ``dweight``/``dbias`` are in the stats dtype; ``dresidual`` is empty unless
+    ``residual_grad``.
+    """
+    reason = why_not_fastbn(input, weight, others=(grad, save_mean, save_invstd)
+                            + ((y,) if y is not None else ()))
+    if reason is not None:
+        _fallback("backward", reason)
+        return reference_backward(grad, input, weight, save_mean, save_invstd, y, relu,
+                                  residual_grad)
+    dx = torch.empty_like(input)
+    dres = torch.empty_like(input) if residual_grad else input.new_empty((0,))
+    result = fastbn.batch_norm_backward(
+        _np(grad), _np(input), _np(save_mean), _np(save_invstd), _np(weight), axis=1,
+        activation=_activation(relu), y=_np(y) if relu else None, out=_np(dx),
+        residual_grad=residual_grad, residual_out=_np(dres) if residual_grad else None)
+    _count("fastbn", "backward")
+    sd = stats_dtype(input.dtype)
+    dweight, dbias = result[1], result[2]
+    return (dx, _as_tensor(dweight, input.device, sd), _as_tensor(dbias, input.device, sd),
+            dres)
+
+
+@batch_norm_backward.register_fake
+def _(grad, input, weight, save_mean, save_invstd, y, relu, residual_grad):
+    c = input.shape[1]
+    sd = stats_dtype(input.dtype)
+    dres = torch.empty_like(input) if residual_grad else input.new_empty((0,))
+    return (torch.empty_like(input), input.new_empty((c,), dtype=sd),
+            input.new_empty((c,), dtype=sd), dres)
+
+
+# --- autograd -------------------------------------------------------------------------
+
+def _train_setup(ctx, inputs, output):
+    input, weight, bias, residual, _, _, _, _, relu = inputs
+    y, mean, invstd, new_rm, new_rv = output
+    ctx.relu = relu
+    ctx.eps = inputs[7]
+    ctx.has_residual = residual is not None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.param_dtypes = (None if weight is None else weight.dtype,
+                        None if bias is None else bias.dtype)
+    ctx.mark_non_differentiable(mean, invstd, new_rm, new_rv)
+    ctx.save_for_backward(input, weight, mean, invstd, y if relu else None)
+
+
+def _train_backward(ctx, grad_y, *_stats_grads):
+    input, weight, mean, invstd, y = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    want_res = ctx.has_residual and need[3]
+    if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+        dx, dweight, dbias, dres = _composite_train_backward(grad_y, input, weight, y,
+                                                             ctx.eps)
+    else:
+        dx, dweight, dbias, dres = batch_norm_backward(grad_y, input, weight, mean, invstd,
+                                                       y, ctx.relu, want_res)
+    wdt, bdt = ctx.param_dtypes
+    return (dx if need[0] else None,
+            dweight.to(wdt) if weight is not None and need[1] else None,
+            dbias.to(bdt) if bdt is not None and need[2] else None,
+            dres.to(ctx.residual_dtype) if want_res else None,
+            None, None, None, None, None)
+
+
+def _composite_train_backward(grad_y, input, weight, y, eps):
+    """The training backward from PyTorch's differentiable ops, for double backward: the
+    statistics are recomputed from ``input`` so that their dependence on it is seen."""
+    dims = [0] + list(range(2, input.dim()))
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    sd = stats_dtype(input.dtype)
+    g = (grad_y if y is None else grad_y * (y > 0)).to(sd)
+    x = input.to(sd)
+    n = x.numel() // x.shape[1]
+    mean = x.mean(dims, keepdim=True)
+    invstd = torch.rsqrt(((x - mean) ** 2).mean(dims, keepdim=True) + eps)
+    xhat = (x - mean) * invstd
+    dbias = g.sum(dims)
+    dweight = (g * xhat).sum(dims)
+    scale = invstd if weight is None else invstd * weight.to(sd).view(shape)
+    dx = scale * (g - (dbias.view(shape) + xhat * dweight.view(shape)) / n)
+    return dx.to(input.dtype), dweight, dbias, g.to(input.dtype)
+
+
+batch_norm_train.register_autograd(_train_backward, setup_context=_train_setup)
+
+
+def _infer_setup(ctx, inputs, output):
+    input, weight, bias, residual, running_mean, running_var, eps, relu = inputs
+    ctx.eps = eps
+    ctx.has_residual = residual is not None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(input, weight, running_mean, running_var, output if relu else None)
+
+
+def _infer_backward(ctx, grad_y):
+    # Elementwise and two per-channel sums: PyTorch's own ops, differentiable again.
+    input, weight, running_mean, running_var, y = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g = grad_y if y is None else grad_y * (y > 0)
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    invstd = torch.rsqrt(running_var.to(stats_dtype(input.dtype)) + ctx.eps)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    dims = [0] + list(range(2, input.dim()))
+    dx = (g * scale.view(shape)).to(input.dtype) if need[0] else None
+    dweight = dbias = None
+    if weight is not None and need[1]:
+        xhat = (input - running_mean.view(shape)) * invstd.view(shape)
+        dweight = (g * xhat).sum(dims, dtype=invstd.dtype).to(weight.dtype)
+    if ctx.bias_dtype is not None and need[2]:
+        dbias = g.sum(dims, dtype=invstd.dtype).to(ctx.bias_dtype)
+    dres = g.to(ctx.residual_dtype) if ctx.has_residual and need[3] else None
+    return dx, dweight, dbias, dres, None, None, None, None
+
+
+batch_norm_infer.register_autograd(_infer_backward, setup_context=_infer_setup)

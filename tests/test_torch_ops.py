@@ -1,0 +1,182 @@
+"""fastbn.torch's operators and functions against PyTorch's own batch norm (CONTRACT 7)."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+fbt = pytest.importorskip("fastbn.torch")
+
+F = torch.nn.functional
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def _close(a, b, dtype, **kw):
+    torch.testing.assert_close(a, b, check_dtype=True, **(kw or TOL[dtype]))
+
+
+def _reference(x, rm, rv, w, b, training, momentum, eps, residual, activation):
+    y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if activation == "relu" else y
+
+
+def _leaves(seed, shape, dtype, affine, residual, channels_last):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=dtype) * 3 + 2)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4
+                         else torch.channels_last_3d)
+    x.requires_grad_()
+    w = (torch.rand(c, generator=g, dtype=dtype) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(c, generator=g, dtype=dtype).requires_grad_() if affine else None
+    r = torch.randn(shape, generator=g, dtype=dtype).requires_grad_() if residual else None
+    return x, w, b, r
+
+
+CASES = [((8, 3), False), ((6, 4, 10), False), ((4, 5, 6, 7), False), ((4, 5, 6, 7), True),
+         ((2, 3, 4, 5, 6), False), ((2, 3, 4, 5, 6), True)]
+
+
+@pytest.mark.parametrize("shape,channels_last", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine,residual,activation",
+                         [(True, False, None), (False, False, None), (True, False, "relu"),
+                          (True, True, "relu"), (False, True, None)])
+def test_outputs_gradients_and_running_stats_match_torch(shape, channels_last, dtype, training,
+                                                         affine, residual, activation):
+    x, w, b, r = _leaves(len(shape), shape, dtype, affine, residual, channels_last)
+    c = shape[1]
+    ours_rm, ours_rv = torch.linspace(-1, 1, c, dtype=dtype), torch.linspace(0.5, 2, c,
+                                                                              dtype=dtype)
+    theirs_rm, theirs_rv = ours_rm.clone(), ours_rv.clone()
+    y = fbt.batch_norm_act(x, ours_rm, ours_rv, w, b, training, 0.3, 1e-4, residual=r,
+                           activation=activation)
+    ref = _reference(x, theirs_rm, theirs_rv, w, b, training, 0.3, 1e-4, r, activation)
+    _close(y, ref, dtype)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (
+        channels_last and x.dim() == 4)
+    _close(ours_rm, theirs_rm, dtype)
+    _close(ours_rv, theirs_rv, dtype)
+    leaves = [t for t in (x, w, b, r) if t is not None]
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    for ours, theirs in zip(torch.autograd.grad(y, leaves, dy),
+                            torch.autograd.grad(ref, leaves, dy)):
+        _close(ours, theirs, dtype)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("residual,activation", [(False, None), (True, "relu")])
+def test_gradcheck_float64(training, residual, activation):
+    x, w, b, r = _leaves(3, (3, 2, 4, 3), torch.float64, True, residual, False)
+    rm, rv = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor(
+        [2.0, 0.5], dtype=torch.float64)
+
+    def f(x, w, b, *r):
+        return fbt.batch_norm_act(x, None if training else rm, None if training else rv, w, b,
+                                  training, 0.1, 1e-5, residual=r[0] if r else None,
+                                  activation=activation)
+
+    assert torch.autograd.gradcheck(f, (x, w, b) + ((r,) if residual else ()))
+    assert torch.autograd.gradgradcheck(f, (x, w, b) + ((r,) if residual else ()))
+
+
+def test_batch_norm_is_functional_batch_norm(rng):
+    x = torch.from_numpy(rng.normal(1, 2, (5, 4, 3)).astype(np.float32))
+    rm, rv = torch.zeros(4), torch.ones(4)
+    rm2, rv2 = rm.clone(), rv.clone()
+    _close(fbt.batch_norm(x, rm, rv, training=True), F.batch_norm(x, rm2, rv2, training=True),
+           torch.float32)
+    _close(rm, rm2, torch.float32)
+    _close(fbt.batch_norm(x, rm, rv), F.batch_norm(x, rm2, rv2), torch.float32)
+
+
+def test_fallback_for_bfloat16_is_counted_and_correct():
+    x = torch.randn(4, 3, 5, 5).to(torch.bfloat16).requires_grad_()
+    rm, rv = torch.zeros(3), torch.ones(3)
+    fbt.reset_stats()
+    y = fbt.batch_norm_act(x, rm, rv, None, None, True, 0.1, 1e-5, activation="relu")
+    ref = torch.relu(F.batch_norm(x, torch.zeros(3), torch.ones(3), training=True))
+    torch.testing.assert_close(y, ref)
+    y.sum().backward()
+    s = fbt.stats()
+    assert s["fallback"] == {"train": 1, "backward": 1}
+    assert s["fallback_reasons"] == {"dtype torch.bfloat16": 2}
+    assert s["fastbn"] == {}
+    assert rm.abs().sum() > 0  # running statistics updated on the fallback too
+
+
+def test_half_running_statistics_fall_back():
+    x = torch.randn(4, 3, 5).half()
+    rm, rv = torch.zeros(3).half(), torch.ones(3).half()
+    fbt.reset_stats()
+    fbt.batch_norm(x, rm, rv, training=True)
+    assert fbt.stats()["fallback_reasons"] == {"running statistics of dtype torch.float16": 1}
+
+
+def test_float16_input_with_float32_parameters_runs_on_fastbn():
+    x = (torch.randn(4, 3, 6, 6) * 100 + 1000).half()
+    rm, rv = torch.zeros(3), torch.ones(3)
+    fbt.reset_stats()
+    y = fbt.batch_norm(x, rm, rv, torch.ones(3), torch.zeros(3), training=True)
+    assert fbt.stats()["fastbn"] == {"train": 1}
+    ref = F.batch_norm(x.double(), None, None, training=True)
+    torch.testing.assert_close(y.double(), ref, atol=2e-3, rtol=1e-3)
+
+
+def test_bad_arguments_raise_and_change_nothing():
+    x = torch.randn(1, 3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fbt.batch_norm(x, rm, rv, training=True)
+    with pytest.raises(ValueError, match="activation"):
+        fbt.batch_norm_act(torch.randn(4, 3), rm, rv, activation="gelu")
+    with pytest.raises(ValueError, match="residual"):
+        fbt.batch_norm_act(torch.randn(4, 3), rm, rv, residual=torch.randn(4, 2))
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+def _record_arrays(monkeypatch, name):
+    import fastbn
+    seen = []
+    real = getattr(fastbn, name)
+
+    def spy(*args, **kwargs):
+        seen.append([a for a in list(args) + list(kwargs.values()) if isinstance(a, np.ndarray)])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastbn, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_no_copies_of_activations(monkeypatch, fmt):
+    """The kernels see the tensors' own memory, write into tensors PyTorch allocated, and
+    NumPy allocates nothing of activation size."""
+    shape = (8, 16, 32, 32)
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    r = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    w, b = torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
+    rm, rv = torch.zeros(16), torch.ones(16)
+    fwd = _record_arrays(monkeypatch, "batch_norm_forward")
+    bwd = _record_arrays(monkeypatch, "batch_norm_backward")
+    fbt.batch_norm_act(x, rm, rv, w, b, True, residual=r).sum().backward()  # compiled
+    fwd.clear(), bwd.clear()
+    tracemalloc.start()
+    y = fbt.batch_norm_act(x, rm, rv, w, b, True, residual=r)
+    dy = torch.randn(shape).contiguous(memory_format=fmt)
+    gx, gr = torch.autograd.grad(y, (x, r), dy)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < x.numel() * 4 / 16, f"NumPy allocated {peak} bytes"
+    address = lambda a: a.__array_interface__["data"][0]  # noqa: E731
+    big = lambda arrays: sorted(address(a) for a in arrays if a.size == x.numel())  # noqa: E731
+    assert big(fwd[0]) == sorted([x.data_ptr(), r.data_ptr(), y.data_ptr()])
+    assert big(bwd[0]) == sorted([dy.data_ptr(), x.data_ptr(), y.data_ptr(), gx.data_ptr(),
+                                  gr.data_ptr()])
+    assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
