@@ -11,9 +11,33 @@ import time
 import numpy as np
 
 
+def _bench_torch(args):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit("fastbn bench --torch needs PyTorch: pip install 'fastbn[torch]'")
+    from . import _bench, _bench_torch
+
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in _bench.machine_info().items()))
+    t0 = time.perf_counter()
+    results = _bench_torch.run(args.model or _bench_torch.MODELS,
+                               args.size or _bench_torch.SIZES,
+                               args.layout or _bench_torch.LAYOUTS, batch=args.batch,
+                               repeats=args.repeats or (2 if args.quick else 5),
+                               compiled=args.compile)
+    print()
+    print(_bench_torch.format_results(results))
+    print(f"\ntook {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": _bench.machine_info(), "torch": results}, f, indent=2)
+
+
 def _bench(args):
     from . import _bench
 
+    if args.torch:
+        return _bench_torch(args)
     if args.out_of_core:
         r = _bench.out_of_core(gb=args.out_of_core, repeats=args.repeats or 3)
         print(f"out-of-core standardize of a {r['bytes'] / 1e9:.2f} GB float32 file (64 features, "
@@ -162,6 +186,19 @@ def main(argv=None):
                         "reading it twice and writing it once")
     b.add_argument("--small-calls", action="store_true",
                    help="only time small calls, on an idle machine and with every core busy")
+    b.add_argument("--torch", action="store_true",
+                   help="fastbn.torch on ResNet-18/50: training steps and inference against "
+                        "PyTorch as is and its own folding (needs fastbn[torch]; about 15 "
+                        "minutes on 2 cores)")
+    b.add_argument("--model", nargs="+", choices=["resnet18", "resnet34", "resnet50"],
+                   help="with --torch: models (default resnet18 resnet50)")
+    b.add_argument("--size", nargs="+", type=int, help="with --torch: input sizes (default "
+                                                        "112 224)")
+    b.add_argument("--layout", nargs="+", choices=["contiguous", "channels_last"],
+                   help="with --torch: memory formats (default both)")
+    b.add_argument("--batch", type=int, default=32, help="with --torch: batch size (32)")
+    b.add_argument("--compile", action="store_true",
+                   help="with --torch: also torch.compile PyTorch's model and optimize's")
     b.set_defaults(func=_bench)
     f = sub.add_parser("floors", help="floors of the fused channel schedule by group size")
     f.add_argument("--case", default="nchw", choices=["nchw", "nchw-batch256", "small"])

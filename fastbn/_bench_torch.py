@@ -1,0 +1,194 @@
+"""``python -m fastbn bench --torch``: fastbn.torch on whole models, against PyTorch.
+
+ResNet-18/50 on the CPU: one training step (forward, cross-entropy, backward, SGD) and one
+inference pass, PyTorch as is against ``fastbn.torch.convert`` and ``fastbn.torch.optimize``
+(and, for inference, PyTorch's own best: ``torch.fx`` conv-bn folding and
+``torch.jit.freeze``), interleaved, medians.  ``torch.profiler`` gives the share of
+PyTorch's step spent in batch norm, ReLU and add, the most any batch norm library could
+take away, and the step speed-up that recovering 70% of it would give.
+"""
+
+import copy
+import statistics
+import time
+
+MODELS = ("resnet18", "resnet50")
+SIZES = (112, 224)
+LAYOUTS = ("contiguous", "channels_last")
+# the operators whose time fastbn replaces (forward, backward, and the unfused epilogue)
+EPILOGUE_OPS = ("aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::relu",
+                "aten::relu_", "aten::threshold_backward", "aten::add", "aten::add_")
+
+
+def _seeded(torch, name):
+    from .examples.resnet import resnet
+
+    torch.manual_seed(0)
+    model, source = resnet(name)
+    return model, source
+
+
+def _interleaved(contenders, repeats):
+    """Medians (s) of ``contenders`` (name -> callable), timed round-robin."""
+    for f in contenders.values():  # warm: allocator, compilation, caches
+        f()
+    times = {k: [] for k in contenders}
+    for _ in range(repeats):
+        for k, f in contenders.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, times
+
+
+def epilogue_share(torch, step):
+    """Share of ``step``'s operator self time (torch.profiler, CPU) in batch norm, ReLU and
+    add, and that time per operator (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ours = {e.key: e.self_cpu_time_total / 1e3 for e in events if e.key in EPILOGUE_OPS}
+    return sum(ours.values()) * 1e3 / total, ours
+
+
+def _train_step(torch, model, x, target):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    F = torch.nn.functional
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        opt.step()
+
+    return step
+
+
+def _inference(torch, model, x):
+    def run():
+        with torch.inference_mode():
+            model(x)
+
+    return run
+
+
+def _torch_best_inference(torch, model, x):
+    """PyTorch's own inference optimizations: fx conv-bn folding and jit freezing."""
+    from torch.fx.experimental.optimization import fuse
+
+    out = {"torch fx conv-bn folding": fuse(copy.deepcopy(model))}
+    with torch.no_grad():
+        traced = torch.jit.trace(copy.deepcopy(model), x, check_trace=False)
+    out["torch.jit.freeze"] = torch.jit.freeze(traced)
+    return out
+
+
+def run_case(torch, name, size, layout, *, batch=32, repeats=5, compiled=False, log=print):
+    """Train and inference timings of one (model, size, layout)."""
+    import fastbn.torch as fbt
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    base, source = _seeded(torch, name)
+    base = base.to(memory_format=fmt)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=g).contiguous(memory_format=fmt)
+    target = torch.randint(0, 1000, (batch,), generator=g)
+    models = {"torch": base, "fastbn convert": fbt.convert(copy.deepcopy(base)),
+              "fastbn optimize": fbt.optimize(copy.deepcopy(base))}
+    if compiled:
+        models["torch.compile(torch)"] = torch.compile(copy.deepcopy(base))
+        models["torch.compile(fastbn optimize)"] = torch.compile(
+            fbt.optimize(copy.deepcopy(base)))
+    steps = {k: _train_step(torch, m, x, target) for k, m in models.items()}
+    fbt.reset_stats()
+    train, train_all = _interleaved(steps, repeats)
+    fallbacks = fbt.stats()["fallback"]
+    share, per_op = epilogue_share(torch, steps["torch"])
+    log(f"  {name} {size}x{size} {layout}: train step medians "
+        + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in train.items()), flush=True)
+
+    for m in models.values():
+        m.eval()
+    infer_models = {"torch": base, "fastbn convert": models["fastbn convert"],
+                    "fastbn optimize": fbt.optimize(copy.deepcopy(base).eval())}
+    infer_models.update(_torch_best_inference(torch, base, x))
+    if compiled:
+        infer_models["torch.compile(torch)"] = torch.compile(copy.deepcopy(base))
+        infer_models["torch.compile(fastbn optimize)"] = torch.compile(
+            fbt.optimize(copy.deepcopy(base).eval()))
+    runs = {k: _inference(torch, m, x) for k, m in infer_models.items()}
+    infer, infer_all = _interleaved(runs, repeats)
+    log(f"  {name} {size}x{size} {layout}: inference medians "
+        + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in infer.items()), flush=True)
+    return {"model": name, "source": source, "size": size, "layout": layout, "batch": batch,
+            "train_s": train, "train_all_s": train_all, "infer_s": infer,
+            "infer_all_s": infer_all, "epilogue_share": share, "epilogue_ms": per_op,
+            "fallbacks": fallbacks}
+
+
+def target_speedup(share, recovered=0.7):
+    """The step speed-up when ``recovered`` of a ``share`` of the step disappears."""
+    return 1.0 / (1.0 - recovered * share)
+
+
+def format_results(results):
+    """Markdown tables: the training step and inference."""
+    lines = ["Training step (forward, loss, backward, SGD), median ms; speed-up over PyTorch; "
+             "'share' is PyTorch's step time in batch norm, ReLU and add (torch.profiler), "
+             "'target' the speed-up that recovering 70% of it gives.", "",
+             "| model | input | layout | torch | convert | optimize | share | target | "
+             "optimize speed-up | met |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t = r["train_s"]
+        speed = t["torch"] / t["fastbn optimize"]
+        goal = target_speedup(r["epilogue_share"])
+        lines.append(
+            f"| {r['model']} | {r['batch']}x{r['size']}² | {r['layout']} | "
+            f"{t['torch'] * 1e3:.0f} | {t['fastbn convert'] * 1e3:.0f} "
+            f"({t['torch'] / t['fastbn convert']:.2f}x) | {t['fastbn optimize'] * 1e3:.0f} | "
+            f"{r['epilogue_share']:.1%} | {goal:.2f}x | {speed:.2f}x | "
+            f"{'yes' if speed >= goal else 'no'} |")
+    lines += ["", "Inference (eval mode, inference_mode), median ms; optimize folds batch norm "
+              "into the convolutions.", "",
+              "| model | input | layout | torch | torch fx folding | torch.jit.freeze | "
+              "convert | optimize | optimize vs PyTorch's best |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t = r["infer_s"]
+        best = min(t["torch fx conv-bn folding"], t["torch.jit.freeze"])
+        lines.append(
+            f"| {r['model']} | {r['batch']}x{r['size']}² | {r['layout']} | "
+            f"{t['torch'] * 1e3:.0f} | {t['torch fx conv-bn folding'] * 1e3:.0f} | "
+            f"{t['torch.jit.freeze'] * 1e3:.0f} | {t['fastbn convert'] * 1e3:.0f} | "
+            f"{t['fastbn optimize'] * 1e3:.0f} | {best / t['fastbn optimize']:.2f}x |")
+    compiled = [r for r in results if "torch.compile(torch)" in r["train_s"]]
+    if compiled:
+        lines += ["", "torch.compile (default backend), median ms", "",
+                  "| model | input | layout | train: compile(torch) | compile(optimize) | "
+                  "inference: compile(torch) | compile(optimize) |", "|---|---|---|---|---|---|---|"]
+        for r in compiled:
+            t, i = r["train_s"], r["infer_s"]
+            lines.append(
+                f"| {r['model']} | {r['batch']}x{r['size']}² | {r['layout']} | "
+                f"{t['torch.compile(torch)'] * 1e3:.0f} | "
+                f"{t['torch.compile(fastbn optimize)'] * 1e3:.0f} | "
+                f"{i['torch.compile(torch)'] * 1e3:.0f} | "
+                f"{i['torch.compile(fastbn optimize)'] * 1e3:.0f} |")
+    fell = {k: v for r in results for k, v in r["fallbacks"].items()}
+    lines += ["", "fastbn.torch fallbacks to PyTorch's kernel during the timed steps: "
+              + (", ".join(f"{k} {v}" for k, v in fell.items()) if fell else "none")]
+    return "\n".join(lines)
+
+
+def run(models=MODELS, sizes=SIZES, layouts=LAYOUTS, *, batch=32, repeats=5, compiled=False,
+        log=print):
+    """Every (model, size, layout) case; returns the list of :func:`run_case` results."""
+    import torch
+
+    log(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"batch {batch}, float32, {repeats} interleaved repeats", flush=True)
+    return [run_case(torch, m, s, layout, batch=batch, repeats=repeats, compiled=compiled,
+                     log=log)
+            for m in models for s in sizes for layout in layouts]
