@@ -180,3 +180,41 @@ def test_no_copies_of_activations(monkeypatch, fmt):
     assert big(bwd[0]) == sorted([dy.data_ptr(), x.data_ptr(), y.data_ptr(), gx.data_ptr(),
                                   gr.data_ptr()])
     assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
+
+
+def test_same_bits_for_any_thread_count():
+    import fastbn
+
+    x = (torch.randn(16, 8, 24, 24) * 5 + 3).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(16, 8, 24, 24)
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+
+    def run():
+        xx = x.clone().requires_grad_()
+        rr = r.clone().requires_grad_()
+        rm, rv = torch.zeros(8), torch.ones(8)
+        y = fbt.batch_norm_act(xx, rm, rv, w, b, True, residual=rr)
+        gx, gr = torch.autograd.grad(y, (xx, rr), torch.ones_like(y))
+        return [y, gx, gr, rm, rv]
+
+    with fastbn.threads(1):
+        serial = run()
+    for a, b_ in zip(serial, run()):
+        assert torch.equal(a, b_)
+
+
+def test_forked_workers_after_use_in_the_parent():
+    """A multiprocessing 'fork' pool (a DataLoader's workers) after the parent ran
+    fastbn's operators: the children compute the same bits, and nothing hangs."""
+    import multiprocessing
+
+    x = torch.randn(8, 4, 6, 6)
+    expected = fbt.batch_norm(x, None, None, training=True)
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.map_async(_child_batch_norm, [x.numpy()] * 2).get(timeout=300)
+    for y in results:
+        assert torch.equal(torch.from_numpy(y), expected)
+
+
+def _child_batch_norm(x):
+    return fbt.batch_norm(torch.from_numpy(x), None, None, training=True).numpy()
