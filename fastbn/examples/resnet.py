@@ -19,7 +19,15 @@ def _conv1x1(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    def _shortcut_relu(self, out, x):
+        """``relu(out + shortcut(x))``, the end of both blocks."""
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class BasicBlock(_Block):
     expansion = 1
 
     def __init__(self, inplanes, planes, stride=1, downsample=None):
@@ -33,16 +41,11 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x):
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+        return self._shortcut_relu(self.bn2(self.conv2(out)), x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     expansion = 4
 
     def __init__(self, inplanes, planes, stride=1, downsample=None):
@@ -58,14 +61,9 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x):
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+        return self._shortcut_relu(self.bn3(self.conv3(out)), x)
 
 
 class ResNet(nn.Module):
