@@ -244,3 +244,40 @@ def test_torch_compile_runs_fastbn_operators_without_graph_breaks(prepare):
     ours.eval(), theirs.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), theirs(x), rtol=1e-4, atol=1e-5)
+
+
+def test_optimize_does_not_fold_a_convolution_used_twice():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.conv(x)
+
+    torch.manual_seed(0)
+    theirs = Shared().eval()
+    with torch.no_grad():
+        theirs.bn.running_mean.uniform_(-1, 1)
+        theirs.bn.running_var.uniform_(0.5, 2)
+    ours = fbt.optimize(copy.deepcopy(theirs))
+    assert _bn_count(ours) == 1
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_gradient_of_a_sum_reaches_fastbn():
+    """``y.sum().backward()`` hands the backward an expanded gradient (zero strides)."""
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    fbt.reset_stats()
+    fbt.batch_norm_act(x, None, None, training=True).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    torch.relu(F_batch_norm(xr)).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    assert fbt.stats()["fastbn"] == {"train": 1, "backward": 1}
+
+
+def F_batch_norm(x):
+    return nn.functional.batch_norm(x, None, None, training=True)

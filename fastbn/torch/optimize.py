@@ -133,6 +133,10 @@ def _fuse_epilogues(gm):
 
 def _fold_conv_bn(gm):
     graph = gm.graph
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     for bn in list(graph.nodes):
         module = _module(gm, bn)
         if not (_plain_bn(gm, bn) and module.track_running_stats
@@ -143,6 +147,8 @@ def _fold_conv_bn(gm):
             continue
         conv = _module(gm, conv_node)
         if not isinstance(conv, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            continue
+        if calls[conv_node.target] > 1:  # a convolution applied elsewhere too keeps its weights
             continue
         _set_submodule(gm, conv_node.target, _folded(conv, module))
         bn.replace_all_uses_with(conv_node)
