@@ -218,3 +218,24 @@ def test_forked_workers_after_use_in_the_parent():
 
 def _child_batch_norm(x):
     return fbt.batch_norm(torch.from_numpy(x), None, None, training=True).numpy()
+
+
+def test_kernels_use_at_most_torchs_thread_count(monkeypatch):
+    import fastbn
+
+    seen = []
+    real = fastbn.batch_norm_forward
+
+    def spy(*args, **kwargs):
+        seen.append(fastbn.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastbn, "batch_norm_forward", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what a DataLoader worker runs with
+        fbt.batch_norm(torch.randn(8, 3, 4), None, None, training=True)
+    finally:
+        torch.set_num_threads(before)
+    fbt.batch_norm(torch.randn(8, 3, 4), None, None, training=True)
+    assert seen == [1, min(before, fastbn.get_num_threads())]

@@ -17,6 +17,7 @@ tensor, a GPU without numba-cuda) runs PyTorch's own kernel and is counted in
 :func:`stats`.
 """
 
+import contextlib
 import threading
 from collections import Counter
 from typing import Optional
@@ -118,6 +119,15 @@ def _np(t):
     return t.numpy() if t.device.type == "cpu" else t
 
 
+@contextlib.contextmanager
+def _torch_thread_count():
+    """fastbn's kernels use at most PyTorch's intra-op thread count (1 in a DataLoader
+    worker, whatever ``torch.set_num_threads`` said), so the two pools never
+    oversubscribe the cores more than PyTorch alone would."""
+    with fastbn.threads(max(1, torch.get_num_threads())):
+        yield
+
+
 def _fallback(op, reason):
     _count("fallback", op)
     _count("fallback_reasons", reason)
@@ -149,10 +159,11 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                                             momentum, eps, relu)
         return y, mean, invstd, _or_empty(new_rm, input), _or_empty(new_rv, input)
     y = torch.empty_like(input)
-    _, mean, invstd = fastbn.batch_norm_forward(
-        _np(input), _np(weight), _np(bias), axis=1, eps=eps, running_mean=_np(new_rm),
-        running_var=_np(new_rv), momentum=momentum, residual=_np(residual),
-        activation=_activation(relu), out=_np(y))
+    with _torch_thread_count():
+        _, mean, invstd = fastbn.batch_norm_forward(
+            _np(input), _np(weight), _np(bias), axis=1, eps=eps, running_mean=_np(new_rm),
+            running_var=_np(new_rv), momentum=momentum, residual=_np(residual),
+            activation=_activation(relu), out=_np(y))
     _count("fastbn", "train")
     sd = stats_dtype(input.dtype)
     return (y, _as_tensor(mean, input.device, sd), _as_tensor(invstd, input.device, sd),
@@ -197,9 +208,11 @@ def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
         return reference_inference(input, weight, bias, residual, running_mean, running_var,
                                    eps, relu)
     y = torch.empty_like(input)
-    fastbn.batch_norm_inference(
-        _np(input), _np(running_mean), _np(running_var), _np(weight), _np(bias), axis=1,
-        eps=eps, residual=_np(residual), activation=_activation(relu), out=_np(y))
+    with _torch_thread_count():
+        fastbn.batch_norm_inference(
+            _np(input), _np(running_mean), _np(running_var), _np(weight), _np(bias),
+            axis=1, eps=eps, residual=_np(residual), activation=_activation(relu),
+            out=_np(y))
     _count("fastbn", "infer")
     return y
 
@@ -229,10 +242,12 @@ def batch_norm_backward(grad: Tensor, input: Tensor, weight: Optional[Tensor],
                                   residual_grad)
     dx = torch.empty_like(input)
     dres = torch.empty_like(input) if residual_grad else input.new_empty((0,))
-    result = fastbn.batch_norm_backward(
-        _np(grad), _np(input), _np(save_mean), _np(save_invstd), _np(weight), axis=1,
-        activation=_activation(relu), y=_np(y) if relu else None, out=_np(dx),
-        residual_grad=residual_grad, residual_out=_np(dres) if residual_grad else None)
+    with _torch_thread_count():
+        result = fastbn.batch_norm_backward(
+            _np(grad), _np(input), _np(save_mean), _np(save_invstd), _np(weight), axis=1,
+            activation=_activation(relu), y=_np(y) if relu else None, out=_np(dx),
+            residual_grad=residual_grad,
+            residual_out=_np(dres) if residual_grad else None)
     _count("fastbn", "backward")
     sd = stats_dtype(input.dtype)
     dweight, dbias = result[1], result[2]
