@@ -223,21 +223,24 @@ def _line_affine_split(typingctx, x, i, out, split, hi0, lo0, scale0, shift0, hi
 
 
 def _make_line_cols(rows, expr, shared=()):
-    """An intrinsic ``(x, i, out, params, j, res, relu)``: ``out[i:i+L] = expr(x[i:i+L],
-    *p)`` with the epilogue (``_epilogue``), ``p`` the lines of ``rows`` (row numbers) of
-    ``params`` (k, W + lanes) at column ``j`` (the column path's parameters), streamed.
-    Rows in ``shared`` are the same in every column: their column 0 is read once and
-    broadcast, a load less per line each (loads, not arithmetic, bound these passes)."""
+    """An intrinsic ``(x, i, out, params, j, res, relu, stream)``: ``out[i:i+L] =
+    expr(x[i:i+L], *p)`` with the epilogue (``_epilogue``), ``p`` the lines of ``rows``
+    (row numbers) of ``params`` (k, W + lanes) at column ``j`` (the column path's
+    parameters), stored as ``_store_line`` does (streamed where ``stream``, else an
+    ordinary store at any address, for an output that stays in cache).  Rows in
+    ``shared`` are the same in every column: their column 0 is read once and broadcast,
+    a load less per line each (loads, not arithmetic, bound these passes)."""
     @intrinsic
-    def line_cols(typingctx, x, i, out, params, j, res, relu):
+    def line_cols(typingctx, x, i, out, params, j, res, relu, stream):
         def codegen(context, builder, sig, args):
             vty = _line_type(context, sig.args[0].dtype)
             v = _load_line(context, builder, sig.args[0], args[0], args[1], vty)
             p = _column_params(context, builder, sig.args[3], args[3], args[4], rows, vty, shared)
             r = _epilogue(context, builder, sig, args, expr(builder, v, *p), args[1], 5, 6, vty)
-            _store_line_nt(context, builder, sig.args[2], args[2], args[1], r)
+            _store_line(context, builder, sig.args[2], args[2], args[1], r, args[7])
             return context.get_dummy_value()
-        return types.void(x, types.intp, out, params, types.intp, res, types.boolean), codegen
+        return types.void(x, types.intp, out, params, types.intp, res, types.boolean,
+                          types.boolean), codegen
     return line_cols
 
 
@@ -288,19 +291,22 @@ def _line_dx(typingctx, dy, x, i, out, hi, lo, a, b, k, stream, y, dres):
 
 
 @intrinsic
-def _line_dx_cols(typingctx, dy, x, i, out, params, j, y, dres):
-    """Column form of ``_line_dx``: parameters are rows of ``params`` (5, W) at column ``j``."""
+def _line_dx_cols(typingctx, dy, x, i, out, params, j, y, dres, stream):
+    """Column form of ``_line_dx``: parameters are rows of ``params`` (5, W) at column
+    ``j``; stored as ``_store_line`` does (streamed where ``stream``)."""
     def codegen(context, builder, sig, args):
         vty = _line_type(context, sig.args[1].dtype)
         g = _load_line(context, builder, sig.args[0], args[0], args[2], vty)
         g = _masked_grad_line(context, builder, sig, args, g, args[2], 6, vty)
         v = _load_line(context, builder, sig.args[1], args[1], args[2], vty)
         p = _column_params(context, builder, sig.args[4], args[4], args[5], range(5), vty)
-        _store_line_nt(context, builder, sig.args[3], args[3], args[2], _dx_expr(builder, g, v, *p))
+        _store_line(context, builder, sig.args[3], args[3], args[2], _dx_expr(builder, g, v, *p),
+                    args[8])
         with builder.if_then(_nonempty(context, builder, sig.args[7], args[7])):
-            _store_line_nt(context, builder, sig.args[7], args[7], args[2], g)
+            _store_line(context, builder, sig.args[7], args[7], args[2], g, args[8])
         return context.get_dummy_value()
-    return types.void(dy, x, types.intp, out, params, types.intp, y, dres), codegen
+    return types.void(dy, x, types.intp, out, params, types.intp, y, dres,
+                      types.boolean), codegen
 
 
 @intrinsic

@@ -236,8 +236,9 @@ def _map_rows(x, r0, r1, params, y, two_sided, res, relu):
     ``params`` (k, W + lanes) holds each column's parameters and, after column
     W - 1, the first ``lanes`` columns again: a line that starts at column j reads
     parameters j .. j + lanes - 1 even when it wraps into the next row.  Small
-    outputs (kept in cache) and rows narrower than a line use ordinary stores, row
-    by row.
+    outputs (kept in cache) take ordinary vector stores, a line at a time (a loop over
+    values left them scalar: 2-3 cycles a value); rows narrower than a line go value by
+    value.
     """
     width = x.shape[1]
     lanes = LINE_BYTES // y.itemsize
@@ -247,7 +248,8 @@ def _map_rows(x, r0, r1, params, y, two_sided, res, relu):
     start = r0 * width
     stop = r1 * width
     first, last = _stream_span(yf, start, stop)
-    if width < lanes or first == stop:
+    stream = first != stop
+    if width < lanes:
         if two_sided is not None:
             if two_sided:  # no residuals, the same ends everywhere: three loads per value
                 f_low, f_high, zero = params[3, 0], params[4, 0], params[5, 0]
@@ -261,16 +263,19 @@ def _map_rows(x, r0, r1, params, y, two_sided, res, relu):
             for j in range(np.uint64(0), np.uint64(width)):
                 yf[t + j] = _ep(_column_value(xf[t + j], params, j, two_sided), resf, t + j, relu)
         return
+    if not stream:  # an output that stays in cache: whole lines from the start, any address
+        first = start
+        last = start + (stop - start) // lanes * lanes
     for i in range(start, first):
         yf[i] = _ep(_column_value(xf[i], params, (i - start) % width, two_sided), resf, i, relu)
     j = (first - start) % width if width > 0 else 0
     for i in range(first, last, lanes):
         if two_sided is None:
-            _line_affine_cols(xf, i, yf, params, j, resf, relu)
+            _line_affine_cols(xf, i, yf, params, j, resf, relu, stream)
         elif two_sided:
-            _line_two_sided_exact(xf, i, yf, params, j, resf, relu)
+            _line_two_sided_exact(xf, i, yf, params, j, resf, relu, stream)
         else:
-            _line_two_sided_cols(xf, i, yf, params, j, resf, relu)
+            _line_two_sided_cols(xf, i, yf, params, j, resf, relu, stream)
         j += lanes
         if j >= width:
             j -= width
@@ -388,12 +393,16 @@ def _dx_rows(dy, x, r0, r1, params, dx, y, dres):
     start = r0 * width
     stop = r1 * width
     first, last = _stream_span(df, start, stop)
-    if width < lanes or first == stop:
+    stream = first != stop
+    if width < lanes:
         for r in range(r0, r1):
             t = r * width
             for j in range(np.uint64(0), np.uint64(width)):
                 df[t + j] = _dx_column_value(gf, xf, yf, rf, t + j, params, j)
         return
+    if not stream:  # as in _map_rows
+        first = start
+        last = start + (stop - start) // lanes * lanes
     for i in range(start, first):
         df[i] = _dx_column_value(gf, xf, yf, rf, i, params, (i - start) % width)
     j = (first - start) % width if width > 0 else 0
@@ -401,7 +410,7 @@ def _dx_rows(dy, x, r0, r1, params, dx, y, dres):
     for i in range(first, last, lanes):
         if y is not None:
             _prefetch_line(gf, i + ahead)  # dy's masked load waits for y (as above)
-        _line_dx_cols(gf, xf, i, df, params, j, yf, rf)
+        _line_dx_cols(gf, xf, i, df, params, j, yf, rf, stream)
         j += lanes
         if j >= width:
             j -= width
