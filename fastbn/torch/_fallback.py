@@ -5,8 +5,15 @@ statistics, other devices): the same operator contracts as ``_ops``, built from
 import torch
 
 
-def _stats_dtype(dtype):
+def stats_dtype(dtype):
+    """The dtype of mean and invstd: float64 for float64 input, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduced_dims(input):
+    """``(dims, shape)``: the dims a per-channel sum reduces over (all but 1), and the shape
+    that broadcasts a (C,) tensor against ``input``."""
+    return [0] + list(range(2, input.dim())), (1, -1) + (1,) * (input.dim() - 2)
 
 
 def _act(y, residual, relu):
@@ -19,7 +26,7 @@ def reference_forward(input, weight, bias, residual, running_mean, running_var, 
                       relu):
     y, mean, invstd = torch.ops.aten.native_batch_norm(
         input, weight, bias, running_mean, running_var, True, momentum, eps)
-    sd = _stats_dtype(input.dtype)
+    sd = stats_dtype(input.dtype)
     return _act(y, residual, relu), mean.to(sd), invstd.to(sd)
 
 
@@ -31,14 +38,10 @@ def reference_inference(input, weight, bias, residual, running_mean, running_var
 
 def reference_backward(grad, input, weight, save_mean, save_invstd, y, relu, residual_grad):
     g = torch.ops.aten.threshold_backward(grad, y, 0) if relu else grad
-    sd = _stats_dtype(input.dtype)
+    sd = stats_dtype(input.dtype)
+    if weight is None:  # a weight of ones gives the same dx, and dweight besides
+        weight = torch.ones(input.shape[1], dtype=sd, device=input.device)
     dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
         g, input, weight, None, None, save_mean, save_invstd, True, 0.0, [True, True, True])
     dres = g.clone() if residual_grad else input.new_empty((0,))
-    if weight is None:  # the reference returns no dweight without a weight
-        c = input.shape[1]
-        dims = [0] + list(range(2, input.dim()))
-        shape = (1, c) + (1,) * (input.dim() - 2)
-        xhat = (input.to(sd) - save_mean.view(shape)) * save_invstd.view(shape)
-        dweight = (g.to(sd) * xhat).sum(dims)
     return dx, dweight.to(sd), dbias.to(sd), dres

@@ -18,6 +18,7 @@ tensor, a GPU without numba-cuda) runs PyTorch's own kernel and is counted in
 """
 
 import contextlib
+import functools
 import threading
 from collections import Counter
 from typing import Optional
@@ -26,7 +27,8 @@ import torch
 
 import fastbn
 
-from ._fallback import reference_backward, reference_forward, reference_inference
+from ._fallback import (reduced_dims, reference_backward, reference_forward,
+                        reference_inference, stats_dtype)
 
 Tensor = torch.Tensor
 
@@ -64,16 +66,12 @@ def _count(kind, key):
         _counts[(kind, key)] += 1
 
 
-def stats_dtype(dtype):
-    """The dtype of mean and invstd: float64 for float64 input, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _plain_strided(t):
     return (t.layout == torch.strided and not t.is_conj() and not t.is_neg()
             and not t.is_quantized)
 
 
+@functools.lru_cache(maxsize=1)
 def _cuda_usable():
     try:
         from numba import cuda
@@ -152,7 +150,7 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     :func:`fastbn.torch.batch_norm` copies them into the buffers.
     """
     reason = why_not_fastbn(input, weight, bias, residual, running_mean, running_var)
-    new_rm, new_rv = _updatable_copies(input, running_mean, running_var)
+    new_rm, new_rv = _updatable_copies(running_mean, running_var)
     if reason is not None:
         _fallback("train", reason)
         y, mean, invstd = reference_forward(input, weight, bias, residual, new_rm, new_rv,
@@ -170,7 +168,7 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
             _or_empty(new_rm, input), _or_empty(new_rv, input))
 
 
-def _updatable_copies(input, running_mean, running_var):
+def _updatable_copies(running_mean, running_var):
     if running_mean is None or running_var is None:
         return None, None
     return running_mean.clone(), running_var.clone()
@@ -300,8 +298,7 @@ def _train_backward(ctx, grad_y, *_stats_grads):
 def _composite_train_backward(grad_y, input, weight, y, eps):
     """The training backward from PyTorch's differentiable ops, for double backward: the
     statistics are recomputed from ``input`` so that their dependence on it is seen."""
-    dims = [0] + list(range(2, input.dim()))
-    shape = (1, -1) + (1,) * (input.dim() - 2)
+    dims, shape = reduced_dims(input)
     sd = stats_dtype(input.dtype)
     g = (grad_y if y is None else grad_y * (y > 0)).to(sd)
     x = input.to(sd)
@@ -333,10 +330,9 @@ def _infer_backward(ctx, grad_y):
     input, weight, running_mean, running_var, y = ctx.saved_tensors
     need = ctx.needs_input_grad
     g = grad_y if y is None else grad_y * (y > 0)
-    shape = (1, -1) + (1,) * (input.dim() - 2)
+    dims, shape = reduced_dims(input)
     invstd = torch.rsqrt(running_var.to(stats_dtype(input.dtype)) + ctx.eps)
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    dims = [0] + list(range(2, input.dim()))
     dx = (g * scale.view(shape)).to(input.dtype) if need[0] else None
     dweight = dbias = None
     if weight is not None and need[1]:
