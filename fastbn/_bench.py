@@ -19,6 +19,7 @@ import numba
 import numpy as np
 
 from . import api, preprocessing
+from ._machine import last_level_cache_bytes
 from ._cpu import floors as traffic
 from ._cpu import kernels
 from ._cpu.backend import pipelined, plan_chains
@@ -588,28 +589,6 @@ def probe_bandwidth(nbytes=64 << 20, repeats=11):
                                         repeats=repeats)
     return {"bytes": src.nbytes, "GB/s": 2 * src.nbytes / medians["copy"] / 1e9,
             "iqr_pct": spread_pct(samples["copy"])}
-
-
-def last_level_cache_bytes():
-    """Size of the largest CPU cache (Linux sysfs), or None where it cannot be read."""
-    sizes = []
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        entries = os.listdir(base)
-    except OSError:
-        return None
-    for entry in entries:
-        try:
-            with open(os.path.join(base, entry, "size")) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        try:
-            sizes.append(int(text.rstrip("KMG")) * unit)
-        except ValueError:
-            continue
-    return max(sizes, default=None)
 
 
 class CpuLoad:

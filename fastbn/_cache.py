@@ -23,6 +23,8 @@ import llvmlite
 import numba
 from numba.core import caching, config
 
+from ._machine import stream_min_bytes
+
 _warned = set()
 _warn_lock = threading.Lock()
 
@@ -89,7 +91,8 @@ _digest = None
 
 def code_digest():
     """sha256 (16 hex digits) of the kernels' sources, the benchmark floors, ``_jit.py``,
-    ``_cache.py``, the C entry points, and the Python, Numba and llvmlite versions."""
+    ``_cache.py``, the C entry points, the Python, Numba and llvmlite versions, and the
+    streaming-store threshold (``_machine.stream_min_bytes``)."""
     global _digest
     if _digest is None:
         h = hashlib.sha256()
@@ -102,6 +105,7 @@ def code_digest():
                 with open(f, "rb") as fh:
                     h.update(fh.read())
         h.update(f"{sys.version_info[:2]} {numba.__version__} {llvmlite.__version__}".encode())
+        h.update(f"stream {stream_min_bytes()}".encode())  # compiled in (kernels.codegen)
         _digest = h.hexdigest()[:16]
     return _digest
 

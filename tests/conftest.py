@@ -8,6 +8,11 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Outputs from 4 MiB up take streaming stores in the tests on every machine (the default
+# follows the machine's cache, fastbn._machine): their inputs are sized for both kinds
+# of store.  Child processes inherit it, and with it the kernels this run compiled.
+os.environ.setdefault("FASTBN_STREAM_MIN_BYTES", str(4 << 20))
+
 settings.register_profile(
     "default", deadline=None, max_examples=60,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -12,6 +12,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..._jit import kernel
+from ..._machine import stream_min_bytes
 
 
 # Streaming stores.  The output of a pass is not read again soon, so each
@@ -23,8 +24,10 @@ from ..._jit import kernel
 LINE_BYTES = 64
 
 
-# Outputs below this size are written with ordinary stores: they fit in cache.
-STREAM_MIN_BYTES = 4 << 20
+# Outputs below this size are written with ordinary stores: they fit in cache, where the
+# next step reads them (half the last-level cache; ``fastbn._machine``).  Compiled in, so
+# ``_cache.code_digest`` covers its value.
+STREAM_MIN_BYTES = stream_min_bytes()
 
 
 def _line_type(context, dtype):
