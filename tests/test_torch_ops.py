@@ -142,15 +142,16 @@ def test_bad_arguments_raise_and_change_nothing():
 
 
 def _record_arrays(monkeypatch, name):
-    import fastbn
+    """The arrays of every call of kernel plan ``name`` (``fastbn._cpu.kernels``)."""
+    from fastbn._cpu import kernels
     seen = []
-    real = getattr(fastbn, name)
+    real = getattr(kernels, name)
 
     def spy(*args, **kwargs):
         seen.append([a for a in list(args) + list(kwargs.values()) if isinstance(a, np.ndarray)])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fastbn, name, spy)
+    monkeypatch.setattr(kernels, name, spy)
     return seen
 
 
@@ -163,8 +164,8 @@ def test_no_copies_of_activations(monkeypatch, fmt):
     r = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
     w, b = torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
     rm, rv = torch.zeros(16), torch.ones(16)
-    fwd = _record_arrays(monkeypatch, "batch_norm_forward")
-    bwd = _record_arrays(monkeypatch, "batch_norm_backward")
+    fwd = _record_arrays(monkeypatch, "run_forward_train")
+    bwd = _record_arrays(monkeypatch, "run_backward_train")
     fbt.batch_norm_act(x, rm, rv, w, b, True, residual=r).sum().backward()  # compiled
     fwd.clear(), bwd.clear()
     tracemalloc.start()
@@ -222,15 +223,16 @@ def _child_batch_norm(x):
 
 def test_kernels_use_at_most_torchs_thread_count(monkeypatch):
     import fastbn
+    from fastbn._cpu import kernels
 
     seen = []
-    real = fastbn.batch_norm_forward
+    real = kernels.run_forward_train
 
     def spy(*args, **kwargs):
-        seen.append(fastbn.get_num_threads())
+        seen.append(fastbn._threads.limit())  # the cap in force around the kernel call
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fastbn, "batch_norm_forward", spy)
+    monkeypatch.setattr(kernels, "run_forward_train", spy)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # what a DataLoader worker runs with
@@ -238,4 +240,137 @@ def test_kernels_use_at_most_torchs_thread_count(monkeypatch):
     finally:
         torch.set_num_threads(before)
     fbt.batch_norm(torch.randn(8, 3, 4), None, None, training=True)
-    assert seen == [1, min(before, fastbn.get_num_threads())]
+    assert seen == [1, max(1, before)]
+
+
+def _all_results(x, r, w, b, relu):
+    """Training forward (outputs, running statistics), backward (every gradient) and
+    inference of the operators on leaves like ``x``, ``r``, ``w``, ``b``."""
+    xx, rr = x.clone().requires_grad_(), None if r is None else r.clone().requires_grad_()
+    ww, bb = w.clone().requires_grad_(), b.clone().requires_grad_()
+    c = x.shape[1]
+    rm, rv = torch.linspace(-1, 1, c, dtype=x.dtype), torch.linspace(0.5, 2, c, dtype=x.dtype)
+    act = "relu" if relu else None
+    y = fbt.batch_norm_act(xx, rm, rv, ww, bb, True, 0.3, 1e-4, residual=rr, activation=act)
+    leaves = [t for t in (xx, rr, ww, bb) if t is not None]
+    grads = torch.autograd.grad(y, leaves, torch.randn(y.shape, generator=torch.Generator()
+                                                       .manual_seed(3), dtype=y.dtype)
+                                .contiguous(memory_format=_format_of(y)))
+    inf = fbt.batch_norm_act(x, rm, rv, w, b, False, eps=1e-4, residual=r, activation=act)
+    return [y, rm, rv, *grads, inf]
+
+
+def _format_of(t):
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@pytest.mark.parametrize("shape,channels_last", [((8, 3), False), ((6, 4, 10), False),
+                                                 ((4, 5, 6, 7), False), ((4, 5, 6, 7), True),
+                                                 ((16, 40, 3, 3), True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("residual,relu", [(False, False), (True, True), (False, True)])
+def test_the_short_road_gives_the_general_apis_bits(monkeypatch, shape, channels_last, dtype,
+                                                    residual, relu):
+    """CPU tensors of float32/64, contiguous or channels_last, go straight to the kernels'
+    plans (fastbn.torch._host), never through fastbn's NumPy API; forced through that API
+    instead, every output, gradient and running statistic has the same bits."""
+    import fastbn
+    from fastbn.torch import _host
+
+    x, w, b, r = _leaves(7, shape, dtype, True, residual, channels_last)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    r = None if r is None else r.detach().contiguous(memory_format=_format_of(x))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the general API was called")
+
+    with monkeypatch.context() as m:
+        for name in ("batch_norm_forward", "batch_norm_backward", "batch_norm_inference"):
+            m.setattr(fastbn, name, refuse)
+        short = _all_results(x, r, w, b, relu)
+    with monkeypatch.context() as m:
+        for name in ("forward_train", "backward_train", "inference"):
+            m.setattr(_host, name, lambda *args, **kwargs: None)
+        general = _all_results(x, r, w, b, relu)
+    assert len(short) == len(general)
+    for a, b_ in zip(short, general):
+        assert a.dtype == b_.dtype and a.stride() == b_.stride()
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("case", ["float16", "strided", "residual-other-layout",
+                                  "grad-other-layout"])
+def test_what_the_short_road_does_not_take_goes_through_the_api(monkeypatch, case):
+    import fastbn
+
+    calls = []
+    for name in ("batch_norm_forward", "batch_norm_backward"):
+        real = getattr(fastbn, name)
+        monkeypatch.setattr(fastbn, name, lambda *a, _real=real, _name=name, **k:
+                            calls.append(_name) or _real(*a, **k))
+    base = torch.randn(6, 4, 5, 8, dtype=torch.float64) * 2 + 1
+    rbase = torch.randn(6, 4, 5, 8, dtype=torch.float64)
+    x, r = base, rbase
+    dy = torch.randn_like(base)
+    if case == "float16":
+        x, r, dy = x.half(), r.half(), dy.half()
+    elif case == "strided":
+        x, r, dy = x[..., ::2], r[..., ::2], dy[..., ::2]
+        assert not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+    elif case == "residual-other-layout":
+        r = r.contiguous(memory_format=torch.channels_last)
+    else:
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    if case == "strided":  # a clone would be contiguous: slice the leaves themselves
+        xl, rl = base.clone().requires_grad_(), rbase.clone().requires_grad_()
+        xx, rr = xl[..., ::2], rl[..., ::2]
+    else:
+        xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+    y = fbt.batch_norm_act(xx, None, None, None, None, True, residual=rr)
+    gx, gr = torch.autograd.grad(y, (xx, rr), dy)
+    tol = TOL.get(x.dtype, dict(rtol=1e-2, atol=1e-2))
+    xr, rr2 = x.double().requires_grad_(), r.double().requires_grad_()
+    ref = torch.relu(F.batch_norm(xr, None, None, None, None, True) + rr2)
+    ex, er = torch.autograd.grad(ref, (xr, rr2), dy.double())
+    _close(y.double(), ref.detach(), torch.float64, **tol)
+    _close(gx.double(), ex, torch.float64, **tol)
+    _close(gr.double(), er, torch.float64, **tol)
+    expected = {"float16": ["batch_norm_forward", "batch_norm_backward"],
+                "strided": ["batch_norm_forward", "batch_norm_backward"],
+                "residual-other-layout": ["batch_norm_forward"],
+                "grad-other-layout": ["batch_norm_backward"]}[case]
+    assert calls == expected
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("residual,relu", [(False, False), (True, True)])
+def test_eager_calls_and_the_registered_operators_give_the_same_bits(channels_last, residual,
+                                                                      relu):
+    """Eager calls on plain CPU tensors skip the operators' dispatch (an autograd.Function
+    on the same implementation); under a dispatch mode, as under torch.compile, fx or
+    fake tensors, the registered operators run: same outputs, gradients and running
+    statistics, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w, b, r = _leaves(11, (6, 5, 4, 3), torch.float32, True, residual, channels_last)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    r = None if r is None else r.detach()
+    eager = _all_results(x, r, w, b, relu)
+    with Seen() as seen:
+        registered = _all_results(x, r, w, b, relu)
+    assert {"fastbn.batch_norm_train.default", "fastbn.batch_norm_backward.default",
+            "fastbn.batch_norm_infer.default"} <= seen.ops
+    for a, b_ in zip(eager, registered):
+        assert torch.equal(a, b_)

@@ -27,6 +27,7 @@ import torch
 
 import fastbn
 
+from . import _host
 from ._fallback import (reduced_dims, reference_backward, reference_forward,
                         reference_inference, stats_dtype)
 
@@ -149,8 +150,15 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     are returned (empty without running statistics), and
     :func:`fastbn.torch.batch_norm` copies them into the buffers.
     """
-    reason = why_not_fastbn(input, weight, bias, residual, running_mean, running_var)
     new_rm, new_rv = _updatable_copies(running_mean, running_var)
+    return train_impl(input, weight, bias, residual, new_rm, new_rv, momentum, eps, relu)
+
+
+def train_impl(input, weight, bias, residual, running_mean, running_var, momentum, eps, relu):
+    """The training forward, updating ``running_mean``/``running_var`` in place (the
+    operator passes copies) only once it succeeded; the operator's five outputs."""
+    new_rm, new_rv = running_mean, running_var
+    reason = why_not_fastbn(input, weight, bias, residual, running_mean, running_var)
     if reason is not None:
         _fallback("train", reason)
         y, mean, invstd = reference_forward(input, weight, bias, residual, new_rm, new_rv,
@@ -158,10 +166,15 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
         return y, mean, invstd, _or_empty(new_rm, input), _or_empty(new_rv, input)
     y = torch.empty_like(input)
     with _torch_thread_count():
-        _, mean, invstd = fastbn.batch_norm_forward(
-            _np(input), _np(weight), _np(bias), axis=1, eps=eps, running_mean=_np(new_rm),
-            running_var=_np(new_rv), momentum=momentum, residual=_np(residual),
-            activation=_activation(relu), out=_np(y))
+        fast = None if input.device.type != "cpu" else _host.forward_train(
+            input, weight, bias, residual, new_rm, new_rv, momentum, eps, relu, y)
+        if fast is None:
+            _, mean, invstd = fastbn.batch_norm_forward(
+                _np(input), _np(weight), _np(bias), axis=1, eps=eps,
+                running_mean=_np(new_rm), running_var=_np(new_rv), momentum=momentum,
+                residual=_np(residual), activation=_activation(relu), out=_np(y))
+        else:
+            mean, invstd = fast
     _count("fastbn", "train")
     sd = stats_dtype(input.dtype)
     return (y, _as_tensor(mean, input.device, sd), _as_tensor(invstd, input.device, sd),
@@ -200,6 +213,10 @@ def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                      residual: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
                      eps: float, relu: bool) -> Tensor:
     """Inference batch norm with the given statistics, optional residual and ReLU."""
+    return infer_impl(input, weight, bias, residual, running_mean, running_var, eps, relu)
+
+
+def infer_impl(input, weight, bias, residual, running_mean, running_var, eps, relu):
     reason = why_not_fastbn(input, weight, bias, residual, running_mean, running_var)
     if reason is not None:
         _fallback("infer", reason)
@@ -207,10 +224,12 @@ def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                                    eps, relu)
     y = torch.empty_like(input)
     with _torch_thread_count():
-        fastbn.batch_norm_inference(
-            _np(input), _np(running_mean), _np(running_var), _np(weight), _np(bias),
-            axis=1, eps=eps, residual=_np(residual), activation=_activation(relu),
-            out=_np(y))
+        if input.device.type != "cpu" or _host.inference(
+                input, weight, bias, residual, running_mean, running_var, eps, relu, y) is None:
+            fastbn.batch_norm_inference(
+                _np(input), _np(running_mean), _np(running_var), _np(weight), _np(bias),
+                axis=1, eps=eps, residual=_np(residual), activation=_activation(relu),
+                out=_np(y))
     _count("fastbn", "infer")
     return y
 
@@ -232,6 +251,10 @@ def batch_norm_backward(grad: Tensor, input: Tensor, weight: Optional[Tensor],
     ``dweight``/``dbias`` are in the stats dtype; ``dresidual`` is empty unless
     ``residual_grad``.
     """
+    return backward_impl(grad, input, weight, save_mean, save_invstd, y, relu, residual_grad)
+
+
+def backward_impl(grad, input, weight, save_mean, save_invstd, y, relu, residual_grad):
     reason = why_not_fastbn(input, weight, others=(grad, save_mean, save_invstd)
                             + ((y,) if y is not None else ()))
     if reason is not None:
@@ -241,14 +264,20 @@ def batch_norm_backward(grad: Tensor, input: Tensor, weight: Optional[Tensor],
     dx = torch.empty_like(input)
     dres = torch.empty_like(input) if residual_grad else input.new_empty((0,))
     with _torch_thread_count():
-        result = fastbn.batch_norm_backward(
-            _np(grad), _np(input), _np(save_mean), _np(save_invstd), _np(weight), axis=1,
-            activation=_activation(relu), y=_np(y) if relu else None, out=_np(dx),
-            residual_grad=residual_grad,
-            residual_out=_np(dres) if residual_grad else None)
+        fast = None if input.device.type != "cpu" else _host.backward_train(
+            grad, input, weight, save_mean, save_invstd, y, relu, dx,
+            dres if residual_grad else None)
+        if fast is None:
+            result = fastbn.batch_norm_backward(
+                _np(grad), _np(input), _np(save_mean), _np(save_invstd), _np(weight), axis=1,
+                activation=_activation(relu), y=_np(y) if relu else None, out=_np(dx),
+                residual_grad=residual_grad,
+                residual_out=_np(dres) if residual_grad else None)
+            dweight, dbias = result[1], result[2]
+        else:
+            dweight, dbias = fast
     _count("fastbn", "backward")
     sd = stats_dtype(input.dtype)
-    dweight, dbias = result[1], result[2]
     return (dx, _as_tensor(dweight, input.device, sd), _as_tensor(dbias, input.device, sd),
             dres)
 
@@ -265,15 +294,19 @@ def _(grad, input, weight, save_mean, save_invstd, y, relu, residual_grad):
 # --- autograd -------------------------------------------------------------------------
 
 def _train_setup(ctx, inputs, output):
-    input, weight, bias, residual, _, _, _, _, relu = inputs
     y, mean, invstd, new_rm, new_rv = output
+    ctx.mark_non_differentiable(mean, invstd, new_rm, new_rv)
+    _save_train(ctx, inputs, y, mean, invstd)
+
+
+def _save_train(ctx, inputs, y, mean, invstd):
+    input, weight, bias, residual, _, _, _, _, relu = inputs
     ctx.relu = relu
     ctx.eps = inputs[7]
     ctx.has_residual = residual is not None
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.param_dtypes = (None if weight is None else weight.dtype,
                         None if bias is None else bias.dtype)
-    ctx.mark_non_differentiable(mean, invstd, new_rm, new_rv)
     ctx.save_for_backward(input, weight, mean, invstd, y if relu else None)
 
 
@@ -285,8 +318,9 @@ def _train_backward(ctx, grad_y, *_stats_grads):
         dx, dweight, dbias, dres = _composite_train_backward(grad_y, input, weight, y,
                                                              ctx.eps)
     else:
-        dx, dweight, dbias, dres = batch_norm_backward(grad_y, input, weight, mean, invstd,
-                                                       y, ctx.relu, want_res)
+        backward = backward_impl if eager(grad_y, input) else batch_norm_backward
+        dx, dweight, dbias, dres = backward(grad_y, input, weight, mean, invstd, y, ctx.relu,
+                                            want_res)
     wdt, bdt = ctx.param_dtypes
     return (dx if need[0] else None,
             dweight.to(wdt) if weight is not None and need[1] else None,
@@ -345,3 +379,84 @@ def _infer_backward(ctx, grad_y):
 
 
 batch_norm_infer.register_autograd(_infer_backward, setup_context=_infer_setup)
+
+
+# --- eager calls ----------------------------------------------------------------------
+# The registered operators are what torch.compile, fx, jit tracing, fake tensors and
+# dispatch modes see.  An eager call on plain CPU tensors does not need their Python
+# dispatch (argument defaults, redispatch, the autograd wrapper: about 15 us in a loop,
+# several times that right after a convolution, fastbn.torch._host): it runs the same
+# implementation through a plain autograd.Function, or with no autograd at all when no
+# gradient is wanted.
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager(*tensors):
+    """True when a call on ``tensors`` (None allowed) may skip the operators' dispatch:
+    plain CPU tensors, and no compiling, tracing or Python mode active."""
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or t.device.type != "cpu"):
+            return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or _dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled())
+
+
+def _dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()
+
+
+def _wants_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _Train(torch.autograd.Function):
+    """The training operator's eager twin: ``y``, the running statistics updated in place."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, momentum, eps,
+                relu):
+        y, mean, invstd, _, _ = train_impl(input, weight, bias, residual, running_mean,
+                                           running_var, momentum, eps, relu)
+        _save_train(ctx, (input, weight, bias, residual, running_mean, running_var, momentum,
+                          eps, relu), y, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _train_backward(ctx, grad_y)
+
+
+class _Infer(torch.autograd.Function):
+    """The inference operator's eager twin."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps, relu):
+        y = infer_impl(input, weight, bias, residual, running_mean, running_var, eps, relu)
+        _infer_setup(ctx, (input, weight, bias, residual, running_mean, running_var, eps,
+                           relu), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _infer_backward(ctx, grad_y)
+
+
+def train_eager(input, weight, bias, residual, running_mean, running_var, momentum, eps,
+                relu):
+    """``y`` of a training call that ``eager`` allows; the running statistics (both or
+    neither) updated in place once it succeeded."""
+    if _wants_grad(input, weight, bias, residual):
+        return _Train.apply(input, weight, bias, residual, running_mean, running_var, momentum,
+                            eps, relu)
+    return train_impl(input, weight, bias, residual, running_mean, running_var, momentum, eps,
+                      relu)[0]
+
+
+def infer_eager(input, weight, bias, residual, running_mean, running_var, eps, relu):
+    """``y`` of an inference call that ``eager`` allows."""
+    if _wants_grad(input, weight, bias, residual):
+        return _Infer.apply(input, weight, bias, residual, running_mean, running_var, eps, relu)
+    return infer_impl(input, weight, bias, residual, running_mean, running_var, eps, relu)

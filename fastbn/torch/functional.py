@@ -66,15 +66,22 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
         if size <= 1:
             raise ValueError("Expected more than 1 value per channel when training, got "
                              f"input size {torch.Size(input.shape)}")
+        track = running_mean is not None and running_var is not None
+        if _ops.eager(input, weight, bias, residual, running_mean, running_var):
+            return _ops.train_eager(input, weight, bias, residual,
+                                    running_mean if track else None,
+                                    running_var if track else None, float(momentum),
+                                    float(eps), relu)
         y, _, _, new_rm, new_rv = _ops.batch_norm_train(
             input, weight, bias, residual, running_mean, running_var, float(momentum),
             float(eps), relu)
-        if running_mean is not None and running_var is not None:
+        if track:
             with torch.no_grad():
                 running_mean.copy_(new_rm)
                 running_var.copy_(new_rv)
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required when not training")
-    return _ops.batch_norm_infer(input, weight, bias, residual, running_mean, running_var,
-                                 float(eps), relu)
+    call = (_ops.infer_eager if _ops.eager(input, weight, bias, residual, running_mean,
+                                           running_var) else _ops.batch_norm_infer)
+    return call(input, weight, bias, residual, running_mean, running_var, float(eps), relu)
