@@ -141,17 +141,30 @@ def test_bad_arguments_raise_and_change_nothing():
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
+def _kernel_modules():
+    """The kernels' module and its serial twins (fastbn.torch's small calls run those)."""
+    from fastbn._cpu import backend, kernels
+    return kernels, backend.serial_kernels()
+
+
+def _spy_kernel(monkeypatch, name, record):
+    """Call ``record(args, kwargs)`` on every call of kernel plan ``name``, parallel or
+    serial."""
+    for module in _kernel_modules():
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, **kwargs):
+            record(args, kwargs)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+
+
 def _record_arrays(monkeypatch, name):
-    """The arrays of every call of kernel plan ``name`` (``fastbn._cpu.kernels``)."""
-    from fastbn._cpu import kernels
+    """The arrays of every call of kernel plan ``name``."""
     seen = []
-    real = getattr(kernels, name)
-
-    def spy(*args, **kwargs):
-        seen.append([a for a in list(args) + list(kwargs.values()) if isinstance(a, np.ndarray)])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, name, spy)
+    _spy_kernel(monkeypatch, name, lambda args, kwargs: seen.append(
+        [a for a in list(args) + list(kwargs.values()) if isinstance(a, np.ndarray)]))
     return seen
 
 
@@ -223,16 +236,10 @@ def _child_batch_norm(x):
 
 def test_kernels_use_at_most_torchs_thread_count(monkeypatch):
     import fastbn
-    from fastbn._cpu import kernels
 
-    seen = []
-    real = kernels.run_forward_train
-
-    def spy(*args, **kwargs):
-        seen.append(fastbn._threads.limit())  # the cap in force around the kernel call
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "run_forward_train", spy)
+    seen = []  # the cap in force around each kernel call
+    _spy_kernel(monkeypatch, "run_forward_train",
+                lambda args, kwargs: seen.append(fastbn._threads.limit()))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # what a DataLoader worker runs with
@@ -374,3 +381,23 @@ def test_eager_calls_and_the_registered_operators_give_the_same_bits(channels_la
             "fastbn.batch_norm_infer.default"} <= seen.ops
     for a, b_ in zip(eager, registered):
         assert torch.equal(a, b_)
+
+
+def test_small_calls_run_the_serial_twins_and_large_ones_the_threads(monkeypatch):
+    """Below fastbn.torch._host.SERIAL_MAX_BYTES a call runs on the calling thread, outside
+    the threading layer (PyTorch's own workers hold the other cores right after a
+    convolution); above it, on fastbn's threads.  Same bits either way."""
+    from fastbn.torch import _host
+
+    kernels, serial = _kernel_modules()
+    ran = []
+    for module, tag in ((kernels, "parallel"), (serial, "serial")):
+        real = module.run_forward_train
+        monkeypatch.setattr(module, "run_forward_train",
+                            lambda *a, _real=real, _tag=tag, **k: ran.append(_tag) or _real(*a, **k))
+    x = (torch.randn(8, 16, 12, 12) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    small = fbt.batch_norm(x, None, None, training=True)
+    monkeypatch.setattr(_host, "SERIAL_MAX_BYTES", 0)
+    large = fbt.batch_norm(x, None, None, training=True)
+    assert ran == ["serial", "parallel"]
+    assert torch.equal(small, large)
