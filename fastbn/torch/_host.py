@@ -107,53 +107,60 @@ def _finite_at_least_zero(value):
     return value >= 0.0 and value != float("inf")
 
 
-def forward_train(input, weight, bias, residual, running_mean, running_var, momentum, eps,
-                  relu, y):
-    """Training forward into ``y``; the running statistics (``running_mean``/``var``, the
-    operator's copies) updated.  Returns float64 ``(mean, invstd)``, or None where the
-    general API must take the call."""
+def _forward_operands(input, weight, bias, residual, y):
+    """``(x3, y3, res3, w, b)`` of a forward into ``y``, or None where the general API must
+    take the call."""
     x3 = view3(input)
-    if (x3 is None or x3.shape[0] * x3.shape[2] < 2 or not _finite_at_least_zero(eps)
-            or not 0.0 <= momentum <= 1.0):
-        return None  # the API's errors: one value per channel, eps, momentum
+    if x3 is None:
+        return None
     y3 = like(y, input, x3)
     res3 = None if residual is None else like(residual, input, x3)
-    if y3 is None or (residual is not None and res3 is None):
-        return None
     channels = x3.shape[1]
     w = per_channel(weight, channels, 1.0)
     b = per_channel(bias, channels, 0.0)
-    rm = rv = None
-    if running_mean is not None:
-        rm, rv = running(running_mean, channels), running(running_var, channels)
-        if rm is None or rv is None:
-            return None
-    if w is None or b is None:
+    if y3 is None or (residual is not None and res3 is None) or w is None or b is None:
         return None
+    return x3, y3, res3, w, b
+
+
+def forward_train(input, weight, bias, residual, running_mean, running_var, momentum, eps,
+                  relu, y):
+    """Training forward into ``y``; ``running_mean``/``running_var`` (the buffers, or the
+    registered operator's copies) updated once the kernel succeeded.  Returns float64
+    ``(mean, invstd)``, or None where the general API must take the call."""
+    if not _finite_at_least_zero(eps) or not 0.0 <= momentum <= 1.0:
+        return None  # the API's errors
+    operands = _forward_operands(input, weight, bias, residual, y)
+    if operands is None:
+        return None
+    x3, y3, res3, w, b = operands
+    count, channels = x3.shape[0] * x3.shape[2], x3.shape[1]
+    tracked = running_mean is not None or running_var is not None
+    rm = None if running_mean is None else running(running_mean, channels)
+    rv = None if running_var is None else running(running_var, channels)
+    if count < 2 or (tracked and (rm is None or rv is None)):
+        return None  # the API's errors: one value per channel, the running statistics
     mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
     with _call(x3) as call:
         call.k.run_forward_train(x3, w, b, float(eps), y3, mean, var, invstd, call.n,
                                  host.MIN_RUN, res3, bool(relu))
     if rm is not None:
-        _moments.update_running_stats(rm, rv, mean, var, x3.shape[0] * x3.shape[2], momentum)
+        _moments.update_running_stats(rm, rv, mean, var, count, momentum)
     return mean, invstd
 
 
 def inference(input, weight, bias, residual, running_mean, running_var, eps, relu, y):
     """Inference into ``y``; True, or None where the general API must take the call."""
-    x3 = view3(input)
-    if x3 is None or not _finite_at_least_zero(eps):
+    if not _finite_at_least_zero(eps):
         return None
-    y3 = like(y, input, x3)
-    res3 = None if residual is None else like(residual, input, x3)
-    if y3 is None or (residual is not None and res3 is None):
+    operands = _forward_operands(input, weight, bias, residual, y)
+    if operands is None:
         return None
+    x3, y3, res3, w, b = operands
     channels = x3.shape[1]
-    w = per_channel(weight, channels, 1.0)
-    b = per_channel(bias, channels, 0.0)
     mean = per_channel(running_mean, channels, 0.0)
     var = per_channel(running_var, channels, 1.0)
-    if w is None or b is None or mean is None or var is None:
+    if mean is None or var is None:
         return None
     scale = kernels.inference_scale(var, float(eps), w)
     with _call(x3) as call:
