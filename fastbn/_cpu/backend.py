@@ -67,18 +67,20 @@ class _Call:
     to 1 for it, so the parallel region runs on the calling thread and no worker is woken
     (on a machine whose cores are busy, a worker that is not scheduled made a 10 us call
     take milliseconds).  In a process forked from one whose GNU OpenMP pool ran, every call
-    takes the kernels' serial twins, which never enter the threading layer.
+    takes the kernels' serial twins, which never enter the threading layer; so does a call
+    of fewer than ``twins_below`` bytes (fastbn.torch's, right after a convolution, where
+    PyTorch's workers hold the other cores and the layer's entry is cold).
     """
 
     __slots__ = ("k", "n", "_locked", "_restore")
 
-    def __init__(self, nbytes):
+    def __init__(self, nbytes, twins_below=0):
         full = _threads.numba_threads()
         n = _threads.limited(full)
         if nbytes < SERIAL_MAX_BYTES:
             n = 1
         self._locked = False
-        if _threads.pool_unusable():
+        if nbytes < twins_below or _threads.pool_unusable():
             self.k, self.n, self._restore = serial_kernels(), 1, None
         else:
             self.k, self.n = kernels, n
@@ -104,8 +106,8 @@ class _Call:
         return False
 
 
-def _call(*arrays):
-    return _Call(sum(a.nbytes for a in arrays))
+def _call(*arrays, twins_below=0):
+    return _Call(sum(a.nbytes for a in arrays), twins_below)
 
 
 def work_dtype(dtype):

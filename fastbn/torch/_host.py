@@ -38,26 +38,12 @@ _WORK_DTYPES = (torch.float32, torch.float64)
 # mask), the same order or better up to 6.4 MB.  The same plans give the same bits.
 SERIAL_MAX_BYTES = 8 << 20
 
-
-class _Serial:
-    """The serial twins for a call below SERIAL_MAX_BYTES (``k``, ``n`` as ``host._call``
-    gives them), outside any threading layer; else ``host._call``'s parallel kernels."""
-
-    __slots__ = ("k", "n")
-
-    def __enter__(self):
-        self.k, self.n = host.serial_kernels(), 1
-        return self
-
-    def __exit__(self, *exc):
-        return False
+_STATS_DTYPES = (torch.float32, torch.float64)
 
 
 def _call(*arrays):
-    if sum(a.nbytes for a in arrays) < SERIAL_MAX_BYTES:
-        return _Serial()
-    return host._call(*arrays)
-_STATS_DTYPES = (torch.float32, torch.float64)
+    """``host._call``, on the serial twins below SERIAL_MAX_BYTES."""
+    return host._call(*arrays, twins_below=SERIAL_MAX_BYTES)
 
 
 def view3(t):

@@ -157,28 +157,27 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 def train_impl(input, weight, bias, residual, running_mean, running_var, momentum, eps, relu):
     """The training forward, updating ``running_mean``/``running_var`` in place (the
     operator passes copies) only once it succeeded; the operator's five outputs."""
-    new_rm, new_rv = running_mean, running_var
     reason = why_not_fastbn(input, weight, bias, residual, running_mean, running_var)
     if reason is not None:
         _fallback("train", reason)
-        y, mean, invstd = reference_forward(input, weight, bias, residual, new_rm, new_rv,
-                                            momentum, eps, relu)
-        return y, mean, invstd, _or_empty(new_rm, input), _or_empty(new_rv, input)
+        y, mean, invstd = reference_forward(input, weight, bias, residual, running_mean,
+                                            running_var, momentum, eps, relu)
+        return y, mean, invstd, _or_empty(running_mean, input), _or_empty(running_var, input)
     y = torch.empty_like(input)
     with _torch_thread_count():
         fast = None if input.device.type != "cpu" else _host.forward_train(
-            input, weight, bias, residual, new_rm, new_rv, momentum, eps, relu, y)
+            input, weight, bias, residual, running_mean, running_var, momentum, eps, relu, y)
         if fast is None:
             _, mean, invstd = fastbn.batch_norm_forward(
                 _np(input), _np(weight), _np(bias), axis=1, eps=eps,
-                running_mean=_np(new_rm), running_var=_np(new_rv), momentum=momentum,
-                residual=_np(residual), activation=_activation(relu), out=_np(y))
+                running_mean=_np(running_mean), running_var=_np(running_var),
+                momentum=momentum, residual=_np(residual), activation=_activation(relu), out=_np(y))
         else:
             mean, invstd = fast
     _count("fastbn", "train")
     sd = stats_dtype(input.dtype)
     return (y, _as_tensor(mean, input.device, sd), _as_tensor(invstd, input.device, sd),
-            _or_empty(new_rm, input), _or_empty(new_rv, input))
+            _or_empty(running_mean, input), _or_empty(running_var, input))
 
 
 def _updatable_copies(running_mean, running_var):
