@@ -4,8 +4,10 @@ ResNet-18/50 on the CPU: one training step (forward, cross-entropy, backward, SG
 inference pass, PyTorch as is against ``fastbn.torch.convert`` and ``fastbn.torch.optimize``
 (and, for inference, PyTorch's own best: ``torch.fx`` conv-bn folding and
 ``torch.jit.freeze``), interleaved, medians.  ``torch.profiler`` gives the share of
-PyTorch's step spent in batch norm, ReLU and add, the most any batch norm library could
-take away, and the step speed-up that recovering 70% of it would give.
+PyTorch's step spent in batch norm, ReLU and add, and the step speed-up that recovering 70%
+of it would give; two bounds timed in the same rounds (``_bench_torch_floor``: a bare
+copy of the bytes in place of every fastbn call, and the step without batch norm) say how
+much of that time any replacement could really save.
 """
 
 import copy
@@ -89,6 +91,8 @@ def run_case(torch, name, size, layout, *, batch=32, repeats=5, compiled=False, 
     """Train and inference timings of one (model, size, layout)."""
     import fastbn.torch as fbt
 
+    from ._bench_torch_floor import bound_models
+
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     base, source = _seeded(torch, name)
     base = base.to(memory_format=fmt)
@@ -97,6 +101,7 @@ def run_case(torch, name, size, layout, *, batch=32, repeats=5, compiled=False, 
     target = torch.randint(0, 1000, (batch,), generator=g)
     models = {"torch": base, "fastbn convert": fbt.convert(copy.deepcopy(base)),
               "fastbn optimize": fbt.optimize(copy.deepcopy(base))}
+    models.update(bound_models(torch, base))
     if compiled:
         models["torch.compile(torch)"] = torch.compile(copy.deepcopy(base))
         models["torch.compile(fastbn optimize)"] = torch.compile(
@@ -135,21 +140,26 @@ def target_speedup(share, recovered=0.7):
 
 def format_results(results):
     """Markdown tables: the training step and inference."""
-    lines = ["Training step (forward, loss, backward, SGD), median ms; speed-up over PyTorch; "
-             "'share' is PyTorch's step time in batch norm, ReLU and add (torch.profiler), "
-             "'target' the speed-up that recovering 70% of it gives.", "",
-             "| model | input | layout | torch | convert | optimize | share | target | "
-             "optimize speed-up | met |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["Training step (forward, loss, backward, SGD), median ms, speed-ups over PyTorch "
+             "in brackets. 'share' is PyTorch's step time in batch norm, ReLU and add "
+             "(torch.profiler), 'target' the speed-up that recovering 70% of it gives; "
+             "'copy floor' replaces every fastbn call with one parallel pass over the bytes "
+             "it must touch, 'no BN' removes batch norm and ReLU (bounds on any batch norm "
+             "library).", "",
+             "| model | input | layout | torch | convert | optimize | copy floor | no BN | "
+             "share | target | met | floor meets it |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         t = r["train_s"]
-        speed = t["torch"] / t["fastbn optimize"]
         goal = target_speedup(r["epilogue_share"])
+        cells = [f"{t[k] * 1e3:.0f} ({t['torch'] / t[k]:.2f}x)" for k in
+                 ("fastbn convert", "fastbn optimize", "copy floor", "without batch norm")]
+        yes = lambda k: "yes" if t["torch"] / t[k] >= goal else "no"  # noqa: E731
         lines.append(
             f"| {r['model']} | {r['batch']}x{r['size']}² | {r['layout']} | "
-            f"{t['torch'] * 1e3:.0f} | {t['fastbn convert'] * 1e3:.0f} "
-            f"({t['torch'] / t['fastbn convert']:.2f}x) | {t['fastbn optimize'] * 1e3:.0f} | "
-            f"{r['epilogue_share']:.1%} | {goal:.2f}x | {speed:.2f}x | "
-            f"{'yes' if speed >= goal else 'no'} |")
+            f"{t['torch'] * 1e3:.0f} | " + " | ".join(cells) + " | "
+            f"{r['epilogue_share']:.1%} | {goal:.2f}x | {yes('fastbn optimize')} | "
+            f"{yes('copy floor')} |")
     lines += ["", "Inference (eval mode, inference_mode), median ms; optimize folds batch norm "
               "into the convolutions.", "",
               "| model | input | layout | torch | torch fx folding | torch.jit.freeze | "

@@ -13,7 +13,8 @@ def test_tiny_resnet_case_and_tables():
     lines = []
     r = _bench_torch.run_case(torch, "resnet18", 32, "channels_last", batch=2, repeats=1,
                               log=lambda *a, **k: lines.append(a[0]))
-    assert set(r["train_s"]) == {"torch", "fastbn convert", "fastbn optimize"}
+    assert set(r["train_s"]) == {"torch", "fastbn convert", "fastbn optimize", "copy floor",
+                                 "without batch norm"}
     assert set(r["infer_s"]) == {"torch", "fastbn convert", "fastbn optimize",
                                  "torch fx conv-bn folding", "torch.jit.freeze"}
     assert all(v > 0 for v in r["train_s"].values())
@@ -28,3 +29,40 @@ def test_tiny_resnet_case_and_tables():
 def test_target_speedup():
     assert _bench_torch.target_speedup(0.25) == pytest.approx(1 / (1 - 0.175))
     assert _bench_torch.target_speedup(0.0) == 1.0
+
+
+def test_bound_models_replace_every_batch_norm_and_keep_the_graph():
+    from fastbn._bench_torch_floor import bound_models
+
+    base, _ = _bench_torch._seeded(torch, "resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    bounds = bound_models(torch, base)
+    assert set(bounds) == {"copy floor", "without batch norm"}
+    convs = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    for name, model in bounds.items():
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                       for m in model.modules()), name
+        model(x).sum().backward()
+        graded = {n for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Conv2d) and m.weight.grad is not None}
+        assert graded == set(convs), name  # the backward still reaches every convolution
+    assert all(p.grad is None for p in base.parameters())  # the model passed in is untouched
+
+
+def test_copy_floor_pass_touches_what_a_fused_batch_norm_must():
+    from fastbn._bench_torch_floor import _floor_function
+
+    floor = _floor_function(torch)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    y = floor.apply(x, res)
+    assert torch.equal(y, x + res)
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, dy + x.detach() * y.detach())
+    assert torch.equal(res.grad, x.grad)
+    x.grad = None
+    y = floor.apply(x, None)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()  # a copy: the bytes written
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, dy + x.detach() * y.detach())
