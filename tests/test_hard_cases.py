@@ -151,3 +151,20 @@ def test_sorted_channel_far_first_value(rng, kernel_plan):
     x[0] = -3e3
     check_forward(x)
     check_forward(np.ascontiguousarray(x.T.reshape(2, 8000, 1).transpose(1, 0, 2)))
+
+
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+def test_column_path_centre_rows_far_from_the_mean(rng, dtype, kernel_plan):
+    """The column path centres each block's first chunk on the mean of its first rows:
+    rows there far from the rest (a sorted batch, outliers at the start of every block)
+    must not cost accuracy beyond section 5's bounds."""
+    std = 0.37
+    x = make(rng, (5000, 64), dtype, offset=1e4 * std, scale=std)
+    x[::312][:, :32] = dtype(-3e3)  # the first row of each of the 16 blocks, half the columns
+    y, mean, invstd = check_forward(x, axis=-1, eps=0.0)
+    _, _, var_ref = ref.stats(x, -1)
+    assert_stats(1.0 / invstd.astype(np.float64) ** 2, var_ref, dtype, 0.0)
+    xs = np.sort(x, axis=0)  # every block's first rows are its smallest values
+    y, mean, invstd = check_forward(xs, axis=-1, eps=0.0)
+    _, _, var_ref = ref.stats(xs, -1)
+    assert_stats(1.0 / invstd.astype(np.float64) ** 2, var_ref, dtype, 0.0)

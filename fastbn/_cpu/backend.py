@@ -255,7 +255,7 @@ class CPUBackend(HostCalls):
         rows, width = x2.shape
         shift = _first_row_shift(x2)
         with _call(x2) as call:
-            nblocks = call.k.column_blocks(rows, kernels.PLAN_THREADS)
+            nblocks = call.k.column_stat_blocks(rows)
             count = np.empty(nblocks)
             mean_rel, m2 = np.empty((nblocks, width)), np.empty((nblocks, width))
             call.k.column_moments(x2, weights, nblocks, call.k.chunk_rows(width), shift, count,

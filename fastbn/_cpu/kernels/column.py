@@ -20,6 +20,7 @@ from .tiles import (
     _tile_dev_sums_64, _tile_grad_sums_32, _tile_grad_sums_64
 )
 from .channel import _channel_stats, _first_values
+from .plans import PLAN_THREADS, column_blocks
 
 
 @kernel(inline="always")
@@ -99,14 +100,25 @@ def _rows_add_dev_sums(x, w, r0, r1, shift, mu, s1, s2):
             s2[j] += wd * d
 
 
+# The first chunk of a block of unweighted rows takes its deviations about the mean of
+# its first 1/CENTER_ROWS_FRACTION rows instead of its own mean (two passes).  That
+# centre c is within sqrt(M2 / k) of the chunk's mean (k rows averaged; Cauchy-Schwarz),
+# so the error of the deviation sums, eps * (M2 + m (mean - c)^2) (see _accumulate), is
+# at most eps * (1 + m / k) * M2 = 65 eps * M2: the two-pass bound's order, for one pass
+# through the register tiles instead of two through accumulator arrays (channels_last
+# (32, 64, 28, 28): every block of the statistics is a single chunk).
+CENTER_ROWS_FRACTION = 64
+
+
 @kernel()
 def _column_partials(x, w, r0, r1, shift, chunk_rows, mu, q):
     """Moments of rows [r0, r1) of ``x`` (rows, W) per column into ``mu``, ``q``, each row
     weighted by ``w`` (or 1 where ``w`` is None); returns the count (weight sum).
 
-    Chunks of ``chunk_rows`` rows stay in cache; the first chunk with weight is
-    exact two-pass, later ones take deviations about each column's running mean
-    (see ``_accumulate``).  Every loop runs over contiguous columns.
+    Chunks of ``chunk_rows`` rows stay in cache.  The first chunk with weight is exact
+    two-pass when rows are weighted, and otherwise takes deviations about the mean of its
+    first rows (CENTER_ROWS_FRACTION); later ones take deviations about each column's
+    running mean (see ``_accumulate``).  Every loop runs over contiguous columns.
     """
     width = x.shape[1]
     mu[:] = 0.0
@@ -119,7 +131,15 @@ def _column_partials(x, w, r0, r1, shift, chunk_rows, mu, q):
         m = _weight_sum(w, r, re)
         if m == 0.0:
             continue  # rows of weight 0 count for nothing
-        if n == 0.0:
+        if n == 0.0 and w is None:
+            k = max(1, (re - r) // CENTER_ROWS_FRACTION)
+            _rows_add_dev(x, w, r, r + k, shift, mu)
+            mu /= k
+            s1[:] = 0.0
+            s2[:] = 0.0
+            _rows_add_dev_sums(x, w, r, re, shift, mu, s1, s2)
+            _merge_chunk(s1, s2, m, 0.0, mu, q)
+        elif n == 0.0:
             _rows_add_dev(x, w, r, re, shift, mu)
             mu /= m
             _rows_add_sqdev(x, w, r, re, shift, mu, q)
@@ -211,8 +231,9 @@ def column_forward(x, inner, nblocks, chunk_rows, normalize, weight, bias, eps, 
             params[3, j] = bias[c]
     _wrap_columns(params, width, lanes)
     if normalize:
-        for blk in prange(nblocks):
-            _map_rows(x, blk * rows // nblocks, (blk + 1) * rows // nblocks, params, y, None, res,
+        ntasks = column_blocks(rows, PLAN_THREADS)
+        for t in prange(ntasks):
+            _map_rows(x, t * rows // ntasks, (t + 1) * rows // ntasks, params, y, None, res,
                       relu)
             _store_fence()
 
@@ -363,9 +384,9 @@ def column_backward(dy, x, mean, invstd, weight, inner, nblocks, write_dx, dx, s
             params[4, j] = invstd[c] * invstd[c] * b / n
     _wrap_columns(params, width, lanes)
     if write_dx:
-        for blk in prange(nblocks):
-            _dx_rows(dy, x, blk * rows // nblocks, (blk + 1) * rows // nblocks, params, dx, y,
-                     dres)
+        ntasks = column_blocks(rows, PLAN_THREADS)
+        for t in prange(ntasks):
+            _dx_rows(dy, x, t * rows // ntasks, (t + 1) * rows // ntasks, params, dx, y, dres)
             _store_fence()
 
 

@@ -8,7 +8,9 @@ import numpy as np
 from ..._jit import kernel
 from .codegen import _rows_view
 from .numerics import _invstd, _two_sum
-from .plans import PLAN_THREADS, channel_plan, chunk_rows, column_blocks, pipelined, run_blocks
+from .plans import (
+    PLAN_THREADS, channel_plan, chunk_rows, column_blocks, column_stat_blocks, pipelined, run_blocks
+)
 from .channel import _first_values, affine_channels, channel_forward, channel_moments
 from .channel_grad import _dx_params, channel_backward, channel_grad_sums, dx_channels
 from .column import column_backward, column_forward, dx_columns, map_columns
@@ -53,7 +55,7 @@ def channel_moments_any_path(x, mean, m2, min_run):
         width = channels * inner
         x2 = x.reshape(outer, width)
         unused = np.zeros(channels)
-        column_forward(x2, inner, column_blocks(outer, PLAN_THREADS), chunk_rows(width), False,
+        column_forward(x2, inner, column_stat_blocks(outer), chunk_rows(width), False,
                        unused, unused, 0.0, x2, mean, m2, np.empty(channels), None, False)
         n = float(outer * inner)
         for c in range(channels):
@@ -104,7 +106,7 @@ def run_forward_train(x, weight, bias, eps, y, mean, var, invstd, nthreads, min_
     outer, channels, inner = x.shape
     if inner < min_run:
         width = channels * inner
-        column_forward(x.reshape(outer, width), inner, column_blocks(outer, PLAN_THREADS),
+        column_forward(x.reshape(outer, width), inner, column_stat_blocks(outer),
                        chunk_rows(width), True, weight, bias, eps, y.reshape(outer, width),
                        mean, var, invstd, _rows_view(res, outer, width), relu)
         return
@@ -136,7 +138,7 @@ def run_grad_sums(dy, x, mean, sum_dy, sum_dy_xmu, min_run, y):
         width = channels * inner
         ones = np.ones(channels)
         column_backward(dy.reshape(outer, width), x.reshape(outer, width), mean, ones, ones,
-                        inner, column_blocks(outer, PLAN_THREADS), False,
+                        inner, column_stat_blocks(outer), False,
                         x.reshape(outer, width),
                         sum_dy, sum_dy_xmu, _rows_view(y, outer, width),
                         np.empty((0, 0), x.dtype))
@@ -161,7 +163,7 @@ def run_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthr
     if inner < min_run:
         width = channels * inner
         column_backward(dy.reshape(outer, width), x.reshape(outer, width), mean, invstd, weight,
-                        inner, column_blocks(outer, PLAN_THREADS), True,
+                        inner, column_stat_blocks(outer), True,
                         dx.reshape(outer, width),
                         sum_dy, sum_dy_xmu, _rows_view(y, outer, width),
                         _rows_view(dres, outer, width))
