@@ -395,9 +395,22 @@ def test_small_calls_run_the_serial_twins_and_large_ones_the_threads(monkeypatch
         real = module.run_forward_train
         monkeypatch.setattr(module, "run_forward_train",
                             lambda *a, _real=real, _tag=tag, **k: ran.append(_tag) or _real(*a, **k))
+    # channels_last: the column path, under SERIAL_MAX_BYTES
     x = (torch.randn(8, 16, 12, 12) * 2 + 1).contiguous(memory_format=torch.channels_last)
     small = fbt.batch_norm(x, None, None, training=True)
+    monkeypatch.setattr(_host, "CHANNEL_SERIAL_MAX_BYTES", 0)  # not this path's threshold
+    assert torch.equal(fbt.batch_norm(x, None, None, training=True), small)
     monkeypatch.setattr(_host, "SERIAL_MAX_BYTES", 0)
+    large = fbt.batch_norm(x, None, None, training=True)
+    assert ran == ["serial", "serial", "parallel"]
+    assert torch.equal(small, large)
+    # contiguous runs of 144 values: the channel path, under CHANNEL_SERIAL_MAX_BYTES
+    ran.clear()
+    x = x.contiguous()
+    monkeypatch.setattr(_host, "SERIAL_MAX_BYTES", 8 << 20)
+    monkeypatch.setattr(_host, "CHANNEL_SERIAL_MAX_BYTES", 2 << 20)
+    small = fbt.batch_norm(x, None, None, training=True)
+    monkeypatch.setattr(_host, "CHANNEL_SERIAL_MAX_BYTES", 0)
     large = fbt.batch_norm(x, None, None, training=True)
     assert ran == ["serial", "parallel"]
     assert torch.equal(small, large)
