@@ -7,9 +7,12 @@ fallback lives in the user's cache home, created ``0700``, never in a shared
 temporary directory whose name anyone could claim first.  A corrupt cache entry
 (a truncated file after a full disk or a killed process: Numba then raises
 ``EOFError`` or ``UnpicklingError`` on every call, numba#10434) is dropped and
-recompiled, with one warning.
+recompiled, with one warning.  Processes that compile the same functions at once
+(spawned workers, MPI ranks, on an empty cache) take turns on each entry's file lock
+(``entry_lock``): Numba's save is not atomic across processes (numba#4807).
 """
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -18,6 +21,11 @@ import stat
 import sys
 import threading
 import warnings
+
+try:
+    import fcntl
+except ImportError:  # no POSIX locks (Windows): Numba's own behaviour
+    fcntl = None
 
 import llvmlite
 import numba
@@ -206,29 +214,65 @@ def install_locator():
         classes.insert(0, DigestLocator)
 
 
+@contextlib.contextmanager
+def entry_lock(path, exclusive):
+    """A POSIX record lock on ``path`` (created ``0600``), shared or exclusive, between
+    processes.
+
+    Numba saves an entry as its index, then a data file named by the index's count
+    (``<name>.<n>.nbc``): two processes saving two signatures at once can both pick
+    ``n``, and the index then names one function's machine code for the other, which
+    segfaults every later process that loads it.  Saves hold the entry's lock
+    exclusively, loads shared.  ``lockf``, not ``flock``: a record lock belongs to the
+    process and a ``fork()`` child does not inherit it, so a child forked while another
+    thread saves cannot hold the lock forever.  Where no lock file can be opened (a
+    read-only directory, which nothing is saved to either), or on a system without
+    ``fcntl``, the entry is used unlocked, as Numba does.
+    """
+    fd = -1
+    if fcntl is not None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError:
+            fd = -1
+    try:
+        if fd >= 0:
+            fcntl.lockf(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the lock
+
+
 class _GuardMixin:
-    """Numba's function (or cfunc) cache, minus the two ways a cache directory can hurt: one that is not
-    private is not used, and an entry that fails to load is removed and recompiled."""
+    """Numba's function (or cfunc) cache, minus the ways a cache directory can hurt: one that
+    is not private is not used, an entry that fails to load is removed and recompiled, and
+    processes saving one entry at once take turns (``entry_lock``)."""
 
     def load_overload(self, sig, target_context):
         if not self._private():
             return None
-        try:
-            return super().load_overload(sig, target_context)
-        except Exception as exc:  # a corrupt pickle can raise almost anything
-            self._drop(exc)
-            return None
+        with entry_lock(self._lock_path(), exclusive=False):
+            try:
+                return super().load_overload(sig, target_context)
+            except Exception as exc:  # a corrupt pickle can raise almost anything
+                self._drop(exc)
+                return None
 
     def save_overload(self, sig, data):
         if not self._private():
             return
-        try:
-            super().save_overload(sig, data)
-        except OSError:
-            raise
-        except Exception as exc:  # the index it updates was corrupt
-            self._drop(exc)
-            super().save_overload(sig, data)
+        with entry_lock(self._lock_path(), exclusive=True):
+            try:
+                super().save_overload(sig, data)
+            except OSError:
+                raise
+            except Exception as exc:  # the index it updates was corrupt
+                self._drop(exc)
+                super().save_overload(sig, data)
+
+    def _lock_path(self):
+        return self._cache_file._index_path[:-len(".nbi")] + ".lock"
 
     def _private(self):
         path = self._cache_path

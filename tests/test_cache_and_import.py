@@ -335,3 +335,58 @@ def test_an_edit_to_any_kernel_source_is_never_served_stale(tmp_path):
     assert third["c_hits"] == "0" and int(third["misses"]) > 0  # compiled, not loaded
     assert float(third["y"]) == float(third["c"]) == 3.0
     assert [p.name for p in (tmp_path / "cache").glob("kernels-*")] == [third["dir"]]
+
+
+LOCK_PROBE = r"""
+import glob, os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from numba.core import caching
+import tiny
+
+CHECK = '''
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("free")
+except OSError:
+    print("held")
+'''
+seen = []
+real = caching.IndexDataCacheFile._save_data
+
+def save_data(self, name, data):
+    locks = glob.glob(os.path.join(self._cache_path, "*.lock"))
+    for path in locks:  # another process tries the entry's lock while this one saves
+        seen.append(subprocess.run([sys.executable, "-c", CHECK, path], capture_output=True,
+                                   text=True, timeout=60).stdout.strip())
+    return real(self, name, data)
+
+caching.IndexDataCacheFile._save_data = save_data
+assert tiny.total(np.arange(5.0)) == 10.0
+caching.IndexDataCacheFile._save_data = real
+after = [subprocess.run([sys.executable, "-c", CHECK, p], capture_output=True, text=True,
+                        timeout=60).stdout.strip()
+         for p in glob.glob(os.path.join(os.environ["NUMBA_CACHE_DIR"], "**", "*.lock"),
+                            recursive=True)]
+print("during", seen, "after", after)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX record locks")
+def test_a_save_holds_the_entrys_lock_against_other_processes(tmp_path):
+    """numba#4807: two processes saving one function's signatures at once can leave an index
+    that names one signature's machine code for the other (a segfault in every later process).
+    fastbn's saves hold a lock on the entry that other processes wait for, and let it go."""
+    module_dir = tmp_path / "mod"
+    module_dir.mkdir()
+    (module_dir / "tiny.py").write_text(TINY_MODULE)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-c", LOCK_PROBE, str(module_dir)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "during ['held'] after ['free']" in proc.stdout, proc.stdout
+    out, _ = run_tiny({"NUMBA_CACHE_DIR": str(tmp_path / "cache")}, module_dir)
+    assert counts(out) == (1, 0)  # the locked save left a loadable entry
