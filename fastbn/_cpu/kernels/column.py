@@ -101,8 +101,8 @@ def _rows_add_dev_sums(x, w, r0, r1, shift, mu, s1, s2):
 
 
 # The first chunk of a block of unweighted rows takes its deviations about the mean of
-# its first 1/CENTER_ROWS_FRACTION rows instead of its own mean (two passes).  That
-# centre c is within sqrt(M2 / k) of the chunk's mean (k rows averaged; Cauchy-Schwarz),
+# its first k = ceil(m / CENTER_ROWS_FRACTION) rows instead of its own mean (two passes).
+# That centre c is within sqrt(M2 / k) of the chunk's mean (Cauchy-Schwarz),
 # so the error of the deviation sums, eps * (M2 + m (mean - c)^2) (see _accumulate), is
 # at most eps * (1 + m / k) * M2 = 65 eps * M2: the two-pass bound's order, for one pass
 # through the register tiles instead of two through accumulator arrays (channels_last
@@ -132,7 +132,7 @@ def _column_partials(x, w, r0, r1, shift, chunk_rows, mu, q):
         if m == 0.0:
             continue  # rows of weight 0 count for nothing
         if n == 0.0 and w is None:
-            k = max(1, (re - r) // CENTER_ROWS_FRACTION)
+            k = -(-(re - r) // CENTER_ROWS_FRACTION)  # rounded up: m / k <= 64
             _rows_add_dev(x, w, r, r + k, shift, mu)
             mu /= k
             s1[:] = 0.0
