@@ -136,7 +136,6 @@ def limited(full):
     return full if cap is None or cap >= full else cap
 
 
-@contextlib.contextmanager
 def threads(n):
     """Within the block, fastbn calls made by this thread use at most ``n`` threads.
 
@@ -146,12 +145,31 @@ def threads(n):
     >>> with fastbn.threads(1):       # e.g. inside a DataLoader worker
     ...     y, mean, invstd = fastbn.batch_norm_forward(np.ones((4, 3, 8)))
     """
-    previous = _state.limit
-    _state.limit = _check(n)
-    try:
-        yield
-    finally:
-        _state.limit = previous
+    return _Limit(_check(n))
+
+
+class _Limit(contextlib.ContextDecorator):
+    """``threads(n)``'s context manager: a class, not a generator, because fastbn.torch
+    enters one on every call, right after a convolution, where each Python operation
+    costs several times what it costs in a loop."""
+
+    __slots__ = ("_n", "_previous")
+
+    def __init__(self, n):
+        self._n = n
+        self._previous = None
+
+    def _recreate_cm(self):  # as a decorator: a fresh one per call (recursion, threads)
+        return _Limit(self._n)
+
+    def __enter__(self):
+        self._previous = _state.limit
+        _state.limit = self._n
+        return self
+
+    def __exit__(self, *exc):
+        _state.limit = self._previous
+        return False
 
 
 def _check(n):

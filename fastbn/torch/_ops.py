@@ -17,13 +17,14 @@ tensor, a GPU without numba-cuda) runs PyTorch's own kernel and is counted in
 :func:`stats`.
 """
 
-import contextlib
 import functools
 import threading
 from collections import Counter
 from typing import Optional
 
+import numpy as np
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import fastbn
 
@@ -118,13 +119,11 @@ def _np(t):
     return t.numpy() if t.device.type == "cpu" else t
 
 
-@contextlib.contextmanager
 def _torch_thread_count():
     """fastbn's kernels use at most PyTorch's intra-op thread count (1 in a DataLoader
     worker, whatever ``torch.set_num_threads`` said), so the two pools never
     oversubscribe the cores more than PyTorch alone would."""
-    with fastbn.threads(max(1, torch.get_num_threads())):
-        yield
+    return fastbn.threads(max(1, torch.get_num_threads()))
 
 
 def _fallback(op, reason):
@@ -190,9 +189,16 @@ def _or_empty(t, like):
     return like.new_empty((0,)) if t is None else t
 
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _as_tensor(a, device, dtype):
-    t = torch.from_numpy(a) if device.type == "cpu" else torch.as_tensor(a, device=device)
-    return t.to(dtype)
+    """The float64 array ``a`` as a tensor of ``dtype`` (a stats dtype) on ``device``.  On
+    the CPU NumPy converts and the tensor takes the result's memory: one allocation,
+    not two, on every call's path."""
+    if device.type == "cpu":
+        return torch.from_numpy(a.astype(_NUMPY_DTYPES[dtype], copy=False))
+    return torch.as_tensor(a, device=device).to(dtype)
 
 
 @batch_norm_train.register_fake
@@ -395,16 +401,11 @@ def eager(*tensors):
     """True when a call on ``tensors`` (None allowed) may skip the operators' dispatch:
     plain CPU tensors, and no compiling, tracing or Python mode active."""
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or t.device.type != "cpu"):
+        if t is not None and (type(t) not in _PLAIN or not t.is_cpu):
             return False
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or _dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled())
-
-
-def _dispatch_mode():
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode()
+                or _get_current_dispatch_mode() is not None
+                or torch._C._is_torch_function_mode_enabled())
 
 
 def _wants_grad(*tensors):
