@@ -153,8 +153,6 @@ class _Limit(contextlib.ContextDecorator):
     enters one on every call, right after a convolution, where each Python operation
     costs several times what it costs in a loop."""
 
-    __slots__ = ("_n", "_previous")
-
     def __init__(self, n):
         self._n = n
         self._previous = None
