@@ -111,6 +111,47 @@ def test_fallback_for_bfloat16_is_counted_and_correct():
     assert rm.abs().sum() > 0  # running statistics updated on the fallback too
 
 
+@pytest.mark.parametrize("case", ["negative-bit input", "negative-bit weight",
+                                  "float64 running stats on float32"])
+def test_the_short_road_refuses_what_the_checks_refuse(case):
+    """The operators try fastbn's short road to the kernels before any other check
+    (fastbn.torch._host), so it must refuse what they refuse: a negative-bit view (whose
+    ``numpy()`` is not its values) or a bfloat16 parameter goes to PyTorch's kernel,
+    counted; running statistics of another float dtype than the input run on fastbn."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, 3, 5, 6, generator=g) * 2 + 1
+    w0, b0 = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    x, w, b = x0, w0, b0
+    expect = {"fallback": {"train": 1, "backward": 1}}
+    if case == "negative-bit input":
+        x = torch._neg_view(-x0)
+        expect["fallback_reasons"] = {"not a plain strided tensor": 2}
+    elif case == "negative-bit weight":
+        w = torch._neg_view(-w0)
+        expect["fallback_reasons"] = {"not a plain strided tensor": 2}
+    else:
+        rm, rv = rm.double(), rv.double()
+        expect = {"fastbn": {"train": 1, "backward": 1}}
+    assert x.is_neg() == (case == "negative-bit input")
+    xl = x.detach().clone() if case != "negative-bit input" else x
+    xl.requires_grad_()
+    rm2, rv2 = torch.zeros(3), torch.ones(3)
+    fbt.reset_stats()
+    y = fbt.batch_norm_act(xl, rm, rv, w, b, True, 0.1, 1e-5, activation="relu")
+    dy = torch.randn(y.shape, generator=g)
+    (gx,) = torch.autograd.grad(y, xl, dy)
+    s = fbt.stats()
+    for kind, counts in expect.items():
+        assert s[kind] == counts
+    xr = x0.clone().requires_grad_()
+    ref = torch.relu(F.batch_norm(xr, rm2, rv2, w0, b0, True, 0.1, 1e-5))
+    (ex,) = torch.autograd.grad(ref, xr, dy)
+    torch.testing.assert_close(y, ref.detach(), **TOL[torch.float32])
+    torch.testing.assert_close(gx, ex, **TOL[torch.float32])
+    torch.testing.assert_close(rm.float(), rm2, **TOL[torch.float32])
+
+
 def test_half_running_statistics_fall_back():
     x = torch.randn(4, 3, 5).half()
     rm, rv = torch.zeros(3).half(), torch.ones(3).half()

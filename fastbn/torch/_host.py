@@ -13,11 +13,15 @@ would have built:
   least one value;
 - every activation operand (residual, ``y``, ``dy``) and output has the input's dtype
   and strides;
-- the per-channel tensors have shape (C,).
+- the per-channel tensors have shape (C,) and a float dtype (running statistics: float32
+  or float64);
+- every tensor is a strided CPU tensor whose ``numpy()`` is a view of its values.
 
 Anything else returns None, and the operator takes ``fastbn``'s general API, which
-converts, copies where it must, and raises its errors.  The arithmetic is the same
-kernels' either way, so the bits are the same.
+converts, copies where it must, and raises its errors, or PyTorch's kernel
+(``_ops.why_not_fastbn``): what this path accepts, those accept too, so the operators try
+it first and check the rest only when it refuses.  The arithmetic is the same kernels'
+either way, so the bits are the same.
 """
 
 import numpy as np
@@ -27,7 +31,7 @@ from .. import _moments
 from .._cpu import backend as host
 from .._cpu import kernels
 
-_WORK_DTYPES = (torch.float32, torch.float64)
+WORK_DTYPES = (torch.float32, torch.float64)
 
 # Calls on inputs below this many bytes run the kernels' serial twins on the calling
 # thread.  Right after a convolution PyTorch's OpenMP workers spin on the other cores and
@@ -48,6 +52,7 @@ SERIAL_MAX_BYTES = 8 << 20
 CHANNEL_SERIAL_MAX_BYTES = 2 << 20
 
 _STATS_DTYPES = (torch.float32, torch.float64)
+_PARAM_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 def _call(x3):
@@ -61,7 +66,7 @@ def view3(t):
     """The (outer, C, inner) NumPy view of ``t``'s memory that the kernels take: (N, C,
     prod(spatial)) when contiguous, (N * prod(spatial), C, 1) when channels-last; None for
     any other layout or dtype, or an empty tensor."""
-    if t.dtype not in _WORK_DTYPES or t.dim() < 2 or t.numel() == 0:
+    if t.dtype not in WORK_DTYPES or t.dim() < 2 or t.numel() == 0 or not _plain_cpu(t):
         return None
     a = t.detach().numpy()
     n, c = a.shape[0], a.shape[1]
@@ -82,20 +87,29 @@ def like(t, x, x3):
     return view3(t)
 
 
+def _plain_cpu(t):
+    """Whether ``t.numpy()`` is a view of ``t``'s values: a strided CPU tensor without a
+    negative bit (conjugate and quantized tensors fail the dtype checks first)."""
+    return t.is_cpu and t.layout == torch.strided and not t.is_neg()
+
+
 def per_channel(t, channels, fill):
-    """A float64 (C,) copy of a per-channel tensor (``fill`` where it is None); None when
-    its shape is not (C,)."""
+    """A float64 (C,) copy of a per-channel tensor or float array (``fill`` where it is
+    None); None when it is not one of those (shape, dtype, device), which the general API
+    then handles."""
     if t is None:
         return np.full(channels, fill)
-    if t.shape != (channels,):
+    if type(t) is np.ndarray:
+        return t.astype(np.float64) if t.shape == (channels,) and t.dtype.kind == "f" else None
+    if t.shape != (channels,) or t.dtype not in _PARAM_DTYPES or not _plain_cpu(t):
         return None
     return t.detach().numpy().astype(np.float64)
 
 
 def running(t, channels):
     """The NumPy view of a running statistic updated in place, or None when it is not a
-    (C,) tensor of the kernels' stats dtypes (the general API then reports it)."""
-    if t.dtype not in _STATS_DTYPES or t.shape != (channels,):
+    (C,) CPU tensor of the kernels' stats dtypes (the general API then reports it)."""
+    if t.dtype not in _STATS_DTYPES or t.shape != (channels,) or not _plain_cpu(t):
         return None
     return t.detach().numpy()
 
@@ -124,7 +138,8 @@ def forward_train(input, weight, bias, residual, running_mean, running_var, mome
                   relu, y):
     """Training forward into ``y``; ``running_mean``/``running_var`` (the buffers, or the
     registered operator's copies) updated once the kernel succeeded.  Returns float64
-    ``(mean, invstd)``, or None where the general API must take the call."""
+    ``(mean, invstd, weight)`` (weight: ones where None), or None where the general API
+    must take the call."""
     if not _finite_at_least_zero(eps) or not 0.0 <= momentum <= 1.0:
         return None  # the API's errors
     operands = _forward_operands(input, weight, bias, residual, y)
@@ -143,7 +158,7 @@ def forward_train(input, weight, bias, residual, running_mean, running_var, mome
                                  host.MIN_RUN, res3, bool(relu))
     if rm is not None:
         _moments.update_running_stats(rm, rv, mean, var, count, momentum)
-    return mean, invstd
+    return mean, invstd, w
 
 
 def inference(input, weight, bias, residual, running_mean, running_var, eps, relu, y):
@@ -167,8 +182,9 @@ def inference(input, weight, bias, residual, running_mean, running_var, eps, rel
 
 
 def backward_train(grad, input, weight, save_mean, save_invstd, y, relu, dx, dres):
-    """Training backward into ``dx`` (and ``dres`` where it is not None).  Returns float64
-    ``(dweight, dbias)``, or None where the general API must take the call."""
+    """Training backward into ``dx`` (and ``dres`` where it is not None).  ``weight``,
+    ``save_mean`` and ``save_invstd`` are tensors or NumPy arrays (the eager forward's).  Returns
+    float64 ``(dweight, dbias)``, or None where the general API must take the call."""
     x3 = view3(input)
     if x3 is None:
         return None

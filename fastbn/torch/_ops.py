@@ -156,27 +156,41 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 def train_impl(input, weight, bias, residual, running_mean, running_var, momentum, eps, relu):
     """The training forward, updating ``running_mean``/``running_var`` in place (the
     operator passes copies) only once it succeeded; the operator's five outputs."""
+    y, mean, invstd, _ = _train_core(input, weight, bias, residual, running_mean, running_var,
+                                     momentum, eps, relu)
+    return (y, _stats_tensor(mean, input), _stats_tensor(invstd, input),
+            _or_empty(running_mean, input), _or_empty(running_var, input))
+
+
+def _train_core(input, weight, bias, residual, running_mean, running_var, momentum, eps, relu):
+    """``(y, mean, invstd, weight64)``.  When fastbn's host path computed the call, the
+    statistics are its float64 arrays and ``weight64`` the float64 weight it used (the
+    eager backward reuses it); otherwise ``weight64`` is None.  The statistics are
+    arrays or tensors for :func:`_stats_tensor`."""
+    y = None
+    if input.is_cpu and input.dtype in _host.WORK_DTYPES:
+        y = torch.empty_like(input)
+        with _torch_thread_count():
+            fast = _host.forward_train(input, weight, bias, residual, running_mean,
+                                       running_var, momentum, eps, relu, y)
+        if fast is not None:
+            _count("fastbn", "train")
+            return (y, *fast)
     reason = why_not_fastbn(input, weight, bias, residual, running_mean, running_var)
     if reason is not None:
         _fallback("train", reason)
         y, mean, invstd = reference_forward(input, weight, bias, residual, running_mean,
                                             running_var, momentum, eps, relu)
-        return y, mean, invstd, _or_empty(running_mean, input), _or_empty(running_var, input)
-    y = torch.empty_like(input)
+        return y, mean, invstd, None
+    if y is None:
+        y = torch.empty_like(input)
     with _torch_thread_count():
-        fast = None if input.device.type != "cpu" else _host.forward_train(
-            input, weight, bias, residual, running_mean, running_var, momentum, eps, relu, y)
-        if fast is None:
-            _, mean, invstd = fastbn.batch_norm_forward(
-                _np(input), _np(weight), _np(bias), axis=1, eps=eps,
-                running_mean=_np(running_mean), running_var=_np(running_var),
-                momentum=momentum, residual=_np(residual), activation=_activation(relu), out=_np(y))
-        else:
-            mean, invstd = fast
+        _, mean, invstd = fastbn.batch_norm_forward(
+            _np(input), _np(weight), _np(bias), axis=1, eps=eps,
+            running_mean=_np(running_mean), running_var=_np(running_var),
+            momentum=momentum, residual=_np(residual), activation=_activation(relu), out=_np(y))
     _count("fastbn", "train")
-    sd = stats_dtype(input.dtype)
-    return (y, _as_tensor(mean, input.device, sd), _as_tensor(invstd, input.device, sd),
-            _or_empty(running_mean, input), _or_empty(running_var, input))
+    return y, mean, invstd, None
 
 
 def _updatable_copies(running_mean, running_var):
@@ -190,6 +204,21 @@ def _or_empty(t, like):
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _stats_tensor(a, input):
+    """Per-channel statistics ``a`` (an array of fastbn's, or already a tensor) as a tensor
+    of ``input``'s stats dtype on its device."""
+    if isinstance(a, Tensor):
+        return a
+    return _as_tensor(a, input.device, stats_dtype(input.dtype))
+
+
+def _stats_array(a, input):
+    """The host forward's float64 statistics ``a`` rounded to ``input``'s stats dtype, as
+    the operator's outputs are (so that the eager backward computes with the same
+    values as the operator's)."""
+    return a.astype(_NUMPY_DTYPES[stats_dtype(input.dtype)], copy=False)
 
 
 def _as_tensor(a, device, dtype):
@@ -222,19 +251,27 @@ def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 
 
 def infer_impl(input, weight, bias, residual, running_mean, running_var, eps, relu):
+    y = None
+    if input.is_cpu and input.dtype in _host.WORK_DTYPES:
+        y = torch.empty_like(input)
+        with _torch_thread_count():
+            done = _host.inference(input, weight, bias, residual, running_mean, running_var,
+                                   eps, relu, y)
+        if done:
+            _count("fastbn", "infer")
+            return y
     reason = why_not_fastbn(input, weight, bias, residual, running_mean, running_var)
     if reason is not None:
         _fallback("infer", reason)
         return reference_inference(input, weight, bias, residual, running_mean, running_var,
                                    eps, relu)
-    y = torch.empty_like(input)
+    if y is None:
+        y = torch.empty_like(input)
     with _torch_thread_count():
-        if input.device.type != "cpu" or _host.inference(
-                input, weight, bias, residual, running_mean, running_var, eps, relu, y) is None:
-            fastbn.batch_norm_inference(
-                _np(input), _np(running_mean), _np(running_var), _np(weight), _np(bias),
-                axis=1, eps=eps, residual=_np(residual), activation=_activation(relu),
-                out=_np(y))
+        fastbn.batch_norm_inference(
+            _np(input), _np(running_mean), _np(running_var), _np(weight), _np(bias),
+            axis=1, eps=eps, residual=_np(residual), activation=_activation(relu),
+            out=_np(y))
     _count("fastbn", "infer")
     return y
 
@@ -259,32 +296,39 @@ def batch_norm_backward(grad: Tensor, input: Tensor, weight: Optional[Tensor],
     return backward_impl(grad, input, weight, save_mean, save_invstd, y, relu, residual_grad)
 
 
-def backward_impl(grad, input, weight, save_mean, save_invstd, y, relu, residual_grad):
+def backward_impl(grad, input, weight, save_mean, save_invstd, y, relu, residual_grad,
+                  weight64=None):
+    """The backward operator's outputs.  ``save_mean``/``save_invstd`` may be NumPy arrays
+    of the stats dtype, with ``weight64`` the host forward's float64 weight (the eager
+    path)."""
+    dx = dres = None
+    if input.is_cpu and input.dtype in _host.WORK_DTYPES:
+        dx = torch.empty_like(input)
+        dres = torch.empty_like(input) if residual_grad else input.new_empty((0,))
+        with _torch_thread_count():
+            fast = _host.backward_train(
+                grad, input, weight if weight64 is None else weight64, save_mean,
+                save_invstd, y, relu, dx, dres if residual_grad else None)
+        if fast is not None:
+            _count("fastbn", "backward")
+            return (dx, _stats_tensor(fast[0], input), _stats_tensor(fast[1], input), dres)
+    save_mean, save_invstd = _stats_tensor(save_mean, input), _stats_tensor(save_invstd, input)
     reason = why_not_fastbn(input, weight, others=(grad, save_mean, save_invstd)
                             + ((y,) if y is not None else ()))
     if reason is not None:
         _fallback("backward", reason)
         return reference_backward(grad, input, weight, save_mean, save_invstd, y, relu,
                                   residual_grad)
-    dx = torch.empty_like(input)
-    dres = torch.empty_like(input) if residual_grad else input.new_empty((0,))
+    if dx is None:
+        dx = torch.empty_like(input)
+        dres = torch.empty_like(input) if residual_grad else input.new_empty((0,))
     with _torch_thread_count():
-        fast = None if input.device.type != "cpu" else _host.backward_train(
-            grad, input, weight, save_mean, save_invstd, y, relu, dx,
-            dres if residual_grad else None)
-        if fast is None:
-            result = fastbn.batch_norm_backward(
-                _np(grad), _np(input), _np(save_mean), _np(save_invstd), _np(weight), axis=1,
-                activation=_activation(relu), y=_np(y) if relu else None, out=_np(dx),
-                residual_grad=residual_grad,
-                residual_out=_np(dres) if residual_grad else None)
-            dweight, dbias = result[1], result[2]
-        else:
-            dweight, dbias = fast
+        result = fastbn.batch_norm_backward(
+            _np(grad), _np(input), _np(save_mean), _np(save_invstd), _np(weight), axis=1,
+            activation=_activation(relu), y=_np(y) if relu else None, out=_np(dx),
+            residual_grad=residual_grad, residual_out=_np(dres) if residual_grad else None)
     _count("fastbn", "backward")
-    sd = stats_dtype(input.dtype)
-    return (dx, _as_tensor(dweight, input.device, sd), _as_tensor(dbias, input.device, sd),
-            dres)
+    return dx, _stats_tensor(result[1], input), _stats_tensor(result[2], input), dres
 
 
 @batch_norm_backward.register_fake
@@ -304,8 +348,12 @@ def _train_setup(ctx, inputs, output):
     _save_train(ctx, inputs, y, mean, invstd)
 
 
-def _save_train(ctx, inputs, y, mean, invstd):
+def _save_train(ctx, inputs, y, mean, invstd, host=None):
+    """What the backward needs.  ``host``: the host forward's ``(mean, invstd, weight64)``
+    as NumPy arrays (the statistics rounded to the stats dtype), kept instead of the
+    statistics tensors (eager path)."""
     input, weight, bias, residual, _, _, _, _, relu = inputs
+    ctx.host = host
     ctx.relu = relu
     ctx.eps = inputs[7]
     ctx.has_residual = residual is not None
@@ -322,10 +370,17 @@ def _train_backward(ctx, grad_y, *_stats_grads):
     if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
         dx, dweight, dbias, dres = _composite_train_backward(grad_y, input, weight, y,
                                                              ctx.eps)
+    elif eager(grad_y, input):
+        weight64 = None
+        if ctx.host is not None:
+            mean, invstd, weight64 = ctx.host
+        dx, dweight, dbias, dres = backward_impl(grad_y, input, weight, mean, invstd, y,
+                                                 ctx.relu, want_res, weight64)
     else:
-        backward = backward_impl if eager(grad_y, input) else batch_norm_backward
-        dx, dweight, dbias, dres = backward(grad_y, input, weight, mean, invstd, y, ctx.relu,
-                                            want_res)
+        if ctx.host is not None:
+            mean, invstd = (_stats_tensor(a, input) for a in ctx.host[:2])
+        dx, dweight, dbias, dres = batch_norm_backward(grad_y, input, weight, mean, invstd, y,
+                                                       ctx.relu, want_res)
     wdt, bdt = ctx.param_dtypes
     return (dx if need[0] else None,
             dweight.to(wdt) if weight is not None and need[1] else None,
@@ -418,10 +473,16 @@ class _Train(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, momentum, eps,
                 relu):
-        y, mean, invstd, _, _ = train_impl(input, weight, bias, residual, running_mean,
-                                           running_var, momentum, eps, relu)
-        _save_train(ctx, (input, weight, bias, residual, running_mean, running_var, momentum,
-                          eps, relu), y, mean, invstd)
+        y, mean, invstd, weight64 = _train_core(input, weight, bias, residual, running_mean,
+                                                running_var, momentum, eps, relu)
+        inputs = (input, weight, bias, residual, running_mean, running_var, momentum, eps,
+                  relu)
+        if weight64 is not None:  # the statistics stay arrays, as the operator rounds them
+            _save_train(ctx, inputs, y, None, None,
+                        host=(_stats_array(mean, input), _stats_array(invstd, input), weight64))
+        else:
+            _save_train(ctx, inputs, y, _stats_tensor(mean, input),
+                        _stats_tensor(invstd, input))
         return y
 
     @staticmethod
