@@ -175,6 +175,69 @@ def test_optimize_resnet_eval_folds_and_matches_torch():
     assert _bn_count(fused) == _bn_count(theirs)
 
 
+@pytest.mark.parametrize("block", [BasicBlock, Bottleneck])
+def test_optimize_eval_adds_and_clips_in_place_after_folding(block):
+    """Folded, a ResNet block ends in conv -> add -> relu; fx traces ``out += identity``
+    out of place, and optimize writes it back into the convolution's fresh output:
+    the shortcut is left as it was, NaN stays NaN, and gradients (eval mode, no
+    inference_mode) are PyTorch's."""
+    layers = [2, 2, 2, 2] if block is BasicBlock else [1, 1, 1, 1]
+    theirs, ours = _pair(ResNet(block, layers, num_classes=10).double())
+    theirs.eval(), ours.eval()
+    folded = fbt.optimize(ours)
+    assert folded.code.count("add_relu_(") == sum(layers)
+    assert " + " not in folded.code and "operator.add" not in folded.code
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x[0, 0, 5, 5] = float("nan")
+    with torch.no_grad():
+        y_ours, y_theirs = folded(x), theirs(x)
+    assert torch.equal(y_ours.isnan(), y_theirs.isnan()) and y_ours.isnan().any()
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-10, atol=1e-12, equal_nan=True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    grads = [torch.autograd.grad(m(x).square().sum(), x)[0] for m in (folded, theirs)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-10)
+
+
+def test_add_relu_in_place_only_where_it_gives_the_same_result():
+    from fastbn.torch.optimize import add_relu_
+
+    out = torch.tensor([[-1.0, 2.0, float("nan")]] * 3)
+    other = torch.tensor([[0.5, -3.0, 1.0]] * 3)
+    keep = other.clone()
+    expected = torch.relu(out + other)
+    y = add_relu_(out, other)
+    assert y.data_ptr() == out.data_ptr() and torch.equal(other, keep)
+    torch.testing.assert_close(y, expected, equal_nan=True)
+    # a shortcut that would broadcast the output or promote its dtype: out of place
+    small, row = torch.randn(1, 3), torch.randn(3, 3)
+    y = add_relu_(small, row)
+    assert y.shape == (3, 3) and small.shape == (1, 3)
+    torch.testing.assert_close(y, torch.relu(small + row))
+    single, double = torch.randn(3), torch.randn(3, dtype=torch.float64)
+    y = add_relu_(single, double)
+    assert y.dtype == torch.float64 and y.data_ptr() != single.data_ptr()
+
+
+def test_optimize_eval_keeps_the_add_of_a_convolution_read_twice():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return torch.relu(h + x), h
+
+    torch.manual_seed(0)
+    theirs = Twice().eval()
+    ours = fbt.optimize(copy.deepcopy(theirs))
+    assert "add_relu_" not in ours.code
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        for a, b in zip(ours(x), theirs(x)):
+            torch.testing.assert_close(a, b)
+
+
 def test_optimize_trained_model_can_switch_to_eval():
     theirs, ours = _pair(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).double())
     ours = fbt.optimize(ours)

@@ -35,6 +35,10 @@ def optimize(model, *, fold=None):
     3. In eval mode (or with ``fold=True``), batch norm that directly follows a
        convolution without other users is folded into that convolution's weight and
        bias (:func:`fastbn.fold_batch_norm`); the result is then for inference only.
+       A ``conv -> add -> relu`` left behind (the end of a ResNet block, once folded)
+       then adds and clips in place, in the convolution's fresh output: ``torch.fx``
+       traces ``out += identity`` as an out-of-place add, which costs a fresh tensor
+       (and its page faults) that the eager model and ``torch.jit.freeze`` do not pay.
 
     A model that does not trace is returned converted, unfused, with a warning.
 
@@ -64,6 +68,7 @@ def optimize(model, *, fold=None):
     gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
     if fold:
         _fold_conv_bn(gm)
+        _fuse_conv_add_relu(gm)
     _fuse_epilogues(gm)
     gm.graph.lint()
     gm.recompile()
@@ -131,6 +136,49 @@ def _fuse_epilogues(gm):
             graph.erase_node(dead)
 
 
+_CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def add_relu_(out, other):
+    """``relu(out + other)``, written into ``out``: a convolution's output that nothing else
+    reads (what :func:`optimize` puts after a folded convolution).  Out of place where
+    ``other`` would broadcast ``out`` or promote its dtype.
+
+    Two in-place passes, not ``aten::_add_relu_``'s one: that kernel's scalar tail turns
+    NaN into 0 (PyTorch 2.13), and ReLU keeps NaN.
+    """
+    if out.shape != other.shape or out.dtype != other.dtype:
+        return torch.relu(out + other)
+    return out.add_(other).relu_()
+
+
+def _fresh_conv_output(gm, node):
+    """Whether ``node`` is the output of one of PyTorch's own convolution modules (a new
+    tensor) read by one node only."""
+    return (isinstance(node, torch.fx.Node) and type(_module(gm, node)) in _CONVS
+            and len(node.users) == 1)
+
+
+def _fuse_conv_add_relu(gm):
+    graph = gm.graph
+    for add in list(graph.nodes):
+        if not _is_add(add) or add.target in (operator.iadd, "add_"):
+            continue  # an in-place add already writes into its first operand
+        out, other = add.args
+        if not _fresh_conv_output(gm, out):
+            out, other = other, out
+            if not _fresh_conv_output(gm, out):
+                continue
+        relu = _only_user(add)
+        if relu is None or not _is_relu(gm, relu) or not isinstance(other, torch.fx.Node):
+            continue
+        with graph.inserting_before(relu):
+            fused = graph.call_function(add_relu_, (out, other))
+        relu.replace_all_uses_with(fused)
+        graph.erase_node(relu)
+        graph.erase_node(add)
+
+
 def _fold_conv_bn(gm):
     graph = gm.graph
     calls = {}
@@ -146,7 +194,7 @@ def _fold_conv_bn(gm):
         if not isinstance(conv_node, torch.fx.Node) or len(conv_node.users) != 1:
             continue
         conv = _module(gm, conv_node)
-        if not isinstance(conv, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        if not isinstance(conv, _CONVS):
             continue
         if calls[conv_node.target] > 1:  # a convolution applied elsewhere too keeps its weights
             continue
