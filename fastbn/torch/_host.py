@@ -94,13 +94,16 @@ def _plain_cpu(t):
 
 
 def per_channel(t, channels, fill):
-    """A float64 (C,) copy of a per-channel tensor or float array (``fill`` where it is
-    None); None when it is not one of those (shape, dtype, device), which the general API
-    then handles."""
+    """A float64 (C,) copy of a per-channel tensor (``fill`` where it is None), or a (C,)
+    float array as float64 (itself when it is one already: the kernels only read it);
+    None when it is not one of those (shape, dtype, device), which the general API then
+    handles."""
     if t is None:
         return np.full(channels, fill)
     if type(t) is np.ndarray:
-        return t.astype(np.float64) if t.shape == (channels,) and t.dtype.kind == "f" else None
+        if t.shape != (channels,) or t.dtype.kind != "f":
+            return None
+        return t.astype(np.float64, copy=False)
     if t.shape != (channels,) or t.dtype not in _PARAM_DTYPES or not _plain_cpu(t):
         return None
     return t.detach().numpy().astype(np.float64)
