@@ -30,17 +30,33 @@ def _seeded(torch, name):
     return model, source
 
 
+def _minor_faults():
+    """The process's minor page faults so far, or None where the OS does not count them."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _interleaved(contenders, repeats):
-    """Medians (s) of ``contenders`` (name -> callable), timed round-robin."""
+    """Medians (s) of ``contenders`` (name -> callable), timed round-robin, every time, and
+    the median of each call's minor page faults (None where they are not counted)."""
     for f in contenders.values():  # warm: allocator, compilation, caches
         f()
     times = {k: [] for k in contenders}
+    faults = {k: [] for k in contenders}
     for _ in range(repeats):
         for k, f in contenders.items():
+            f0 = _minor_faults()
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}, times
+            if f0 is not None:
+                faults[k].append(_minor_faults() - f0)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    fault_medians = {k: (int(statistics.median(v)) if v else None) for k, v in faults.items()}
+    return medians, times, fault_medians
 
 
 def _in_optimizer(event):
@@ -132,7 +148,7 @@ def run_case(torch, name, size, layout, *, batch=32, repeats=5, compiled=False, 
                                                      lr=0.0 if k in bounds else 0.01))
              for k, m in models.items()}
     fbt.reset_stats()
-    train, train_all = _interleaved(steps, repeats)
+    train, train_all, train_faults = _interleaved(steps, repeats)
     nonfinite = sorted(k for k, v in losses.items() if not bool(torch.isfinite(v)))
     if nonfinite:
         log(f"  warning: non-finite loss in {', '.join(nonfinite)}: their times are not "
@@ -152,12 +168,13 @@ def run_case(torch, name, size, layout, *, batch=32, repeats=5, compiled=False, 
         infer_models["torch.compile(fastbn optimize)"] = torch.compile(
             fbt.optimize(copy.deepcopy(base).eval()))
     runs = {k: _inference(torch, m, x) for k, m in infer_models.items()}
-    infer, infer_all = _interleaved(runs, repeats)
+    infer, infer_all, infer_faults = _interleaved(runs, repeats)
     log(f"  {name} {size}x{size} {layout}: inference medians "
         + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in infer.items()), flush=True)
     return {"model": name, "source": source, "size": size, "layout": layout, "batch": batch,
-            "train_s": train, "train_all_s": train_all, "infer_s": infer,
-            "infer_all_s": infer_all, "epilogue_share": share, "epilogue_ms": per_op,
+            "train_s": train, "train_all_s": train_all, "train_faults": train_faults,
+            "infer_s": infer, "infer_all_s": infer_all, "infer_faults": infer_faults,
+            "epilogue_share": share, "epilogue_ms": per_op,
             "fallbacks": fallbacks, "train_nonfinite": nonfinite}
 
 
@@ -197,6 +214,20 @@ def format_results(results):
             f"{t['torch'] * 1e3:.0f} | " + " | ".join(cells) + " | "
             f"{r['epilogue_share']:.1%} | {goal:.2f}x | {yes('fastbn optimize')} | "
             f"{yes('copy floor')} |")
+    counted = [r for r in results if r.get("train_faults", {}).get("torch") is not None]
+    if counted:
+        lines += ["", "Minor page faults per training step, median, thousands: the kernel "
+                  "zeroing fresh pages of activations that the allocator took from the OS "
+                  "(glibc's MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ keep them).", "",
+                  "| model | input | layout | torch | convert | optimize | copy floor | no BN |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in counted:
+            f = r["train_faults"]
+            lines.append(
+                f"| {r['model']} | {r['batch']}x{r['size']}² | {r['layout']} | "
+                + " | ".join(f"{f[k] / 1e3:.1f}" for k in (
+                    "torch", "fastbn convert", "fastbn optimize", "copy floor",
+                    "without batch norm")) + " |")
     lines += ["", "Inference (eval mode, inference_mode), median ms; optimize folds batch norm "
               "into the convolutions.", "",
               "| model | input | layout | torch | torch fx folding | torch.jit.freeze | "

@@ -27,6 +27,32 @@ def test_tiny_resnet_case_and_tables():
     table = _bench_torch.format_results([r])
     assert "| resnet18 | 2x32² | channels_last |" in table
     assert len(lines) == 2
+    if _bench_torch._minor_faults() is not None:
+        assert set(r["train_faults"]) == set(r["train_s"])
+        assert all(isinstance(v, int) and v >= 0 for v in r["train_faults"].values())
+        assert "Minor page faults per training step" in table
+
+
+def test_fault_counts_are_per_call_medians(monkeypatch):
+    counter = iter(range(0, 10 ** 6, 1))
+    grows = {"a": 0, "b": 0}
+
+    def faults():
+        return next(counter) + 1000 * (grows["a"] + 7 * grows["b"])
+
+    monkeypatch.setattr(_bench_torch, "_minor_faults", faults)
+
+    def call(k):
+        def f():
+            grows[k] += 1
+        return f
+
+    _, times, faults_median = _bench_torch._interleaved({"a": call("a"), "b": call("b")}, 3)
+    assert [len(v) for v in times.values()] == [3, 3]
+    # each call of "a" adds 1000 faults and "b" 7000, plus one counter step per reading
+    assert faults_median == {"a": 1001, "b": 7001}
+    monkeypatch.setattr(_bench_torch, "_minor_faults", lambda: None)
+    assert _bench_torch._interleaved({"a": call("a")}, 2)[2] == {"a": None}
 
 
 def test_target_speedup():
