@@ -40,8 +40,9 @@ def _minor_faults():
 
 
 def _interleaved(contenders, repeats):
-    """Medians (s) of ``contenders`` (name -> callable), timed round-robin, every time, and
-    the median of each call's minor page faults (None where they are not counted)."""
+    """``(medians, samples, faults)``: the median and every time (s) of ``contenders``
+    (name -> callable), timed round-robin, and the median of each call's minor page
+    faults (None where the OS does not count them)."""
     for f in contenders.values():  # warm: allocator, compilation, caches
         f()
     times = {k: [] for k in contenders}
